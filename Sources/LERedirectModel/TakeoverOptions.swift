@@ -1,0 +1,80 @@
+/// Which firewall system le-redirect changes.
+public enum BackendChoice: String, Sendable, Hashable, CaseIterable {
+    /// Follow the host: nftables for now (detection of iptables-legacy hosts comes with that backend).
+    case auto
+    case nftables
+    case iptablesLegacy = "iptables-legacy"
+}
+
+/// Who answers the redirected connections on the proxy port.
+public enum ProxyMode: Sendable, Hashable {
+    /// The caller runs its own proxy on the proxy port, listening on IPv4 and IPv6.
+    case external
+}
+
+/// What a takeover does: which port it takes over, where it sends it, and for how long at most.
+public struct TakeoverOptions: Sendable, Hashable {
+    /// The port whose new connections are redirected (the port the ACME CA validates): 80.
+    public var port: Int
+    /// The local port that receives the redirected connections.
+    public var proxyPort: Int
+    /// How long the redirect may live at most. The kernel removes it by itself when this passes,
+    /// even if no le-redirect process is left to do it.
+    public var ttl: Duration
+    public var backend: BackendChoice
+    public var proxy: ProxyMode
+    /// Where the lock, journal and control socket live; nil means `LE_REDIRECT_STATE_DIR`, or
+    /// `/run/le-redirect`.
+    public var stateDirectory: String?
+
+    public init(
+        port: Int = 80, proxyPort: Int = 12347, ttl: Duration = .seconds(15 * 60),
+        backend: BackendChoice = .auto, proxy: ProxyMode, stateDirectory: String? = nil
+    ) {
+        self.port = port
+        self.proxyPort = proxyPort
+        self.ttl = ttl
+        self.backend = backend
+        self.proxy = proxy
+        self.stateDirectory = stateDirectory
+    }
+
+    /// The shortest and longest TTL begin accepts.
+    public static let ttlRange: ClosedRange<Duration> = .seconds(10) ... .seconds(24 * 3600)
+
+    /// Checks every value; throws `.invalidArgument` naming the first bad one.
+    public func validated() throws(LERedirectError) -> ValidatedOptions {
+        func checkedPort(_ value: Int, _ flag: String) throws(LERedirectError) -> UInt16 {
+            guard (1...65535).contains(value) else {
+                throw LERedirectError(.invalidArgument, "\(flag) \(value) is not a TCP port (1-65535)")
+            }
+            return UInt16(value)
+        }
+        let redirected = try checkedPort(port, "--port")
+        let proxy = try checkedPort(proxyPort, "--proxy-port")
+        guard redirected != proxy else {
+            throw LERedirectError(
+                .invalidArgument,
+                "--proxy-port \(proxyPort) is the redirected port itself; choose another proxy port")
+        }
+        guard Self.ttlRange.contains(ttl) else {
+            throw LERedirectError(
+                .invalidArgument,
+                "--ttl \(DurationText.format(ttl)) is out of range "
+                    + "(\(DurationText.format(Self.ttlRange.lowerBound))-\(DurationText.format(Self.ttlRange.upperBound)))")
+        }
+        guard ttl.milliseconds % 1000 == 0 else {
+            throw LERedirectError(.invalidArgument, "--ttl \(DurationText.format(ttl)) must be whole seconds")
+        }
+        return ValidatedOptions(port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy)
+    }
+}
+
+/// Options that passed validation.
+public struct ValidatedOptions: Sendable, Hashable {
+    public let port: UInt16
+    public let proxyPort: UInt16
+    public let ttl: Duration
+    public let backend: BackendChoice
+    public let proxy: ProxyMode
+}

@@ -1,0 +1,144 @@
+import LERedirectModel
+import Testing
+
+/// Plan building against the host shapes the issue names, through the fake backend's snapshots.
+struct RedirectPlanTests {
+    let options = try! TakeoverOptions(ttl: .seconds(600), proxy: .external).validated()
+
+    func plan(_ kernel: FakeKernel) throws -> RedirectPlan {
+        try RedirectPlan.make(options, from: kernel.connect().snapshot())
+    }
+
+    @Test func aHostWithNoTablesGetsOnlyTheRedirect() throws {
+        let plan = try plan(FakeKernel())
+        #expect(plan.acceptChains.isEmpty)
+        #expect(!plan.replacesLeftoverTable)
+        #expect(plan.installChanges == [
+            .addOwnedTable(TableRef.own),
+            .addPortSet(table: TableRef.own, name: "ports", ports: [80], timeout: .seconds(600)),
+            .addNATChain(RedirectPlan.natChain, hook: .prerouting, priority: -110),
+            .insertRule(RedirectPlan.natChain, .redirect(set: "ports", proxyPort: 12347)),
+        ])
+    }
+
+    @Test func aPolicyAcceptChainStillGetsTheAccept() throws {
+        let kernel = FakeKernel()
+        let input = ChainRef(.inet, "filter", "input")
+        kernel.addChain(HostChain(input, hook: .input, type: "filter", priority: 0, policy: .accept))
+        kernel.addChain(HostChain(ChainRef(.inet, "filter", "blocklist")))
+        kernel.addRule(input, "jump blocklist")
+        kernel.addChain(HostChain(ChainRef(.inet, "filter", "forward"), hook: .forward, type: "filter", priority: 0))
+        let plan = try plan(kernel)
+        #expect(plan.acceptChains == [input])
+        #expect(plan.installChanges.last == .insertRule(input, .scopedAccept(proxyPort: 12347, originalPort: 80)))
+    }
+
+    @Test func policyDropChainsInEveryFamilyGetTheAccept() throws {
+        let kernel = FakeKernel()
+        let chains = [ChainRef(.inet, "firewall", "inbound"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.ip, "filter", "INPUT")]
+        for chain in chains { kernel.addChain(HostChain(chain, hook: .input, type: "filter", priority: 0, policy: .drop)) }
+        let plan = try plan(kernel)
+        #expect(plan.acceptChains == [ChainRef(.ip, "filter", "INPUT"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.inet, "firewall", "inbound")])
+    }
+
+    @Test func everyInputBaseChainAndNoOtherChainGetsTheAccept() throws {
+        let kernel = FakeKernel()
+        let fw = TableRef(.inet, "host-fw")
+        kernel.addChain(HostChain(ChainRef(fw, "early/input"), hook: .input, type: "filter", priority: -150))
+        kernel.addChain(HostChain(ChainRef(fw, "input"), hook: .input, type: "filter", priority: 0, policy: .drop))
+        kernel.addChain(HostChain(ChainRef(fw, "late"), hook: .input, type: "filter", priority: 100))
+        kernel.addChain(HostChain(ChainRef(fw, "output"), hook: .output, type: "filter", priority: 0))
+        kernel.addChain(HostChain(ChainRef(fw, "regular")))
+        kernel.addChain(HostChain(ChainRef(.ip, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100))
+        kernel.addChain(HostChain(ChainRef(.ip, "nat", "INPUT"), hook: .input, type: "nat", priority: 100))
+        let plan = try plan(kernel)
+        #expect(plan.acceptChains == [
+            ChainRef(.ip, "nat", "INPUT"), ChainRef(fw, "early/input"), ChainRef(fw, "input"), ChainRef(fw, "late"),
+        ])
+    }
+
+    @Test func theSamePlanFromTheSameSnapshot() throws {
+        let kernel = FakeKernel()
+        kernel.addChain(HostChain(ChainRef(.ip, "b", "in"), hook: .input))
+        kernel.addChain(HostChain(ChainRef(.ip, "a", "in"), hook: .input))
+        let snapshot = try kernel.connect().snapshot()
+        #expect(try RedirectPlan.make(options, from: snapshot) == RedirectPlan.make(options, from: snapshot))
+    }
+
+    /// A copy of our table restored without the owner flag (a saved ruleset reloaded) is replaced
+    /// in the same batch; a table a live session owns is a conflict.
+    @Test func ourOwnLeftoverTableIsReplacedInTheSameBatch() throws {
+        let kernel = FakeKernel()
+        kernel.addChain(HostChain(RedirectPlan.natChain, hook: .prerouting, type: "nat", priority: -110))
+        kernel.addRule(RedirectPlan.natChain, "redirect to :12347", comment: "LE")
+        let plan = try plan(kernel)
+        #expect(plan.replacesLeftoverTable)
+        #expect(plan.acceptChains.isEmpty)  // our own table's chains never get an accept
+        #expect(plan.installChanges.first == .deleteTable(TableRef.own))
+        _ = try kernel.connect().commit(plan.installChanges, expecting: plan.generation)
+        #expect(!kernel.listing().contains("redirect to :12347\n"))
+    }
+
+    @Test func aTableOwnedByALiveSessionIsAConflict() throws {
+        let kernel = FakeKernel()
+        let other = kernel.connect()
+        _ = try other.commit([.addOwnedTable(TableRef.own)], expecting: nil)
+        #expect {
+            try plan(kernel)
+        } throws: { ($0 as? LERedirectError)?.kind == .conflict && "\($0)".contains("owned by another process") }
+        other.close()
+        #expect(try plan(kernel).replacesLeftoverTable == false)
+    }
+
+    @Test func anInputChainInATableOwnedByAnotherProcessIsAConflict() throws {
+        let kernel = FakeKernel()
+        let daemon = kernel.connect()
+        let table = TableRef(.inet, "firewalld")
+        _ = try daemon.commit([.addOwnedTable(table), .addNATChain(ChainRef(table, "filter_INPUT"), hook: .input, priority: 10)], expecting: nil)
+        #expect {
+            try plan(kernel)
+        } throws: { error in
+            let e = error as? LERedirectError
+            return e?.kind == .conflict && e!.message.contains("inet firewalld filter_INPUT") && e!.message.contains("12347")
+        }
+    }
+}
+
+struct FakeKernelTests {
+    @Test func aFailedCommitChangesNothing() throws {
+        let kernel = FakeKernel()
+        kernel.addChain(HostChain(ChainRef(.ip, "filter", "INPUT"), hook: .input))
+        let before = kernel.listing()
+        let generation = kernel.generation
+        let fw = kernel.connect()
+        #expect(throws: FirewallError.self) {
+            try fw.commit([
+                .insertRule(ChainRef(.ip, "filter", "INPUT"), .scopedAccept(proxyPort: 1, originalPort: 2)),
+                .insertRule(ChainRef(.ip, "filter", "missing"), .scopedAccept(proxyPort: 1, originalPort: 2)),
+            ], expecting: nil)
+        }
+        #expect(kernel.listing() == before)
+        #expect(kernel.generation == generation)
+    }
+
+    @Test func aStaleGenerationIsRefused() throws {
+        let kernel = FakeKernel()
+        let fw = kernel.connect()
+        let snapshot = try fw.snapshot()
+        kernel.addTable(TableRef(.ip, "x"))
+        #expect {
+            try fw.commit([.addOwnedTable(TableRef.own)], expecting: snapshot.generation)
+        } throws: { ($0 as? FirewallError)?.reason == .generationChanged }
+    }
+
+    @Test func ownedTablesDieWithTheirConnectionAndRefuseOthers() throws {
+        let kernel = FakeKernel()
+        let a = kernel.connect(), b = kernel.connect()
+        _ = try a.commit([.addOwnedTable(TableRef.own)], expecting: nil)
+        #expect {
+            try b.commit([.deleteTable(TableRef.own)], expecting: nil)
+        } throws: { ($0 as? FirewallError)?.reason == .notPermitted }
+        a.close()
+        #expect(!kernel.tableExists(TableRef.own))
+    }
+}
