@@ -1,0 +1,379 @@
+import CLERedirectShim
+import Glibc
+import LERedirectModel
+import Logging
+
+/// The operations behind the CLI's commands and the public API, as blocking calls. Each takes the
+/// state lock where it changes anything, and begins with the recovery of a dead session.
+package enum Session {
+    /// Checks privileges before anything is read or changed.
+    package static func requirePrivileges(_ command: String) throws(LERedirectError) {
+        guard ProcessFacts.hasNetAdmin() else {
+            throw LERedirectError(
+                .notPermitted,
+                "le-redirect \(command) needs root (or CAP_NET_ADMIN): it changes the firewall and keeps its state in "
+                    + "\(StateDirectory.defaultPath). Run it with sudo")
+        }
+    }
+
+    static func requireBackend(_ backend: BackendChoice) throws(LERedirectError) {
+        if backend == .iptablesLegacy {
+            throw LERedirectError(
+                .unsupported,
+                "the iptables-legacy backend is not part of this version yet; use --backend nftables (what auto picks). "
+                    + "Nothing was changed")
+        }
+    }
+
+    private static func namespace() throws(LERedirectError) -> NamespaceIdentity {
+        do { return try ProcessFacts.currentNamespace() } catch {
+            throw LERedirectError(.failed, "reading this process's network namespace: \(error)", errno: error.errno)
+        }
+    }
+
+    private static func openFirewall(_ doing: String) throws(LERedirectError) -> NftablesFirewall {
+        do { return try NftablesFirewall() } catch { throw SessionEngine.failure(doing, error) }
+    }
+
+    /// With the lock held: refuses if a live session exists, and recovers a dead one.
+    static func recoverBeforeBegin(_ state: StateDirectory, logger: Logger) throws(LERedirectError) {
+        guard let text = try state.readJournal() else { return }
+        if let journal = try? Journal.decode(text), ProcessFacts.isAlive(journal.holder) {
+            throw LERedirectError(
+                .conflict,
+                "a session is already active (pid \(journal.holder.pid), port \(journal.port) -> \(journal.proxyPort), "
+                    + "expires \(RFC3339.format(unixMilliseconds: journal.expiresAt))); `le-redirect end` ends it. "
+                    + "Nothing was changed")
+        }
+        let firewall = try openFirewall("begin: recovering the previous session")
+        defer { firewall.close() }
+        let report = try SessionEngine(state: state, logger: logger)
+            .recover(sweep: false, firewall: firewall, namespace: try namespace())
+        if report.changedAnything {
+            logger.notice(
+                "recovered a previous session whose holder had died",
+                metadata: ["removedRules": "\(report.removedRules)"])
+        }
+        for warning in report.warnings { logger.warning("\(warning)") }
+    }
+
+    // MARK: Begin, in this process (library)
+
+    static func beginEmbedded(_ options: TakeoverOptions, logger: Logger) throws(LERedirectError) -> SessionHolder {
+        let valid = try options.validated()
+        try requireBackend(valid.backend)
+        try requirePrivileges("begin")
+        let state = StateDirectory.resolve(options.stateDirectory)
+        try state.prepare()
+        let lock = try state.lock()
+        try recoverBeforeBegin(state, logger: logger)
+        let holder = try SessionHolder.start(valid, state: state, kind: .embedded, logger: logger)
+        lock.release()
+        return holder
+    }
+
+    // MARK: Begin, with a detached daemon (CLI)
+
+    /// Starts the session daemon and returns once the redirect is live. The daemon keeps none of
+    /// this process's descriptors, so a hook runner that waits for EOF returns at once.
+    package static func beginDetached(_ options: TakeoverOptions, logger: Logger, readyTimeout: Duration = .seconds(30))
+        throws(LERedirectError) -> SessionStatus
+    {
+        let valid = try options.validated()
+        try requireBackend(valid.backend)
+        try requirePrivileges("begin")
+        let state = StateDirectory.resolve(options.stateDirectory)
+        try state.prepare()
+        let lock = try state.lock()
+        try recoverBeforeBegin(state, logger: logger)
+
+        let arguments = [
+            executablePath(), "__session", "--state-dir", state.path, "--port", "\(valid.port)", "--proxy-port",
+            "\(valid.proxyPort)", "--ttl", "\(valid.ttl.milliseconds / 1000)s", "--backend", valid.backend.rawValue,
+        ]
+        var pipeFDs: [Int32] = [0, 0]
+        guard pipe(&pipeFDs) == 0 else {
+            throw LERedirectError(.failed, "begin: creating the readiness pipe: \(errnoText(errno))", errno: errno)
+        }
+        for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let devnull = open("/dev/null", O_RDWR | O_CLOEXEC)
+        var pid: pid_t = 0
+        let rc = withCStrings(arguments) { argv in
+            [pipeFDs[1], lock.fd].withUnsafeBufferPointer { passed in
+                le_spawn_detached(&pid, arguments[0], argv, environ, devnull, passed.baseAddress, Int32(passed.count))
+            }
+        }
+        closeDescriptor(devnull)
+        closeDescriptor(pipeFDs[1])
+        defer { closeDescriptor(pipeFDs[0]) }
+        guard rc == 0 else {
+            throw LERedirectError(.failed, "begin: starting the session daemon \(arguments[0]): \(errnoText(rc))", errno: rc)
+        }
+
+        let line = readLine(pipeFDs[0], timeout: readyTimeout)
+        if line == "ok" {
+            lock.release()
+            return status(state: state)
+        }
+        // Not ready: make sure the daemon is gone, then undo whatever it left (we still hold the lock).
+        var why: String
+        if let line, line.hasPrefix("error ") {
+            let parts = line.split(separator: " ", maxSplits: 2)
+            why = parts.count > 2 ? String(parts[2]) : line
+            var status: Int32 = 0
+            _ = waitpid(pid, &status, 0)
+            let code = parts.count > 1 ? Int32(parts[1]) ?? 1 : 1
+            let kind: LERedirectError.Kind =
+                code == 3 ? .notPermitted : code == 2 ? .invalidArgument : why.contains("already") ? .conflict : .failed
+            try? cleanUpFailedStart(state, logger: logger)
+            throw LERedirectError(kind, why)
+        }
+        if line == nil && waitpid(pid, nil, WNOHANG) == 0 {
+            kill(pid, SIGKILL)
+            why = "the session daemon (pid \(pid)) was not ready within \(DurationText.format(readyTimeout)) and was killed"
+        } else {
+            why = "the session daemon (pid \(pid)) exited before it was ready"
+        }
+        var status: Int32 = 0
+        _ = waitpid(pid, &status, 0)
+        if status & 0x7f != 0 { why += " (signal \(status & 0x7f))" } else { why += " (exit status \((status >> 8) & 0xff))" }
+        try cleanUpFailedStart(state, logger: logger)
+        throw LERedirectError(.failed, "begin: \(why); its log is \(state.logPath). Nothing was left changed")
+    }
+
+    private static func cleanUpFailedStart(_ state: StateDirectory, logger: Logger) throws(LERedirectError) {
+        guard try state.readJournal() != nil else { return }
+        let firewall = try openFirewall("begin: cleaning up")
+        defer { firewall.close() }
+        _ = try SessionEngine(state: state, logger: logger).recover(sweep: false, firewall: firewall, namespace: try namespace())
+    }
+
+    /// The daemon's entry point (`le-redirect __session ...`): fd 3 is the readiness pipe, fd 4 the
+    /// state lock that begin holds on its behalf until it reports ready.
+    package static func runDaemon(_ arguments: [String]) -> Never {
+        let readyFD: Int32 = 3
+        let lockFD: Int32 = 4
+        func report(_ line: String) {
+            let bytes = Array((line + "\n").utf8)
+            _ = bytes.withUnsafeBytes { write(readyFD, $0.baseAddress, $0.count) }
+            closeDescriptor(readyFD)
+        }
+        umask(0o077)
+        _ = chdir("/")
+        var values: [String: String] = [:]
+        var i = 0
+        while i + 1 < arguments.count {
+            values[arguments[i]] = arguments[i + 1]
+            i += 2
+        }
+        guard let statePath = values["--state-dir"], let port = values["--port"].flatMap(Int.init),
+            let proxyPort = values["--proxy-port"].flatMap(Int.init),
+            let ttl = values["--ttl"].flatMap(DurationText.parse),
+            let backend = values["--backend"].flatMap(BackendChoice.init(rawValue:))
+        else {
+            report("error 2 the session daemon was started with malformed arguments")
+            exit(2)
+        }
+        let state = StateDirectory(path: statePath)
+        let handler = LineLogHandler.file(state.logPath, label: "le-redirect[\(getpid())]", level: LineLogHandler.level(default: .info))
+        let logger = Logger(label: "le-redirect.session") { _ in handler }
+        let stopSignals = le_termination_signalfd()
+        do throws(LERedirectError) {
+            let options = try TakeoverOptions(
+                port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external, stateDirectory: statePath
+            ).validated()
+            let holder = try SessionHolder.start(
+                options, state: state, kind: .daemon, stopSignals: stopSignals >= 0 ? stopSignals : nil, logger: logger)
+            logger.info("session started", metadata: ["expires": "\(RFC3339.format(unixMilliseconds: holder.journal.expiresAt))"])
+            report("ok")
+            closeDescriptor(lockFD)
+            switch holder.join() {
+            case .success: exit(0)
+            case .failure(let error): exit(error.exitCode)
+            }
+        } catch {
+            logger.error("begin failed: \(error)")
+            report("error \(error.exitCode) \(error.message.replacingNewlines())")
+            exit(error.exitCode)
+        }
+    }
+
+    // MARK: End
+
+    package static func end(stateDirectory: String?, logger: Logger) throws(LERedirectError) -> EndReport {
+        try requirePrivileges("end")
+        let state = StateDirectory.resolve(stateDirectory)
+        guard try state.exists() else { return EndReport(reason: .notActive) }
+        let lock = try state.lock()  // released when it goes out of scope
+        _ = lock.fd
+        guard let text = try state.readJournal() else { return EndReport(reason: .notActive) }
+        let journal: Journal
+        do { journal = try Journal.decode(text) } catch {
+            throw LERedirectError(
+                .failed,
+                "end: \(state.journalPath): \(error). Nothing was changed; `le-redirect recover --sweep` removes every "
+                    + "\"LE\"-tagged rule of the input chains and table \(TableRef.own) instead")
+        }
+        let engine = SessionEngine(state: state, logger: logger)
+        let here = try namespace()
+        guard journal.namespace == here else {
+            throw LERedirectError(
+                .conflict,
+                "end: the session in \(state.path) runs in network namespace \(journal.namespace), this process in "
+                    + "\(here); run end in that namespace. Nothing was changed")
+        }
+        var warnings: [String] = []
+        if ProcessFacts.isAlive(journal.holder) {
+            let stopped = ["T", "t"].contains(ProcessFacts.state(of: journal.holder.pid))
+            if !stopped {
+                do {
+                    let reply = try ControlChannel.call(.end, path: state.controlSocketPath, timeout: .seconds(60))
+                    waitForExit(journal.holder)
+                    if let error = reply.error {
+                        // The holder could not finish; with it gone, recovery can.
+                        logger.warning("the session holder reported: \(error)")
+                        warnings.append(error.message)
+                    } else {
+                        return EndReport(reason: .requested, warnings: reply.values("warning"))
+                    }
+                } catch {
+                    logger.warning("\(error)")
+                    warnings.append("the session holder (pid \(journal.holder.pid)) did not answer")
+                }
+            } else {
+                warnings.append("the session holder (pid \(journal.holder.pid)) is stopped")
+            }
+            if ProcessFacts.isAlive(journal.holder) {
+                guard journal.holder.kind == .daemon else {
+                    throw LERedirectError(
+                        .failed,
+                        "end: the session is held by pid \(journal.holder.pid), a program embedding le-redirect, which "
+                            + "does not answer; stop that program, then run `le-redirect recover`. Nothing was changed")
+                }
+                // Killing the daemon closes its netlink socket: the kernel deletes the redirect at once.
+                kill(journal.holder.pid, SIGKILL)
+                waitForExit(journal.holder)
+                warnings.append("the session daemon (pid \(journal.holder.pid)) was killed")
+            }
+        }
+        let firewall = try openFirewall("end: recovering the session")
+        defer { firewall.close() }
+        let report = try engine.recover(sweep: false, firewall: firewall, namespace: here)
+        return EndReport(reason: warnings.isEmpty ? .notActive : .requested, warnings: warnings + report.warnings, recovery: report)
+    }
+
+    private static func waitForExit(_ holder: ProcessIdentity, timeout: Duration = .seconds(5)) {
+        guard holder.kind == .daemon else { return }
+        let deadline = monotonicMilliseconds() + timeout.milliseconds
+        while ProcessFacts.isAlive(holder) && monotonicMilliseconds() < deadline { usleep(2_000) }
+    }
+
+    // MARK: Status and recover
+
+    package static func status(stateDirectory: String?) throws(LERedirectError) -> SessionStatus {
+        try requirePrivileges("status")
+        let state = StateDirectory.resolve(stateDirectory)
+        guard try state.exists() else { return SessionStatus(state: .inactive) }
+        return status(state: state)
+    }
+
+    static func status(state: StateDirectory) -> SessionStatus {
+        let text: String?
+        do { text = try state.readJournal() } catch { return SessionStatus(state: .stale, note: error.message) }
+        guard let text else { return SessionStatus(state: .inactive) }
+        let journal: Journal
+        do { journal = try Journal.decode(text) } catch {
+            return SessionStatus(state: .stale, note: "\(error); `le-redirect recover --sweep` cleans up")
+        }
+        let alive = ProcessFacts.isAlive(journal.holder)
+        var status = SessionStatus(state: alive ? .active : .stale)
+        status.pid = journal.holder.pid
+        status.holder = journal.holder.kind.rawValue
+        status.backend = journal.backend
+        status.port = Int(journal.port)
+        status.proxyPort = Int(journal.proxyPort)
+        status.proxy = journal.proxy
+        status.createdAt = journal.createdAt
+        status.expiresAt = journal.expiresAt
+        status.acceptRules = journal.accepts.count
+        if !alive {
+            status.note =
+                "the session holder (pid \(journal.holder.pid)) is gone: port \(journal.port) is no longer redirected, "
+                + "but its \(journal.accepts.count) scoped accept rule(s) remain until `le-redirect recover` "
+                + "(or the next begin or end)"
+            return status
+        }
+        if let here = try? ProcessFacts.currentNamespace(), here != journal.namespace {
+            status.note = "the session runs in network namespace \(journal.namespace), not in this one (\(here))"
+        }
+        if ["T", "t"].contains(ProcessFacts.state(of: journal.holder.pid)) {
+            status.responding = false
+            status.note = "the session holder is stopped; the kernel ends the redirect by itself at expiresAt"
+            return status
+        }
+        if let reply = try? ControlChannel.call(.status, path: state.controlSocketPath, timeout: .seconds(2)),
+            reply.error == nil
+        {
+            status.responding = true
+            status.redirectedPackets = reply.values("redirected-packets").first.flatMap { UInt64($0) }
+        } else {
+            status.responding = false
+        }
+        return status
+    }
+
+    package static func recover(sweep: Bool, stateDirectory: String?, logger: Logger) throws(LERedirectError)
+        -> RecoveryReport
+    {
+        try requirePrivileges(sweep ? "recover --sweep" : "recover")
+        let state = StateDirectory.resolve(stateDirectory)
+        if !sweep, try !state.exists() { return RecoveryReport() }
+        try state.prepare()
+        let lock = try state.lock()  // released when it goes out of scope
+        _ = lock.fd
+        if !sweep, try state.readJournal() == nil { return RecoveryReport() }
+        let firewall = try openFirewall("recover")
+        defer { firewall.close() }
+        return try SessionEngine(state: state, logger: logger).recover(sweep: sweep, firewall: firewall, namespace: try namespace())
+    }
+
+    // MARK: Helpers
+
+    private static func executablePath() -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        return n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+    }
+
+    private static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
+        var pointers = strings.map { strdup($0) } + [nil]
+        defer { for p in pointers { free(p) } }
+        return pointers.withUnsafeMutableBufferPointer { body($0.baseAddress!) }
+    }
+
+    /// Reads one line from `fd` within `timeout`; nil on EOF or timeout.
+    private static func readLine(_ fd: Int32, timeout: Duration) -> String? {
+        let deadline = monotonicMilliseconds() + timeout.milliseconds
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while true {
+            let remaining = deadline - monotonicMilliseconds()
+            if remaining <= 0 { return nil }
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&pfd, 1, Int32(remaining))
+            if ready < 0 && errno == EINTR { continue }
+            if ready <= 0 { return nil }
+            let n = read(fd, &chunk, chunk.count)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return nil }
+            bytes += chunk[0..<n]
+            if let newline = bytes.firstIndex(of: UInt8(ascii: "\n")) {
+                return String(decoding: bytes[..<newline], as: UTF8.self)
+            }
+        }
+    }
+}
+
+extension String {
+    func replacingNewlines() -> String { String(map { $0 == "\n" ? " " : $0 }) }
+}

@@ -1,0 +1,252 @@
+import CLERedirectShim
+import Glibc
+import LERedirectModel
+import Logging
+import Synchronization
+
+/// How a session ended.
+public struct EndReport: Sendable, Hashable {
+    public enum Reason: String, Sendable, Hashable {
+        /// `end` was asked for (CLI, library, or the control socket).
+        case requested
+        /// The TTL passed.
+        case expired
+        /// The daemon got SIGTERM, SIGINT or SIGHUP.
+        case signal
+        /// There was no active session.
+        case notActive
+    }
+
+    public var reason: Reason
+    /// Things the operator should know, e.g. rules the host had already removed.
+    public var warnings: [String]
+    /// When `end` found a dead session instead of a live one: what recovering it did.
+    public var recovery: RecoveryReport?
+
+    public var wasActive: Bool { reason != .notActive }
+
+    public init(reason: Reason, warnings: [String] = [], recovery: RecoveryReport? = nil) {
+        self.reason = reason
+        self.warnings = warnings
+        self.recovery = recovery
+    }
+}
+
+/// The process side of an active session: it owns the firewall connection (and with it the owned
+/// table), serves the control socket, and ends the session when asked, at the TTL, or on a signal.
+/// The daemon runs one; a program embedding the library runs one in-process.
+///
+/// `@unchecked Sendable`: the descriptors and the firewall are set once in `start` and then used only
+/// by the holder's own thread (the firewall serialises itself); mutable state lives in `shared`.
+final class SessionHolder: @unchecked Sendable {
+    let state: StateDirectory
+    let logger: Logger
+    let journal: Journal
+    private let engine: SessionEngine
+    private let firewall: any Firewall
+    private let listener: Int32
+    private let wake: Int32
+    private let stopSignals: Int32?
+    private let monotonicDeadline: Int64
+    private var thread = pthread_t()
+
+    private struct Shared {
+        var outcome: Result<EndReport, LERedirectError>?
+        var waiters: [CheckedContinuation<Result<EndReport, LERedirectError>, Never>] = []
+    }
+    private let shared = Mutex(Shared())
+
+    private init(
+        state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewall: any Firewall,
+        listener: Int32, wake: Int32, stopSignals: Int32?, monotonicDeadline: Int64
+    ) {
+        self.state = state
+        self.logger = logger
+        self.journal = journal
+        self.engine = engine
+        self.firewall = firewall
+        self.listener = listener
+        self.wake = wake
+        self.stopSignals = stopSignals
+        self.monotonicDeadline = monotonicDeadline
+    }
+
+    /// Opens the firewall connection, binds the control socket, installs the redirect, and starts
+    /// serving. The caller holds the state lock. On failure nothing is left installed.
+    static func start(
+        _ options: ValidatedOptions, state: StateDirectory, kind: ProcessIdentity.Kind, stopSignals: Int32? = nil,
+        logger: Logger, firewall injected: (any Firewall)? = nil
+    ) throws(LERedirectError) -> SessionHolder {
+        let namespace: NamespaceIdentity
+        do { namespace = try ProcessFacts.currentNamespace() } catch {
+            throw LERedirectError(.failed, "reading this process's network namespace: \(error)", errno: error.errno)
+        }
+        let firewall: any Firewall
+        if let injected {
+            firewall = injected
+        } else {
+            do { firewall = try NftablesFirewall() } catch {
+                throw SessionEngine.failure("begin", error)
+            }
+        }
+        let listener: Int32
+        do { listener = try ControlChannel.listen(at: state.controlSocketPath) } catch {
+            firewall.close()
+            throw error
+        }
+        let wake = le_eventfd_cloexec()
+        guard wake >= 0 else {
+            let code = errno
+            closeDescriptor(listener)
+            firewall.close()
+            throw LERedirectError(.failed, "creating an eventfd: \(errnoText(code))", errno: code)
+        }
+        let engine = SessionEngine(state: state, logger: logger)
+        let journal: Journal
+        do {
+            let startedMonotonic = monotonicMilliseconds()
+            journal = try engine.install(
+                options, firewall: firewall, holder: ProcessFacts.identity(kind: kind), namespace: namespace,
+                now: unixMilliseconds())
+            let holder = SessionHolder(
+                state: state, logger: logger, journal: journal, engine: engine, firewall: firewall, listener: listener,
+                wake: wake, stopSignals: stopSignals, monotonicDeadline: startedMonotonic + options.ttl.milliseconds)
+            holder.thread = startThread { holder.run() }
+            return holder
+        } catch {
+            closeDescriptor(wake)
+            closeDescriptor(listener)
+            _ = unlink(state.controlSocketPath)
+            firewall.close()
+            throw error
+        }
+    }
+
+    deinit {
+        // The wake descriptor outlives the holder's thread so that a late end() never writes to a
+        // closed (or reused) descriptor.
+        closeDescriptor(wake)
+    }
+
+    // MARK: Ending
+
+    /// Asks the holder to end (as `le-redirect end` would, but from this process) and waits.
+    func end() async -> Result<EndReport, LERedirectError> {
+        if let outcome = shared.withLock({ $0.outcome }) { return outcome }
+        var one: UInt64 = 1
+        _ = write(wake, &one, 8)
+        return await ended()
+    }
+
+    /// Waits until the session has ended, for whatever reason.
+    func ended() async -> Result<EndReport, LERedirectError> {
+        await withCheckedContinuation { continuation in
+            let ready = shared.withLock { s -> Result<EndReport, LERedirectError>? in
+                if let outcome = s.outcome { return outcome }
+                s.waiters.append(continuation)
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+
+    /// Blocks the calling thread until the holder's thread is done (the daemon's main thread).
+    func join() -> Result<EndReport, LERedirectError> {
+        pthread_join(thread, nil)
+        return shared.withLock { $0.outcome! }
+    }
+
+    // MARK: The holder's thread
+
+    private func run() {
+        var reason = EndReport.Reason.expired
+        var requester: Int32?
+        loop: while true {
+            let remaining = monotonicDeadline - monotonicMilliseconds()
+            if remaining <= 0 {
+                logger.warning("the TTL has passed; ending the session")
+                reason = .expired
+                break
+            }
+            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            if let stopSignals { fds.append(pollfd(fd: stopSignals, events: Int16(POLLIN), revents: 0)) }
+            let n = poll(&fds, nfds_t(fds.count), Int32(min(remaining, 60_000)))
+            if n < 0 {
+                if errno == EINTR { continue }
+                logger.error("poll: \(errnoText(errno)); ending the session")
+                reason = .requested
+                break
+            }
+            if n == 0 { continue }
+            if fds[1].revents != 0 {
+                reason = .requested
+                break
+            }
+            if fds.count > 2, fds[2].revents != 0 {
+                logger.notice("signal \(le_read_signalfd(fds[2].fd)) received; ending the session")
+                reason = .signal
+                break
+            }
+            if fds[0].revents != 0, let client = ControlChannel.accept(listener) {
+                switch ControlChannel.readRequest(client) {
+                case .status:
+                    ControlChannel.send(client, lines: statusLines())
+                    closeDescriptor(client)
+                case .end:
+                    requester = client
+                    reason = .requested
+                    break loop
+                case nil:
+                    closeDescriptor(client)
+                }
+            }
+        }
+
+        let outcome = finish(reason, lockHeldByRequester: requester != nil)
+        if let requester {
+            switch outcome {
+            case .success(let report): ControlChannel.send(requester, lines: report.warnings.map { ("warning", $0) })
+            case .failure(let error): ControlChannel.send(requester, lines: [], error: error)
+            }
+            closeDescriptor(requester)
+        }
+        let waiters = shared.withLock { s in
+            s.outcome = outcome
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        for waiter in waiters { waiter.resume(returning: outcome) }
+    }
+
+    /// End's sequence: redirect out, accepts out, journal deleted; then the connection closes.
+    private func finish(_ reason: EndReport.Reason, lockHeldByRequester: Bool) -> Result<EndReport, LERedirectError> {
+        var lock: StateLock?
+        if !lockHeldByRequester {
+            do { lock = try state.lock(timeout: .seconds(60)) } catch {
+                logger.warning("\(error); ending without the lock (only le-redirect's own rules are touched)")
+            }
+        }
+        let outcome: Result<EndReport, LERedirectError>
+        do {
+            let warnings = try engine.uninstall(journal, firewall: firewall)
+            for warning in warnings { logger.warning("\(warning)") }
+            logger.info("session ended", metadata: ["reason": "\(reason.rawValue)"])
+            outcome = .success(EndReport(reason: reason, warnings: warnings))
+        } catch {
+            logger.error("ending the session: \(error); the journal is kept for `le-redirect recover`")
+            outcome = .failure(error)
+        }
+        // Closing the connection deletes the owned table if the removal above could not.
+        firewall.close()
+        closeDescriptor(listener)
+        _ = unlink(state.controlSocketPath)
+        _ = lock?.release()
+        return outcome
+    }
+
+    private func statusLines() -> [(String, String)] {
+        var lines: [(String, String)] = [("pid", "\(getpid())")]
+        if let packets = try? firewall.redirectedPackets() { lines.append(("redirected-packets", "\(packets)")) }
+        return lines
+    }
+}

@@ -1,0 +1,71 @@
+import Glibc
+import LERedirectModel
+
+/// What the kernel says about processes and namespaces: the facts the journal records so that a
+/// later process can tell whether a session's holder is still alive, and in which namespace it ran.
+enum ProcessFacts {
+    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat), or nil if no such process.
+    static func startTicks(of pid: Int32) -> UInt64? {
+        guard let bytes = try? readFile("/proc/\(pid)/stat") else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        // The command name (field 2) is parenthesised and may contain spaces and ')'.
+        guard let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // fields[0] is field 3 (state); field 22 is fields[19].
+        guard fields.count > 19 else { return nil }
+        return UInt64(fields[19])
+    }
+
+    /// The state letter of /proc/PID/stat (R, S, T for stopped, Z for zombie, ...).
+    static func state(of pid: Int32) -> Character? {
+        guard let bytes = try? readFile("/proc/\(pid)/stat") else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else { return nil }
+        return text[text.index(after: close)...].split(separator: " ").first?.first
+    }
+
+    static func bootID() -> String {
+        guard let bytes = try? readFile("/proc/sys/kernel/random/boot_id") else { return "unknown" }
+        let id = String(decoding: bytes, as: UTF8.self).filter { $0.isHexDigit || $0 == "-" }
+        return id.isEmpty ? "unknown" : id
+    }
+
+    static func identity(of pid: Int32 = getpid(), kind: ProcessIdentity.Kind) -> ProcessIdentity {
+        ProcessIdentity(kind: kind, pid: pid, startTicks: startTicks(of: pid) ?? 0, bootID: bootID())
+    }
+
+    /// True when the process that `identity` names is still running (not a recycled pid, not a
+    /// zombie, same boot).
+    static func isAlive(_ identity: ProcessIdentity) -> Bool {
+        guard identity.bootID == bootID(), let ticks = startTicks(of: identity.pid), ticks == identity.startTicks
+        else { return false }
+        return state(of: identity.pid) != "Z"
+    }
+
+    /// The network namespace the calling thread is in.
+    static func currentNamespace() throws(SystemError) -> NamespaceIdentity {
+        var st = stat()
+        try syscall("stat", "/proc/thread-self/ns/net") { stat("/proc/thread-self/ns/net", &st) }
+        return NamespaceIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+    }
+
+    /// Whether the effective capability set holds CAP_NET_ADMIN (bit 12).
+    static func hasNetAdmin() -> Bool {
+        if geteuid() == 0 { return true }
+        guard let bytes = try? readFile("/proc/self/status") else { return false }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("CapEff:") {
+            let hex = line.dropFirst("CapEff:".count).trimmingCharacters(in: " \t")
+            if let caps = UInt64(hex, radix: 16) { return caps & (1 << 12) != 0 }
+        }
+        return false
+    }
+}
+
+extension StringProtocol {
+    func trimmingCharacters(in set: String) -> String {
+        var s = Substring(self)
+        while let f = s.first, set.contains(f) { s.removeFirst() }
+        while let l = s.last, set.contains(l) { s.removeLast() }
+        return String(s)
+    }
+}

@@ -1,0 +1,188 @@
+import Glibc
+import LERedirectModel
+
+/// The directory that holds a session's lock, journal and control socket (/run/le-redirect, or
+/// LE_REDIRECT_STATE_DIR). Mode 0700, owned by the caller, never reached through a symlink.
+struct StateDirectory: Sendable {
+    static let defaultPath = "/run/le-redirect"
+    static let environmentVariable = "LE_REDIRECT_STATE_DIR"
+
+    let path: String
+
+    var lockPath: String { path + "/lock" }
+    var journalPath: String { path + "/journal" }
+    var controlSocketPath: String { path + "/control.sock" }
+    var logPath: String { path + "/session.log" }
+
+    /// The explicit path, else the environment's, else /run/le-redirect.
+    static func resolve(_ explicit: String?) -> StateDirectory {
+        if let explicit, !explicit.isEmpty { return StateDirectory(path: normalise(explicit)) }
+        if let env = getenv(environmentVariable), env.pointee != 0 {
+            return StateDirectory(path: normalise(cString(env)))
+        }
+        return StateDirectory(path: defaultPath)
+    }
+
+    private static func normalise(_ path: String) -> String {
+        var p = path
+        while p.count > 1 && p.hasSuffix("/") { p.removeLast() }
+        return p
+    }
+
+    /// Creates the directory if it is missing and checks it is safe to keep root's state in.
+    func prepare() throws(LERedirectError) {
+        guard path.hasPrefix("/") else {
+            throw LERedirectError(.invalidArgument, "state directory '\(path)' must be an absolute path")
+        }
+        if mkdir(path, 0o700) != 0 && errno != EEXIST {
+            let code = errno
+            throw LERedirectError(
+                code == EACCES || code == EPERM ? .notPermitted : .failed,
+                "creating the state directory \(path): \(errnoText(code))"
+                    + (code == EACCES || code == EPERM ? " (le-redirect needs root)" : ""), errno: code)
+        }
+        try check()
+    }
+
+    /// Checks an existing directory without creating it; false when it does not exist.
+    func exists() throws(LERedirectError) -> Bool {
+        var st = stat()
+        if lstat(path, &st) != 0 {
+            if errno == ENOENT { return false }
+            throw LERedirectError(.failed, "reading the state directory \(path): \(errnoText(errno))", errno: errno)
+        }
+        try check()
+        return true
+    }
+
+    private func check() throws(LERedirectError) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else {
+            let code = errno
+            throw LERedirectError(
+                code == EACCES ? .notPermitted : .failed, "reading the state directory \(path): \(errnoText(code))",
+                errno: code)
+        }
+        if st.st_mode & S_IFMT == S_IFLNK {
+            throw LERedirectError(.failed, "the state directory \(path) is a symbolic link; refusing to use it")
+        }
+        guard st.st_mode & S_IFMT == S_IFDIR else {
+            throw LERedirectError(.failed, "the state directory \(path) is not a directory")
+        }
+        guard st.st_uid == geteuid() else {
+            throw LERedirectError(
+                geteuid() == 0 ? .failed : .notPermitted,
+                "the state directory \(path) belongs to uid \(st.st_uid), not to this process (uid \(geteuid()))"
+                    + (geteuid() == 0 ? "; refusing to use it" : " (le-redirect needs root)"))
+        }
+        guard st.st_mode & 0o077 == 0 else {
+            throw LERedirectError(
+                .failed,
+                "the state directory \(path) is accessible to other users (mode \(String(st.st_mode & 0o777, radix: 8))); "
+                    + "make it 0700 or remove it")
+        }
+    }
+
+    // MARK: Lock
+
+    /// Takes the lock that serialises le-redirect processes, waiting up to `timeout` for it.
+    func lock(timeout: Duration = .seconds(30)) throws(LERedirectError) -> StateLock {
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            let code = errno
+            throw LERedirectError(
+                code == EACCES ? .notPermitted : .failed, "opening the lock \(lockPath): \(errnoText(code))", errno: code)
+        }
+        let deadline = monotonicMilliseconds() + timeout.milliseconds
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let code = errno
+            if code == EINTR { continue }
+            guard code == EWOULDBLOCK else {
+                closeDescriptor(fd)
+                throw LERedirectError(.failed, "locking \(lockPath): \(errnoText(code))", errno: code)
+            }
+            if monotonicMilliseconds() >= deadline {
+                closeDescriptor(fd)
+                let holder = (try? readFile(lockPath)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+                let pid = holder.split(separator: "\n").first.map(String.init) ?? "?"
+                throw LERedirectError(
+                    .conflict,
+                    "another le-redirect process (pid \(pid)) has held \(lockPath) for over "
+                        + "\(DurationText.format(timeout)); nothing was changed")
+            }
+            usleep(10_000)
+        }
+        // Record who holds it, for the message above.
+        _ = ftruncate(fd, 0)
+        let text = Array("\(getpid())\n".utf8)
+        _ = text.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        return StateLock(fd: fd)
+    }
+
+    // MARK: Journal
+
+    /// The journal's text, or nil when there is none.
+    func readJournal() throws(LERedirectError) -> String? {
+        do throws(SystemError) {
+            let bytes = try readFile(journalPath, maxBytes: 1 << 20, noFollow: true)
+            return String(decoding: bytes, as: UTF8.self)
+        } catch {
+            if error.errno == ENOENT { return nil }
+            if error.errno == ELOOP {
+                throw LERedirectError(.failed, "the journal \(journalPath) is a symbolic link; refusing to read it")
+            }
+            throw LERedirectError(.failed, "reading the journal: \(error)", errno: error.errno)
+        }
+    }
+
+    /// Replaces the journal atomically and durably: temporary file, fsync, rename, fsync of the directory.
+    func writeJournal(_ journal: Journal) throws(LERedirectError) {
+        let temporary = journalPath + ".tmp"
+        do throws(SystemError) {
+            _ = unlink(temporary)
+            let fd = try syscall("open", temporary) {
+                open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+            }
+            do throws(SystemError) {
+                try writeAll(fd, Array(journal.encoded().utf8), subject: temporary)
+                try syscall("fsync", temporary) { fsync(fd) }
+            } catch {
+                closeDescriptor(fd)
+                _ = unlink(temporary)
+                throw error
+            }
+            closeDescriptor(fd)
+            try syscall("rename", "\(temporary) to \(journalPath)") { rename(temporary, journalPath) }
+            try syncDirectory()
+        } catch {
+            throw LERedirectError(.failed, "writing the journal: \(error)", errno: error.errno)
+        }
+    }
+
+    func deleteJournal() throws(LERedirectError) {
+        if unlink(journalPath) != 0 && errno != ENOENT {
+            throw LERedirectError(.failed, "deleting the journal \(journalPath): \(errnoText(errno))", errno: errno)
+        }
+        do throws(SystemError) { try syncDirectory() } catch {
+            throw LERedirectError(.failed, "deleting the journal: \(error)", errno: error.errno)
+        }
+    }
+
+    private func syncDirectory() throws(SystemError) {
+        let fd = try syscall("open", path) { open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        defer { closeDescriptor(fd) }
+        try syscall("fsync", path) { fsync(fd) }
+    }
+}
+
+/// The held state lock. Released by `release()`, or when its process exits (flock).
+struct StateLock: ~Copyable {
+    let fd: Int32
+
+    consuming func release() {
+        closeDescriptor(fd)
+        discard self
+    }
+
+    deinit { closeDescriptor(fd) }
+}
