@@ -1,0 +1,113 @@
+import Foundation
+import Testing
+
+/// Invariant 3: a dead or frozen session daemon never leaves port 80 pointing at nothing, and
+/// recovery restores the ruleset exactly.
+@Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
+struct CrashTests {
+    @Test func sigkillOfTheDaemonGivesPortEightyBackAtOnceAndRecoverRestoresTheRuleset() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startListeners()
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
+        let pid = try #require(try net.daemonPID())
+
+        kill(pid, SIGKILL)
+        waitUntilGone(pid)
+        // The owned table died with the daemon's socket: the app answers at once.
+        #expect(try net.reach(TestNetwork.hostAddress4) == "app")
+        #expect(try net.reach(TestNetwork.hostAddress6) == "app")
+        #expect(try !net.ruleset().contains("table inet le_redirect"))
+        #expect(try net.ruleset().contains("comment \"LE\""))  // the inert accepts, until recover
+        #expect(try net.status()["state"] as? String == "stale")
+
+        let recover = try net.leRedirect("recover")
+        #expect(recover.status == 0, "\(recover)")
+        #expect(try net.ruleset() == before)
+        #expect(try net.status()["state"] as? String == "inactive")
+        // And a new session starts normally.
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    @Test func theNextBeginRecoversADeadSession() throws {
+        let net = try TestNetwork(ruleset: "policy-accept")
+        defer { net.close() }
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        kill(try #require(try net.daemonPID()), SIGKILL)
+        usleep(100_000)
+        let begin = try net.leRedirect("begin", "--external-proxy")
+        #expect(begin.status == 0, "\(begin)")
+        // Exactly one scoped accept: the dead session's was removed first.
+        #expect(try net.ruleset().components(separatedBy: "comment \"LE\"").count - 1 == 2)
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    @Test func endAfterADeadSessionRecoversAndExitsZero() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        kill(try #require(try net.daemonPID()), SIGKILL)
+        usleep(100_000)
+        let end = try net.leRedirect("end")
+        #expect(end.status == 0, "\(end)")
+        #expect(try net.ruleset() == before)
+    }
+
+    /// A frozen daemon holds its socket, so its table stays; the set element's kernel timeout is
+    /// what ends the redirect, with no le-redirect process doing anything.
+    @Test func aStoppedDaemonLosesTheRedirectAtTheTTL() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startListeners()
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy", "--ttl", "10s").status == 0)
+        let pid = try #require(try net.daemonPID())
+        kill(pid, SIGSTOP)
+        let stoppedAt = Date()
+        #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
+        while Date().timeIntervalSince(stoppedAt) < 11 { usleep(100_000) }
+        #expect(try net.reach(TestNetwork.hostAddress4) == "app")
+        #expect(try net.reach(TestNetwork.hostAddress6) == "app")
+        #expect(try net.status()["responding"] as? Bool == false)
+
+        // end does not wait for a stopped daemon: it kills it and recovers.
+        let end = try net.leRedirect("end", timeout: 20)
+        #expect(end.status == 0, "\(end)")
+        #expect(processGone(pid))
+        #expect(try net.ruleset() == before)
+    }
+
+    @Test func sigtermEndsTheSessionCleanly() throws {
+        let net = try TestNetwork(ruleset: "several-chains")
+        defer { net.close() }
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        let pid = try #require(try net.daemonPID())
+        kill(pid, SIGTERM)
+        waitUntilGone(pid)
+        #expect(processGone(pid))
+        #expect(try net.ruleset() == before)
+        #expect(!FileManager.default.fileExists(atPath: net.stateDirectory + "/journal"))
+    }
+
+    @Test func theDaemonEndsItselfAtTheTTL() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy", "--ttl", "10s").status == 0)
+        let pid = try #require(try net.daemonPID())
+        let started = Date()
+        waitUntilGone(pid, seconds: 20)
+        _ = started
+        #expect(processGone(pid))
+        #expect(try net.ruleset() == before)
+        #expect(try net.leRedirect("end").stdout.contains("no active session"))
+    }
+}

@@ -1,0 +1,292 @@
+import Foundation
+import Testing
+
+/// Whether the kernel tests can run here: root, and network namespaces. With
+/// LE_REDIRECT_REQUIRE_KERNEL_TESTS=1 (scripts/test sets it) they run regardless, and fail loudly
+/// instead of being skipped.
+enum Kernel {
+    static let required = ProcessInfo.processInfo.environment["LE_REDIRECT_REQUIRE_KERNEL_TESTS"] == "1"
+    static let available: Bool = getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip")
+        && FileManager.default.isExecutableFile(atPath: "/usr/sbin/nft")
+    static var enabled: Bool { available || required }
+}
+
+struct Output: CustomStringConvertible {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    var timedOut = false
+
+    var description: String { "exit \(status)\(timedOut ? " (timed out)" : "")\nstdout: \(stdout)\nstderr: \(stderr)" }
+}
+
+enum Paths {
+    /// The le-redirect binary `swift build` put next to the test bundle.
+    static let binary: String = {
+        if let explicit = ProcessInfo.processInfo.environment["LE_REDIRECT_BIN"] { return explicit }
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+        return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("le-redirect").path
+    }()
+
+    static let support = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    static let peer = support.appendingPathComponent("peer.py").path
+    static let rulesets = support.deletingLastPathComponent().appendingPathComponent("Rulesets")
+    static let repository = support.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static func ruleset(_ name: String) -> String { rulesets.appendingPathComponent("\(name).nft").path }
+}
+
+/// Runs a program to completion (killing it after `timeout` seconds) and returns its output.
+@discardableResult
+func run(_ arguments: [String], environment: [String: String] = [:], timeout: Double = 30) throws -> Output {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    var env = ProcessInfo.processInfo.environment
+    env.merge(environment) { $1 }
+    process.environment = env
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("le-redirect-run-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let out = directory.appendingPathComponent("out"), err = directory.appendingPathComponent("err")
+    _ = FileManager.default.createFile(atPath: out.path, contents: nil)
+    _ = FileManager.default.createFile(atPath: err.path, contents: nil)
+    process.standardOutput = try FileHandle(forWritingTo: out)
+    process.standardError = try FileHandle(forWritingTo: err)
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    let deadline = Date().addingTimeInterval(timeout)
+    var timedOut = false
+    while process.isRunning {
+        if Date() > deadline {
+            timedOut = true
+            kill(process.processIdentifier, SIGKILL)
+        }
+        usleep(2_000)
+    }
+    return Output(
+        status: process.terminationStatus,
+        stdout: (try? String(contentsOf: out, encoding: .utf8)) ?? "",
+        stderr: (try? String(contentsOf: err, encoding: .utf8)) ?? "", timedOut: timedOut)
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// A test's own network: a "host" namespace where le-redirect, the app (:80) and a stand-in proxy
+/// (:12347) run, a "client" namespace joined to it by a veth pair (10.99.0.0/24, fd99::/64), and
+/// optionally a "server" namespace behind the host as a router (10.98.0.0/24), for forwarded traffic.
+/// Everything it made is removed by `close()`.
+final class TestNetwork: @unchecked Sendable {
+    private static let counter = Counter()
+    let id: String
+    let host: String
+    let client: String
+    let server: String?
+    let stateDirectory: String
+    private var started: [Process] = []
+
+    static let hostAddress4 = "10.99.0.1", hostAddress6 = "fd99::1"
+    static let clientAddress4 = "10.99.0.2", clientAddress6 = "fd99::2"
+    static let serverAddress4 = "10.98.0.2"
+
+    init(ruleset: String = "empty", router: Bool = false) throws {
+        id = "lrt\(getpid() % 100_000)n\(Self.counter.next())"
+        host = id + "h"
+        client = id + "c"
+        server = router ? id + "s" : nil
+        stateDirectory = "/tmp/le-redirect-tests/\(id)"
+        try? FileManager.default.removeItem(atPath: stateDirectory)
+        try FileManager.default.createDirectory(atPath: "/tmp/le-redirect-tests", withIntermediateDirectories: true)
+
+        for ns in [host, client] + (server.map { [$0] } ?? []) {
+            try check(run(["ip", "netns", "add", ns]), "creating namespace \(ns)")
+        }
+        // Refuse to touch netfilter unless the namespace really is a new one.
+        let initial = try run(["readlink", "/proc/1/ns/net"]).stdout
+        for ns in [host, client] + (server.map { [$0] } ?? []) {
+            let inside = try run(["ip", "netns", "exec", ns, "readlink", "/proc/self/ns/net"]).stdout
+            guard !inside.isEmpty, inside != initial else {
+                close()
+                throw TestFailure("namespace \(ns) is the initial network namespace; refusing to go on")
+            }
+        }
+        let setup: [[String]] = [
+            ["ip", "link", "add", "veth-h", "netns", host, "type", "veth", "peer", "name", "veth-c", "netns", client],
+            ["ip", "-n", host, "addr", "add", "\(Self.hostAddress4)/24", "dev", "veth-h"],
+            ["ip", "-n", host, "addr", "add", "\(Self.hostAddress6)/64", "dev", "veth-h", "nodad"],
+            ["ip", "-n", client, "addr", "add", "\(Self.clientAddress4)/24", "dev", "veth-c"],
+            ["ip", "-n", client, "addr", "add", "\(Self.clientAddress6)/64", "dev", "veth-c", "nodad"],
+            ["ip", "-n", host, "link", "set", "lo", "up"], ["ip", "-n", host, "link", "set", "veth-h", "up"],
+            ["ip", "-n", client, "link", "set", "lo", "up"], ["ip", "-n", client, "link", "set", "veth-c", "up"],
+        ]
+        for command in setup { try check(run(command), command.joined(separator: " ")) }
+        if let server {
+            let routed: [[String]] = [
+                ["ip", "link", "add", "veth-r", "netns", host, "type", "veth", "peer", "name", "veth-s", "netns", server],
+                ["ip", "-n", host, "addr", "add", "10.98.0.1/24", "dev", "veth-r"],
+                ["ip", "-n", server, "addr", "add", "\(Self.serverAddress4)/24", "dev", "veth-s"],
+                ["ip", "-n", host, "link", "set", "veth-r", "up"], ["ip", "-n", server, "link", "set", "veth-s", "up"],
+                ["ip", "-n", server, "link", "set", "lo", "up"],
+                ["ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                ["ip", "-n", client, "route", "add", "10.98.0.0/24", "via", Self.hostAddress4],
+                ["ip", "-n", server, "route", "add", "default", "via", "10.98.0.1"],
+            ]
+            for command in routed { try check(run(command), command.joined(separator: " ")) }
+        }
+        if ruleset != "empty" {
+            try check(run(["ip", "netns", "exec", host, "nft", "-f", Paths.ruleset(ruleset)]), "loading \(ruleset)")
+        }
+    }
+
+    deinit { close() }
+
+    /// Kills everything started in the namespaces and deletes them.
+    func close() {
+        for process in started where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        started = []
+        for ns in [host, client] + (server.map { [$0] } ?? []) {
+            if let pids = try? run(["ip", "netns", "pids", ns]).stdout {
+                for pid in pids.split(separator: "\n").compactMap({ Int32($0) }) { kill(pid, SIGKILL) }
+            }
+            _ = try? run(["ip", "netns", "del", ns])
+        }
+        try? FileManager.default.removeItem(atPath: stateDirectory)
+    }
+
+    private func check(_ output: Output, _ what: String) throws {
+        guard output.status == 0 else { throw TestFailure("\(what) failed: \(output)") }
+    }
+
+    // MARK: Running things
+
+    /// Runs `arguments` inside namespace `ns`, with this network's state directory.
+    @discardableResult
+    func exec(_ ns: String, _ arguments: [String], timeout: Double = 30) throws -> Output {
+        try run(["ip", "netns", "exec", ns] + arguments, environment: ["LE_REDIRECT_STATE_DIR": stateDirectory], timeout: timeout)
+    }
+
+    /// Runs le-redirect in the host namespace.
+    @discardableResult
+    func leRedirect(_ arguments: String..., timeout: Double = 60) throws -> Output {
+        try exec(host, [Paths.binary] + arguments, timeout: timeout)
+    }
+
+    /// Starts a long-running program in `ns`; `close()` kills it.
+    func start(_ ns: String, _ arguments: [String]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = ["netns", "exec", ns] + arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        started.append(process)
+    }
+
+    /// Starts tagged listeners: the app on :80 and a stand-in proxy on :12347 in the host, and a
+    /// backend on :80 in the server namespace when there is one. Waits until they answer.
+    func startListeners() throws {
+        try start(host, ["python3", Paths.peer, "serve", "80", "app"])
+        try start(host, ["python3", Paths.peer, "serve", "12347", "proxy"])
+        var waits = [(host, "80"), (host, "12347")]
+        if let server {
+            try start(server, ["python3", Paths.peer, "serve", "80", "backend"])
+            waits.append((server, "80"))
+        }
+        // Wait by looking at listening sockets: a probe connection could be dropped by the
+        // host's own firewall (several-chains drops :12347 even on loopback).
+        let deadline = Date().addingTimeInterval(10)
+        for (ns, port) in waits {
+            while !(try exec(ns, ["ss", "-Hltn", "sport = :\(port)"]).stdout.contains("LISTEN")) {
+                guard Date() < deadline else { throw TestFailure("listener on \(ns):\(port) did not come up") }
+                usleep(20_000)
+            }
+        }
+    }
+
+    /// Connects from `ns` to `address`:`port` and returns the tag of whoever answered ("app",
+    /// "proxy", "backend"), or "failed: ..." when the connection was refused, reset or timed out.
+    func reach(_ address: String, port: Int = 80, from ns: String? = nil) throws -> String {
+        let output = try exec(ns ?? client, ["python3", Paths.peer, "get", address, "\(port)"], timeout: 10)
+        let line = output.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard output.status == 0 else { return "failed: \(line)" }
+        return String(line.split(separator: " ").first ?? "")
+    }
+
+    /// The address the listener reported for the client (to check the app never sees loopback).
+    func peerAddress(_ address: String, port: Int = 80) throws -> String {
+        let output = try exec(client, ["python3", Paths.peer, "get", address, "\(port)"], timeout: 10)
+        return String(output.stdout.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: " ").last ?? "")
+    }
+
+    /// `nft list ruleset` of the host, with counters and timer values normalised.
+    func ruleset() throws -> String {
+        let output = try exec(host, ["nft", "list", "ruleset"])
+        guard output.status == 0 else { throw TestFailure("nft list ruleset: \(output)") }
+        return Normalise.listing(output.stdout)
+    }
+
+    /// The pid of the session daemon, from `status --json`.
+    func daemonPID() throws -> Int32? {
+        let output = try leRedirect("status", "--json")
+        guard let data = output.stdout.data(using: .utf8),
+            let object = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+        else { return nil }
+        return (object["pid"] as? NSNumber)?.int32Value
+    }
+
+    func status() throws -> [String: Any] {
+        let output = try leRedirect("status", "--json")
+        guard output.status == 0, let data = output.stdout.data(using: .utf8),
+            let object = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+        else { throw TestFailure("status --json: \(output)") }
+        return object
+    }
+}
+
+enum Normalise {
+    /// Strips what changes by itself: counters, set element expiry, handles.
+    static func listing(_ text: String) -> String {
+        var out = text
+        for (pattern, replacement) in [
+            (#"counter packets \d+ bytes \d+"#, "counter"),
+            (#" expires [0-9hmsd]+"#, ""),
+            (#" # handle \d+"#, ""),
+            (#" # progname \S+"#, ""),
+            (#" progname \S+"#, ""),
+        ] {
+            out = out.replacingOccurrences(of: pattern, with: replacement, options: .regularExpression)
+        }
+        return out
+    }
+}
+
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = 0
+    func next() -> Int {
+        lock.lock()
+        defer { lock.unlock() }
+        value += 1
+        return value
+    }
+}
+
+/// Whether `pid` has exited: gone, or a zombie nobody reaped yet (kill(pid, 0) still succeeds then).
+func processGone(_ pid: Int32) -> Bool {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        let close = stat.lastIndex(of: ")")
+    else { return true }
+    return stat[stat.index(after: close)...].split(separator: " ").first == "Z"
+}
+
+/// Waits up to `seconds` for `pid` to exit; returns whether it did.
+@discardableResult
+func waitUntilGone(_ pid: Int32, seconds: Double = 5) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while !processGone(pid) && Date() < deadline { usleep(5_000) }
+    return processGone(pid)
+}

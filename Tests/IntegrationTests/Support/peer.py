@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Test peer for le-redirect's namespace tests.
+
+  peer.py serve PORT TAG     listen on [::]:PORT (IPv4 and IPv6); answer every connection with
+                             "TAG <client-address>\n" and close. Runs until killed.
+  peer.py get HOST PORT      connect, print the line received; exit 1 on refusal, reset or timeout.
+"""
+import socket
+import sys
+import threading
+
+
+def serve(port, tag):
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::", port))
+    listener.listen(128)
+    print("listening", flush=True)
+
+    def answer(conn, addr):
+        with conn:
+            host = addr[0]
+            if host.startswith("::ffff:"):
+                host = host[7:]
+            conn.sendall(f"{tag} {host}\n".encode())
+
+    while True:
+        conn, addr = listener.accept()
+        threading.Thread(target=answer, args=(conn, addr), daemon=True).start()
+
+
+def get(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=3) as conn:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            print(data.decode().strip())
+            return 0 if data else 1
+    except OSError as error:
+        print(f"error {error.__class__.__name__}: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(int(sys.argv[2]), sys.argv[3])
+    else:
+        sys.exit(get(sys.argv[2], int(sys.argv[3])))
