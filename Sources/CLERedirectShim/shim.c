@@ -59,6 +59,10 @@ int le_read_signalfd(int fd) {
     return (int)info.ssi_signo;
 }
 
+int le_unix_stream_socket(void) {
+    return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+}
+
 int le_accept_cloexec(int listener) {
     return accept4(listener, NULL, NULL, SOCK_CLOEXEC);
 }

@@ -69,3 +69,18 @@ struct RulesetRestoreTests {
         #expect(try net.status()["active"] as? Bool == false)
     }
 }
+
+/// The guard every kernel test relies on must be able to fail.
+@Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
+struct NamespaceGuardTests {
+    @Test func theTestProcessItselfCountsAsTheInitialNamespace() throws {
+        let references = try TestNetwork.referenceNamespaces()
+        let mine = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/net")
+        #expect(references.contains(mine))
+        let net = try TestNetwork()
+        defer { net.close() }
+        let inside = try net.exec(net.host, ["readlink", "/proc/self/ns/net"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(inside.hasPrefix("net:["))
+        #expect(!references.contains(inside))
+    }
+}

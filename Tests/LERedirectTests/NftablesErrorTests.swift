@@ -14,6 +14,14 @@ struct NftablesErrorTests {
         #expect(session.exitCode == 1)
     }
 
+    @Test func aKernelWithoutOwnedTablesIsNamed() {
+        let e = NftablesFirewall.error(
+            NetlinkError(stage: .kernel, errno: EOPNOTSUPP), doing: "creating table inet le_redirect",
+            change: .addOwnedTable(TableRef.own))
+        #expect(e.reason == .unsupported)
+        #expect(e.description.contains("Linux 5.12"))
+    }
+
     @Test func noPrivilegeIsNotPermittedWithAHint() {
         let e = NftablesFirewall.error(NetlinkError(stage: .kernel, errno: EPERM), doing: "committing", change: nil)
         #expect(e.reason == .notPermitted)

@@ -20,6 +20,9 @@ int le_termination_signalfd(void);
 /// Reads one signal number from a signalfd made by le_termination_signalfd; -1 on error.
 int le_read_signalfd(int fd);
 
+/// socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0); -1 with errno on failure.
+int le_unix_stream_socket(void);
+
 /// accept4 with SOCK_CLOEXEC; -1 with errno on failure.
 int le_accept_cloexec(int listener);
 

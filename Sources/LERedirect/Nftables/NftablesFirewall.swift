@@ -478,6 +478,9 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
             }
         case EEXIST:
             reason = .alreadyExists
+        case EOPNOTSUPP where { if case .addOwnedTable = change { true } else { false } }():
+            reason = .unsupported
+            detail += " (tables owned by a process need Linux 5.12 or newer)"
         case EPROTONOSUPPORT, EAFNOSUPPORT, EOPNOTSUPP:
             reason = .unsupported
             detail += " (this kernel lacks nf_tables support: load nf_tables, or use another backend)"

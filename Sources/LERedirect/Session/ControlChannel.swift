@@ -41,7 +41,7 @@ enum ControlChannel {
     /// Binds and listens; a stale socket file from a dead holder is replaced (the caller holds the lock).
     static func listen(at path: String) throws(LERedirectError) -> Int32 {
         var address = try socketAddress(path)
-        let fd = socket(AF_UNIX, Int32(Glibc.SOCK_STREAM.rawValue) | Int32(Glibc.SOCK_CLOEXEC.rawValue), 0)
+        let fd = le_unix_stream_socket()
         guard fd >= 0 else {
             throw LERedirectError(.failed, "creating the control socket: \(errnoText(errno))", errno: errno)
         }
@@ -99,7 +99,7 @@ enum ControlChannel {
     /// Throws when the holder cannot be reached or does not answer in time.
     static func call(_ request: Request, path: String, timeout: Duration) throws(LERedirectError) -> Reply {
         var address = try socketAddress(path)
-        let fd = socket(AF_UNIX, Int32(Glibc.SOCK_STREAM.rawValue) | Int32(Glibc.SOCK_CLOEXEC.rawValue), 0)
+        let fd = le_unix_stream_socket()
         guard fd >= 0 else {
             throw LERedirectError(.failed, "creating a socket: \(errnoText(errno))", errno: errno)
         }

@@ -104,11 +104,13 @@ final class TestNetwork: @unchecked Sendable {
         for ns in [host, client] + (server.map { [$0] } ?? []) {
             try check(run(["ip", "netns", "add", ns]), "creating namespace \(ns)")
         }
-        // Refuse to touch netfilter unless the namespace really is a new one.
-        let initial = try run(["readlink", "/proc/1/ns/net"]).stdout
+        // Refuse to touch netfilter unless the namespace really is a new one: not this test
+        // process's (the machine's) namespace, nor PID 1's where that can be read.
+        let references = try Self.referenceNamespaces()
         for ns in [host, client] + (server.map { [$0] } ?? []) {
             let inside = try run(["ip", "netns", "exec", ns, "readlink", "/proc/self/ns/net"]).stdout
-            guard !inside.isEmpty, inside != initial else {
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+            guard inside.hasPrefix("net:["), !references.contains(inside) else {
                 close()
                 throw TestFailure("namespace \(ns) is the initial network namespace; refusing to go on")
             }
@@ -142,6 +144,19 @@ final class TestNetwork: @unchecked Sendable {
     }
 
     deinit { close() }
+
+    /// The namespaces a test must never change: its own, and PID 1's when readable (it is not in
+    /// every sandbox). Throws when none can be read, rather than compare against nothing.
+    static func referenceNamespaces() throws -> Set<String> {
+        var references: Set<String> = []
+        for path in ["/proc/self/ns/net", "/proc/1/ns/net"] {
+            if let link = try? FileManager.default.destinationOfSymbolicLink(atPath: path), link.hasPrefix("net:[") {
+                references.insert(link)
+            }
+        }
+        guard !references.isEmpty else { throw TestFailure("cannot read this process's network namespace") }
+        return references
+    }
 
     /// Kills everything started in the namespaces and deletes them.
     func close() {
