@@ -228,9 +228,9 @@ package enum Session {
             if !stopped {
                 do {
                     let reply = try ControlChannel.call(.end, path: state.controlSocketPath, timeout: .seconds(60))
-                    waitForExit(journal.holder)
                     if let error = reply.error {
-                        // The holder could not finish; with it gone, recovery can.
+                        // The holder could not finish; once it is gone, recovery can.
+                        waitForExit(journal.holder)
                         logger.warning("the session holder reported: \(error)")
                         warnings.append(error.message)
                     } else {

@@ -51,7 +51,9 @@ struct SessionEngine {
 
             let inserted: [InsertedRule]
             do {
+                let started = ContinuousClock.now
                 inserted = try firewall.commit(plan.installChanges, expecting: plan.generation)
+                logger.debug("begin batch committed", metadata: ["commitMs": "\(milliseconds(since: started))"])
             } catch where error.reason == .generationChanged && attempt < maxAttempts {
                 logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
                 continue
@@ -118,7 +120,9 @@ struct SessionEngine {
     {
         var warnings: [String] = []
         do {
+            let started = ContinuousClock.now
             _ = try firewall.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
+            logger.debug("redirect removed", metadata: ["commitMs": "\(milliseconds(since: started))"])
         } catch where error.reason == .notFound {
             warnings.append("table \(TableRef.own) was already gone")
         } catch {
@@ -164,8 +168,11 @@ struct SessionEngine {
             targets = Array(Set(targets)).sorted { ($0.chain, $0.handle) < ($1.chain, $1.handle) }
             if targets.isEmpty { return (0, warnings) }
             do {
+                let started = ContinuousClock.now
                 _ = try firewall.commit(RedirectPlan.removeAcceptChanges(targets), expecting: generation)
-                logger.debug("scoped accepts removed", metadata: ["count": "\(targets.count)"])
+                logger.debug(
+                    "scoped accepts removed",
+                    metadata: ["count": "\(targets.count)", "commitMs": "\(milliseconds(since: started))"])
                 return (targets.count, warnings)
             } catch where (error.reason == .generationChanged || error.reason == .notFound) && attempt < maxAttempts {
                 continue
@@ -283,6 +290,14 @@ struct SessionEngine {
                 throw Self.failure("recover --sweep", error, attempts: attempt)
             }
         }
+    }
+
+    /// "12.345": milliseconds with microsecond precision, for the debug log.
+    private func milliseconds(since start: ContinuousClock.Instant) -> String {
+        let elapsed = ContinuousClock.now - start
+        let micros = elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000
+        let fraction = String(micros % 1000)
+        return "\(micros / 1000)." + String(repeating: "0", count: 3 - fraction.count) + fraction
     }
 
     // MARK: Errors

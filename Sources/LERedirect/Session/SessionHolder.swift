@@ -216,9 +216,13 @@ final class SessionHolder: @unchecked Sendable {
             return s.waiters
         }
         for waiter in waiters { waiter.resume(returning: outcome) }
+        // Only now: the kernel's teardown of a netlink socket takes tens of milliseconds, and
+        // after a successful end there is nothing left for it to remove.
+        firewall.close()
     }
 
-    /// End's sequence: redirect out, accepts out, journal deleted; then the connection closes.
+    /// End's sequence: redirect out, accepts out, journal deleted. The connection is closed by the
+    /// caller once everyone waiting has been told (at once here if the removal failed).
     private func finish(_ reason: EndReport.Reason, lockHeldByRequester: Bool) -> Result<EndReport, LERedirectError> {
         var lock: StateLock?
         if !lockHeldByRequester {
@@ -236,8 +240,11 @@ final class SessionHolder: @unchecked Sendable {
             logger.error("ending the session: \(error); the journal is kept for `le-redirect recover`")
             outcome = .failure(error)
         }
-        // Closing the connection deletes the owned table if the removal above could not.
-        firewall.close()
+        if case .failure = outcome {
+            // Closing the connection deletes the owned table if the removal above could not;
+            // that must have happened before anyone is told the session is over.
+            firewall.close()
+        }
         closeDescriptor(listener)
         _ = unlink(state.controlSocketPath)
         _ = lock?.release()
