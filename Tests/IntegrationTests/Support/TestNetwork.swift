@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Testing
 
 /// Whether the kernel tests can run here: root, and network namespaces. With
@@ -37,37 +38,61 @@ enum Paths {
 }
 
 /// Runs a program to completion (killing it after `timeout` seconds) and returns its output.
+/// posix_spawn directly: safe to call from many tests at once.
 @discardableResult
 func run(_ arguments: [String], environment: [String: String] = [:], timeout: Double = 30) throws -> Output {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
+    let base = "/tmp/le-redirect-tests/run-\(getpid())-\(UUID().uuidString)"
+    try FileManager.default.createDirectory(atPath: "/tmp/le-redirect-tests", withIntermediateDirectories: true)
+    let outPath = base + ".out", errPath = base + ".err"
+    let outFD = open(outPath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+    let errFD = open(errPath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+    defer {
+        close(outFD)
+        close(errFD)
+        unlink(outPath)
+        unlink(errPath)
+    }
+    guard outFD >= 0, errFD >= 0 else { throw TestFailure("creating \(base): \(String(cString: strerror(errno)))") }
+    let pid = try spawn(arguments, environment: environment, stdout: outFD, stderr: errFD)
+    let deadline = Date().addingTimeInterval(timeout)
+    var status: Int32 = 0
+    var timedOut = false
+    while true {
+        let done = waitpid(pid, &status, WNOHANG)
+        if done == pid { break }
+        if done < 0 && errno != EINTR { throw TestFailure("waitpid: \(String(cString: strerror(errno)))") }
+        if Date() > deadline && !timedOut {
+            timedOut = true
+            kill(pid, SIGKILL)
+        }
+        usleep(1_000)
+    }
+    let exit: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    return Output(
+        status: exit, stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
+        stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "", timedOut: timedOut)
+}
+
+/// Starts `arguments` (searched on PATH) with stdin from /dev/null; returns its pid.
+func spawn(_ arguments: [String], environment: [String: String] = [:], stdout: Int32, stderr: Int32) throws -> pid_t {
     var env = ProcessInfo.processInfo.environment
     env.merge(environment) { $1 }
-    process.environment = env
-    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("le-redirect-run-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(at: directory) }
-    let out = directory.appendingPathComponent("out"), err = directory.appendingPathComponent("err")
-    _ = FileManager.default.createFile(atPath: out.path, contents: nil)
-    _ = FileManager.default.createFile(atPath: err.path, contents: nil)
-    process.standardOutput = try FileHandle(forWritingTo: out)
-    process.standardError = try FileHandle(forWritingTo: err)
-    process.standardInput = FileHandle.nullDevice
-    try process.run()
-    let deadline = Date().addingTimeInterval(timeout)
-    var timedOut = false
-    while process.isRunning {
-        if Date() > deadline {
-            timedOut = true
-            kill(process.processIdentifier, SIGKILL)
-        }
-        usleep(2_000)
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_adddup2(&actions, stdout, 1)
+    posix_spawn_file_actions_adddup2(&actions, stderr, 2)
+    let argv = arguments.map { strdup($0) } + [nil]
+    let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer {
+        argv.forEach { free($0) }
+        envp.forEach { free($0) }
     }
-    return Output(
-        status: process.terminationStatus,
-        stdout: (try? String(contentsOf: out, encoding: .utf8)) ?? "",
-        stderr: (try? String(contentsOf: err, encoding: .utf8)) ?? "", timedOut: timedOut)
+    var pid: pid_t = 0
+    let rc = posix_spawnp(&pid, arguments[0], &actions, nil, argv, envp)
+    guard rc == 0 else { throw TestFailure("spawning \(arguments[0]): \(String(cString: strerror(rc)))") }
+    return pid
 }
 
 struct TestFailure: Error, CustomStringConvertible {
@@ -86,7 +111,7 @@ final class TestNetwork: @unchecked Sendable {
     let client: String
     let server: String?
     let stateDirectory: String
-    private var started: [Process] = []
+    private var started: [pid_t] = []
 
     static let hostAddress4 = "10.99.0.1", hostAddress6 = "fd99::1"
     static let clientAddress4 = "10.99.0.2", clientAddress6 = "fd99::2"
@@ -160,7 +185,10 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Kills everything started in the namespaces and deletes them.
     func close() {
-        for process in started where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        for pid in started {
+            kill(pid, SIGKILL)
+            waitpid(pid, nil, 0)
+        }
         started = []
         for ns in [host, client] + (server.map { [$0] } ?? []) {
             if let pids = try? run(["ip", "netns", "pids", ns]).stdout {
@@ -191,14 +219,9 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Starts a long-running program in `ns`; `close()` kills it.
     func start(_ ns: String, _ arguments: [String]) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        process.arguments = ["netns", "exec", ns] + arguments
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        started.append(process)
+        let devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)
+        defer { Glibc.close(devnull) }
+        started.append(try spawn(["ip", "netns", "exec", ns] + arguments, stdout: devnull, stderr: devnull))
     }
 
     /// Starts tagged listeners: the app on :80 and a stand-in proxy on :12347 in the host, and a
@@ -242,6 +265,15 @@ final class TestNetwork: @unchecked Sendable {
         let output = try exec(host, ["nft", "list", "ruleset"])
         guard output.status == 0 else { throw TestFailure("nft list ruleset: \(output)") }
         return Normalise.listing(output.stdout)
+    }
+
+    /// Session daemons running in the host namespace (not those of other tests).
+    func daemons() throws -> [Int32] {
+        let pids = try run(["ip", "netns", "pids", host]).stdout.split(separator: "\n").compactMap { Int32($0) }
+        return pids.filter { pid in
+            let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
+            return cmdline.contains("__session") && !processGone(pid)
+        }
     }
 
     /// The pid of the session daemon, from `status --json`.
