@@ -175,6 +175,9 @@ package enum Session {
             exit(2)
         }
         let state = StateDirectory(path: statePath)
+        // One log per state directory, kept from growing without bound over many sessions.
+        var st = stat()
+        if lstat(state.logPath, &st) == 0, st.st_size > 1 << 20 { _ = rename(state.logPath, state.logPath + ".1") }
         let handler = LineLogHandler.file(state.logPath, label: "le-redirect[\(getpid())]", level: LineLogHandler.level(default: .info))
         let logger = Logger(label: "le-redirect.session") { _ in handler }
         let stopSignals = le_termination_signalfd()
@@ -242,6 +245,10 @@ package enum Session {
                 }
             } else {
                 warnings.append("the session holder (pid \(journal.holder.pid)) is stopped")
+            }
+            if try state.readJournal() == nil {
+                // The session ended by itself (its TTL) while we were asking.
+                return EndReport(reason: .expired, warnings: [])
             }
             if ProcessFacts.isAlive(journal.holder) {
                 guard journal.holder.kind == .daemon else {

@@ -226,7 +226,8 @@ final class SessionHolder: @unchecked Sendable {
     private func finish(_ reason: EndReport.Reason, lockHeldByRequester: Bool) -> Result<EndReport, LERedirectError> {
         var lock: StateLock?
         if !lockHeldByRequester {
-            do { lock = try state.lock(timeout: .seconds(60)) } catch {
+            // Briefly: an `end` that holds the lock may be waiting for this very thread to answer.
+            do { lock = try state.lock(timeout: .seconds(3)) } catch {
                 logger.warning("\(error); ending without the lock (only le-redirect's own rules are touched)")
             }
         }
