@@ -12,6 +12,16 @@ struct StateOptions: ParsableArguments {
     var stateDirectory: String?
 }
 
+/// `--drain-timeout`, for begin and end: how long proxied connections get when the session ends.
+/// Accepted now, used by the built-in proxy.
+struct DrainOptions: ParsableArguments {
+    @Option(
+        name: .customLong("drain-timeout"),
+        help: ArgumentHelp("How long end waits for proxied connections (built-in proxy).", valueName: "duration"),
+        transform: parseDuration)
+    var drainTimeout: Duration = .seconds(30)
+}
+
 func parseDuration(_ text: String) throws -> Duration {
     guard let duration = DurationText.parse(text) else {
         throw ValidationError("'\(text)' is not a duration (e.g. 900, 30s, 15m, 1h30m)")
@@ -42,11 +52,7 @@ struct Begin: ParsableCommand {
     @Flag(name: .customLong("external-proxy"), help: "You run the proxy on --proxy-port yourself (IPv4 and IPv6).")
     var externalProxy = false
 
-    @Option(
-        name: .customLong("drain-timeout"),
-        help: ArgumentHelp("How long end waits for proxied connections (built-in proxy).", valueName: "duration"),
-        transform: parseDuration)
-    var drainTimeout: Duration = .seconds(30)
+    @OptionGroup var drain: DrainOptions
 
     @OptionGroup var state: StateOptions
 
@@ -80,11 +86,7 @@ struct End: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Remove the redirect and everything begin added; exits 0 when nothing is active.")
 
-    @Option(
-        name: .customLong("drain-timeout"),
-        help: ArgumentHelp("How long to wait for proxied connections (built-in proxy).", valueName: "duration"),
-        transform: parseDuration)
-    var drainTimeout: Duration = .seconds(30)
+    @OptionGroup var drain: DrainOptions
 
     @OptionGroup var state: StateOptions
 

@@ -56,9 +56,7 @@ struct CommandLineErrorTests {
         let net = try TestNetwork(ruleset: "policy-drop")
         defer { net.close() }
         let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
-        kill(try #require(try net.daemonPID()), SIGKILL)
-        usleep(100_000)
+        try net.crashSession()
         let path = net.stateDirectory + "/journal"
         var text = try String(contentsOfFile: path, encoding: .utf8)
         text = text.replacingOccurrences(of: "port 80", with: "port 81")
@@ -86,9 +84,7 @@ struct CommandLineErrorTests {
     @Test func aTruncatedJournalIsCorrupt() throws {
         let net = try TestNetwork(ruleset: "policy-accept")
         defer { net.close() }
-        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
-        kill(try #require(try net.daemonPID()), SIGKILL)
-        usleep(100_000)
+        try net.crashSession()
         let path = net.stateDirectory + "/journal"
         let text = try String(contentsOfFile: path, encoding: .utf8)
         try String(text.prefix(text.count / 2)).write(toFile: path, atomically: false, encoding: .utf8)
@@ -103,9 +99,7 @@ struct CommandLineErrorTests {
         defer { a.close() }
         let b = try TestNetwork(ruleset: "policy-drop")
         defer { b.close() }
-        #expect(try a.leRedirect("begin", "--external-proxy").status == 0)
-        kill(try #require(try a.daemonPID()), SIGKILL)
-        usleep(100_000)
+        try a.crashSession()
         let leftovers = try a.ruleset()
         // Namespace b pointed at a's state directory.
         let recover = try run(

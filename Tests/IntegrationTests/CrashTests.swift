@@ -37,9 +37,7 @@ struct CrashTests {
         let net = try TestNetwork(ruleset: "policy-accept")
         defer { net.close() }
         let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
-        kill(try #require(try net.daemonPID()), SIGKILL)
-        usleep(100_000)
+        try net.crashSession()
         let begin = try net.leRedirect("begin", "--external-proxy")
         #expect(begin.status == 0, "\(begin)")
         // Exactly one scoped accept: the dead session's was removed first.
@@ -52,9 +50,7 @@ struct CrashTests {
         let net = try TestNetwork(ruleset: "policy-drop")
         defer { net.close() }
         let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
-        kill(try #require(try net.daemonPID()), SIGKILL)
-        usleep(100_000)
+        try net.crashSession()
         let end = try net.leRedirect("end")
         #expect(end.status == 0, "\(end)")
         #expect(try net.ruleset() == before)

@@ -25,13 +25,7 @@ struct EmbeddedLibraryTests {
         defer { net.close() }
         try net.startListeners()
         let before = try net.ruleset()
-        try net.start(net.host, ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", Self.example, "wait"])
-        var active = false
-        for _ in 0..<300 where !active {
-            active = (try? net.status()["active"] as? Bool) == true
-            if !active { usleep(20_000) }
-        }
-        #expect(active)
+        _ = try net.startEmbeddedSession(example: Self.example)
         #expect(try net.status()["holder"] as? String == "embedded")
         #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
         #expect(try net.leRedirect("begin", "--external-proxy").status == 1)
@@ -47,14 +41,9 @@ struct EmbeddedLibraryTests {
         defer { net.close() }
         try net.startListeners()
         let before = try net.ruleset()
-        try net.start(net.host, ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", Self.example, "wait"])
-        var pid: Int32?
-        for _ in 0..<300 where pid == nil {
-            pid = (try? net.status()["active"] as? Bool) == true ? try net.daemonPID() : nil
-            if pid == nil { usleep(20_000) }
-        }
-        kill(try #require(pid), SIGKILL)
-        waitUntilGone(pid!)
+        let pid = try net.startEmbeddedSession(example: Self.example)
+        kill(pid, SIGKILL)
+        #expect(waitUntilGone(pid))
         #expect(try net.reach(TestNetwork.hostAddress4) == "app")
         #expect(try net.leRedirect("recover").status == 0)
         #expect(try net.ruleset() == before)

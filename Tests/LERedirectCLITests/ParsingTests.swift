@@ -12,7 +12,7 @@ struct ParsingTests {
         #expect(options.ttl == .seconds(900))
         #expect(options.backend == .auto)
         #expect(options.stateDirectory == nil)
-        #expect(begin.drainTimeout == .seconds(30))
+        #expect(begin.drain.drainTimeout == .seconds(30))
     }
 
     @Test func beginWithEveryOption() throws {

@@ -62,50 +62,81 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         return id
     }
 
-    private static func tables(_ nl: NetlinkSocket) throws(NetlinkError) -> [HostTable] {
-        var result: [HostTable] = []
+    /// One NLM_F_DUMP request (optionally filtered by `payload`), each reply parsed by `parse`.
+    private static func dump<T>(
+        _ nl: NetlinkSocket, _ message: nf_tables_msg_types, family: UInt16 = UInt16(AF_UNSPEC),
+        payload: (UnsafeMutablePointer<nlmsghdr>) -> Void = { _ in }, parse: (UnsafePointer<nlmsghdr>) -> T?
+    ) throws(NetlinkError) -> [T] {
+        var result: [T] = []
         try nl.request(
-            build: { buf, seq in nftnl_nlmsg_build_hdr(buf, u16(NFT_MSG_GETTABLE), UInt16(AF_UNSPEC), UInt16(NLM_F_DUMP), seq) },
-            each: { message in
-                guard let t = nftnl_table_alloc() else { return }
-                defer { nftnl_table_free(t) }
-                guard nftnl_table_nlmsg_parse(message, t) >= 0,
-                    let family = NftObjects.family(nftnl_table_get_u32(t, u16(NFTNL_TABLE_FAMILY)))
-                else { return }
-                let name = cString(nftnl_table_get_str(t, u16(NFTNL_TABLE_NAME)))
-                let flags = nftnl_table_get_u32(t, u16(NFTNL_TABLE_FLAGS))
-                let owned = flags & u32(NFT_TABLE_F_OWNER) != 0 && nftnl_table_is_set(t, u16(NFTNL_TABLE_OWNER))
-                let owner = owned ? nftnl_table_get_u32(t, u16(NFTNL_TABLE_OWNER)) : 0
-                result.append(HostTable(TableRef(family, name), ownedByAnotherProcess: owned && owner != nl.portID))
-            })
+            build: { buf, seq in
+                let nlh = nftnl_nlmsg_build_hdr(buf, u16(message), family, UInt16(NLM_F_DUMP), seq)!
+                payload(nlh)
+                return nlh
+            },
+            each: { if let item = parse($0) { result.append(item) } })
         return result
     }
 
+    private static func tables(_ nl: NetlinkSocket) throws(NetlinkError) -> [HostTable] {
+        try dump(nl, NFT_MSG_GETTABLE) { message in
+            guard let t = nftnl_table_alloc() else { return nil }
+            defer { nftnl_table_free(t) }
+            guard nftnl_table_nlmsg_parse(message, t) >= 0,
+                let family = NftObjects.family(nftnl_table_get_u32(t, u16(NFTNL_TABLE_FAMILY)))
+            else { return nil }
+            let name = cString(nftnl_table_get_str(t, u16(NFTNL_TABLE_NAME)))
+            let flags = nftnl_table_get_u32(t, u16(NFTNL_TABLE_FLAGS))
+            let owned = flags & u32(NFT_TABLE_F_OWNER) != 0 && nftnl_table_is_set(t, u16(NFTNL_TABLE_OWNER))
+            let owner = owned ? nftnl_table_get_u32(t, u16(NFTNL_TABLE_OWNER)) : 0
+            return HostTable(TableRef(family, name), ownedByAnotherProcess: owned && owner != nl.portID)
+        }
+    }
+
     private static func chains(_ nl: NetlinkSocket) throws(NetlinkError) -> [HostChain] {
-        var result: [HostChain] = []
-        try nl.request(
-            build: { buf, seq in nftnl_nlmsg_build_hdr(buf, u16(NFT_MSG_GETCHAIN), UInt16(AF_UNSPEC), UInt16(NLM_F_DUMP), seq) },
-            each: { message in
-                guard let c = nftnl_chain_alloc() else { return }
-                defer { nftnl_chain_free(c) }
-                guard nftnl_chain_nlmsg_parse(message, c) >= 0,
-                    let family = NftObjects.family(nftnl_chain_get_u32(c, u16(NFTNL_CHAIN_FAMILY)))
-                else { return }
-                let ref = ChainRef(
-                    family, cString(nftnl_chain_get_str(c, u16(NFTNL_CHAIN_TABLE))),
-                    cString(nftnl_chain_get_str(c, u16(NFTNL_CHAIN_NAME))))
-                var chain = HostChain(ref)
-                if nftnl_chain_is_set(c, u16(NFTNL_CHAIN_HOOKNUM)) {
-                    chain.hook = NftObjects.hook(nftnl_chain_get_u32(c, u16(NFTNL_CHAIN_HOOKNUM)))
-                    chain.priority = nftnl_chain_get_s32(c, u16(NFTNL_CHAIN_PRIO))
-                    chain.type = cString(nftnl_chain_get_str(c, u16(NFTNL_CHAIN_TYPE)))
-                    if nftnl_chain_is_set(c, u16(NFTNL_CHAIN_POLICY)) {
-                        chain.policy = nftnl_chain_get_u32(c, u16(NFTNL_CHAIN_POLICY)) == u32(NF_DROP) ? .drop : .accept
-                    }
+        try dump(nl, NFT_MSG_GETCHAIN) { message in
+            guard let c = nftnl_chain_alloc() else { return nil }
+            defer { nftnl_chain_free(c) }
+            guard nftnl_chain_nlmsg_parse(message, c) >= 0,
+                let family = NftObjects.family(nftnl_chain_get_u32(c, u16(NFTNL_CHAIN_FAMILY)))
+            else { return nil }
+            let ref = ChainRef(
+                family, cString(nftnl_chain_get_str(c, u16(NFTNL_CHAIN_TABLE))),
+                cString(nftnl_chain_get_str(c, u16(NFTNL_CHAIN_NAME))))
+            var chain = HostChain(ref)
+            if nftnl_chain_is_set(c, u16(NFTNL_CHAIN_HOOKNUM)) {
+                chain.hook = NftObjects.hook(nftnl_chain_get_u32(c, u16(NFTNL_CHAIN_HOOKNUM)))
+                chain.priority = nftnl_chain_get_s32(c, u16(NFTNL_CHAIN_PRIO))
+                chain.type = cString(nftnl_chain_get_str(c, u16(NFTNL_CHAIN_TYPE)))
+                if nftnl_chain_is_set(c, u16(NFTNL_CHAIN_POLICY)) {
+                    chain.policy = nftnl_chain_get_u32(c, u16(NFTNL_CHAIN_POLICY)) == u32(NF_DROP) ? .drop : .accept
                 }
-                result.append(chain)
+            }
+            return chain
+        }
+    }
+
+    /// Every rule of one chain, parsed; the kernel filters the dump by table and chain name.
+    private static func dumpRules<T>(
+        _ nl: NetlinkSocket, in chain: ChainRef, _ body: (OpaquePointer, ObservedRule) -> T?
+    ) throws(NetlinkError) -> [T] {
+        try dump(
+            nl, NFT_MSG_GETRULE, family: NftObjects.familyNumber(chain.table.family),
+            payload: { nlh in
+                let r = nftnl_rule_alloc()!
+                defer { nftnl_rule_free(r) }
+                nftnl_rule_set_str(r, u16(NFTNL_RULE_TABLE), chain.table.name)
+                nftnl_rule_set_str(r, u16(NFTNL_RULE_CHAIN), chain.name)
+                nftnl_rule_nlmsg_build_payload(nlh, r)
+            },
+            parse: { message in
+                var item: T?
+                parseRule(message) { rule, observed in
+                    // A chain of the same name in a table of another family is not this one.
+                    if observed.location.chain == chain { item = body(rule, observed) }
+                }
+                return item
             })
-        return result
     }
 
     func fingerprint(of spec: RuleSpec, family: Family) -> RuleFingerprint {
@@ -173,24 +204,7 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         in chain: ChainRef, doing: String, _ body: (OpaquePointer, ObservedRule) -> Void
     ) throws(FirewallError) {
         try withSocket(doing) { (nl) throws(NetlinkError) in
-            try nl.request(
-                build: { buf, seq in
-                    let nlh = nftnl_nlmsg_build_hdr(
-                        buf, u16(NFT_MSG_GETRULE), NftObjects.familyNumber(chain.table.family), UInt16(NLM_F_DUMP), seq)!
-                    let r = nftnl_rule_alloc()!
-                    defer { nftnl_rule_free(r) }
-                    nftnl_rule_set_str(r, u16(NFTNL_RULE_TABLE), chain.table.name)
-                    nftnl_rule_set_str(r, u16(NFTNL_RULE_CHAIN), chain.name)
-                    nftnl_rule_nlmsg_build_payload(nlh, r)
-                    return nlh
-                },
-                each: { message in
-                    Self.parseRule(message) { rule, observed in
-                        // The dump filter matches by name; a chain of the same name in a table of
-                        // another family is not ours to report.
-                        if observed.location.chain == chain { body(rule, observed) }
-                    }
-                })
+            _ = try Self.dumpRules(nl, in: chain) { rule, observed in body(rule, observed) }
         }
     }
 
@@ -292,26 +306,11 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         let rule = NftObjects.makeRule(spec, in: chain)
         let expected = NftObjects.fingerprint(of: rule)
         nftnl_rule_free(rule)
-        var found: InsertedRule?
+        let found: InsertedRule?
         do throws(NetlinkError) {
-            try nl.request(
-                build: { buf, seq in
-                    let nlh = nftnl_nlmsg_build_hdr(
-                        buf, u16(NFT_MSG_GETRULE), NftObjects.familyNumber(chain.table.family), UInt16(NLM_F_DUMP), seq)!
-                    let r = nftnl_rule_alloc()!
-                    defer { nftnl_rule_free(r) }
-                    nftnl_rule_set_str(r, u16(NFTNL_RULE_TABLE), chain.table.name)
-                    nftnl_rule_set_str(r, u16(NFTNL_RULE_CHAIN), chain.name)
-                    nftnl_rule_nlmsg_build_payload(nlh, r)
-                    return nlh
-                },
-                each: { message in
-                    parseRule(message) { _, observed in
-                        if found == nil, observed.location.chain == chain, observed.fingerprint == expected {
-                            found = InsertedRule(observed.location, fingerprint: observed.fingerprint)
-                        }
-                    }
-                })
+            found = try dumpRules(nl, in: chain) { _, observed in
+                observed.fingerprint == expected ? InsertedRule(observed.location, fingerprint: observed.fingerprint) : nil
+            }.first
         } catch {
             throw Self.error(error, doing: "finding the rule just inserted into \(chain)", change: nil)
         }

@@ -57,9 +57,14 @@ package enum Session {
         for warning in report.warnings { logger.warning("\(warning)") }
     }
 
-    // MARK: Begin, in this process (library)
+    /// What both kinds of begin do first. The lock is held until the value goes out of scope.
+    private struct PreparedBegin: ~Copyable {
+        let options: ValidatedOptions
+        let state: StateDirectory
+        let lock: StateLock
+    }
 
-    static func beginEmbedded(_ options: TakeoverOptions, logger: Logger) throws(LERedirectError) -> SessionHolder {
+    private static func prepareBegin(_ options: TakeoverOptions, logger: Logger) throws(LERedirectError) -> PreparedBegin {
         let valid = try options.validated()
         try requireBackend(valid.backend)
         try requirePrivileges("begin")
@@ -67,9 +72,14 @@ package enum Session {
         try state.prepare()
         let lock = try state.lock()
         try recoverBeforeBegin(state, logger: logger)
-        let holder = try SessionHolder.start(valid, state: state, kind: .embedded, logger: logger)
-        lock.release()
-        return holder
+        return PreparedBegin(options: valid, state: state, lock: lock)
+    }
+
+    // MARK: Begin, in this process (library)
+
+    static func beginEmbedded(_ options: TakeoverOptions, logger: Logger) throws(LERedirectError) -> SessionHolder {
+        let begin = try prepareBegin(options, logger: logger)
+        return try SessionHolder.start(begin.options, state: begin.state, kind: .embedded, logger: logger)
     }
 
     // MARK: Begin, with a detached daemon (CLI)
@@ -79,13 +89,8 @@ package enum Session {
     package static func beginDetached(_ options: TakeoverOptions, logger: Logger, readyTimeout: Duration = .seconds(30))
         throws(LERedirectError) -> SessionStatus
     {
-        let valid = try options.validated()
-        try requireBackend(valid.backend)
-        try requirePrivileges("begin")
-        let state = StateDirectory.resolve(options.stateDirectory)
-        try state.prepare()
-        let lock = try state.lock()
-        try recoverBeforeBegin(state, logger: logger)
+        let begin = try prepareBegin(options, logger: logger)
+        let (valid, state, lock) = (begin.options, begin.state, begin.lock.fd)
 
         let arguments = [
             executablePath(), "__session", "--state-dir", state.path, "--port", "\(valid.port)", "--proxy-port",
@@ -99,7 +104,7 @@ package enum Session {
         let devnull = open("/dev/null", O_RDWR | O_CLOEXEC)
         var pid: pid_t = 0
         let rc = withCStrings(arguments) { argv in
-            [pipeFDs[1], lock.fd].withUnsafeBufferPointer { passed in
+            [pipeFDs[1], lock].withUnsafeBufferPointer { passed in
                 le_spawn_detached(&pid, arguments[0], argv, environ, devnull, passed.baseAddress, Int32(passed.count))
             }
         }
@@ -111,10 +116,7 @@ package enum Session {
         }
 
         let line = readLine(pipeFDs[0], timeout: readyTimeout)
-        if line == "ok" {
-            lock.release()
-            return status(state: state)
-        }
+        if line == "ok" { return status(state: state) }
         // Not ready: make sure the daemon is gone, then undo whatever it left (we still hold the lock).
         var why: String
         if let line, line.hasPrefix("error ") {

@@ -276,6 +276,28 @@ final class TestNetwork: @unchecked Sendable {
         }
     }
 
+    /// Begins a session and SIGKILLs its daemon, as a crash would; returns once it is gone.
+    @discardableResult
+    func crashSession() throws -> Int32 {
+        let begin = try leRedirect("begin", "--external-proxy")
+        guard begin.status == 0, let pid = try daemonPID() else { throw TestFailure("begin: \(begin)") }
+        kill(pid, SIGKILL)
+        guard waitUntilGone(pid) else { throw TestFailure("daemon \(pid) survived SIGKILL") }
+        return pid
+    }
+
+    /// Starts the library example (Examples/EmbeddedRenewer) holding a session until ended from
+    /// outside; returns its pid once the session is active.
+    func startEmbeddedSession(example: String) throws -> Int32 {
+        try start(host, ["env", "LE_REDIRECT_STATE_DIR=\(stateDirectory)", example, "wait"])
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if (try? status()["active"] as? Bool) == true, let pid = try daemonPID() { return pid }
+            usleep(20_000)
+        }
+        throw TestFailure("the embedded session did not become active")
+    }
+
     /// The pid of the session daemon, from `status --json`.
     func daemonPID() throws -> Int32? {
         let output = try leRedirect("status", "--json")
