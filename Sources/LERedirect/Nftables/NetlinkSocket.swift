@@ -67,8 +67,12 @@ final class NetlinkSocket {
 
     func nextSequence() -> UInt32 {
         sequence &+= 1
-        if sequence == 0 { sequence = 1 }
         return sequence
+    }
+
+    /// Continues numbering after `last`, the final sequence number a batch used.
+    func continueAfter(_ last: UInt32) {
+        sequence = last
     }
 
     func send(_ bytes: UnsafeRawBufferPointer) throws(NetlinkError) {

@@ -238,8 +238,8 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
                 }
             }
             batch.finish()
-            // Reserve the batch's sequence numbers so later requests never reuse them.
-            while nl.nextSequence() != batch.lastSequence {}
+            // The batch used a run of sequence numbers; later requests must not reuse them.
+            nl.continueAfter(batch.lastSequence)
 
             do throws(NetlinkError) {
                 try batch.withBytes { (bytes) throws(NetlinkError) in try nl.send(bytes) }
