@@ -2,10 +2,6 @@ import ArgumentParser
 import Glibc
 import LERedirect
 
-func writeStandardError(_ bytes: UnsafeRawBufferPointer) -> Int {
-    write(STDERR_FILENO, bytes.baseAddress, bytes.count)
-}
-
 /// Options shared by the commands that read the session's state.
 struct StateOptions: ParsableArguments {
     @Option(name: .customLong("state-dir"), help: ArgumentHelp("State directory (default: LE_REDIRECT_STATE_DIR or /run/le-redirect).", valueName: "dir"))

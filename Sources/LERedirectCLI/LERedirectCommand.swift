@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import LERedirect
 import Logging
 
@@ -63,7 +64,7 @@ func printWarning(_ message: String) {
 struct StandardError: TextOutputStream {
     mutating func write(_ string: String) {
         let bytes = Array(string.utf8)
-        _ = bytes.withUnsafeBytes { writeStandardError($0) }
+        _ = bytes.withUnsafeBytes { Glibc.write(STDERR_FILENO, $0.baseAddress, $0.count) }
     }
 }
 

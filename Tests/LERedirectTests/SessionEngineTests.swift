@@ -20,6 +20,14 @@ struct SessionEngineTests {
         return (engine, state)
     }
 
+    /// Installs a session on `kernel` and drops its connection, as the daemon's death would: the
+    /// owned table goes, the accepts and the journal stay.
+    func crash(_ engine: SessionEngine, on kernel: FakeKernel) throws {
+        let daemon = kernel.connect()
+        _ = try engine.install(options, firewall: daemon, holder: me, namespace: namespace, now: 0)
+        daemon.close()
+    }
+
     static func typicalHost() -> FakeKernel {
         let kernel = FakeKernel()
         for (family, table, chain) in [(Family.ip, "filter", "INPUT"), (.ip6, "filter", "INPUT"), (.inet, "firewall", "inbound")] {
@@ -98,7 +106,6 @@ struct SessionEngineTests {
 
     @Test func aGenerationThatNeverSettlesFailsAndChangesNothing() throws {
         let kernel = Self.typicalHost()
-        let before = kernel.listing()
         var (engine, state) = try engine()
         engine.maxAttempts = 3
         @Sendable func churn(_ k: FakeKernel) {
@@ -113,7 +120,6 @@ struct SessionEngineTests {
         #expect(!kernel.tableExists(TableRef.own))
         #expect(kernel.rules(taggedWith: "LE").isEmpty)
         #expect(try state.readJournal() == nil)
-        _ = before
     }
 
     @Test func aRefusedBatchLeavesNothingAndSaysWhatFailed() throws {
@@ -155,9 +161,7 @@ struct SessionEngineTests {
         let kernel = Self.typicalHost()
         let before = kernel.listing()
         let (engine, state) = try engine(dead: true)
-        let daemon = kernel.connect()
-        _ = try engine.install(options, firewall: daemon, holder: me, namespace: namespace, now: 0)
-        daemon.close()
+        try crash(engine, on: kernel)
         #expect(!kernel.tableExists(TableRef.own))
         #expect(kernel.rules(taggedWith: "LE").count == 3)
 
@@ -246,9 +250,7 @@ struct SessionEngineTests {
     @Test func recoverRefusesAJournalOfAnotherNamespace() throws {
         let kernel = Self.typicalHost()
         let (engine, state) = try engine(dead: true)
-        let daemon = kernel.connect()
-        _ = try engine.install(options, firewall: daemon, holder: me, namespace: namespace, now: 0)
-        daemon.close()
+        try crash(engine, on: kernel)
         let leftovers = kernel.listing()
         #expect {
             try engine.recover(sweep: false, firewall: kernel.connect(), namespace: NamespaceIdentity(device: 4, inode: 99))
@@ -261,9 +263,7 @@ struct SessionEngineTests {
         let kernel = Self.typicalHost()
         let before = kernel.listing()
         let (engine, state) = try engine(dead: true)
-        let daemon = kernel.connect()
-        _ = try engine.install(options, firewall: daemon, holder: me, namespace: namespace, now: 0)
-        daemon.close()
+        try crash(engine, on: kernel)
         try "le-redirect journal 1\ngarbage\n".write(toFile: state.journalPath, atomically: false, encoding: .utf8)
         let leftovers = kernel.listing()
         #expect {

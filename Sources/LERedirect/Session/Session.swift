@@ -229,8 +229,7 @@ package enum Session {
         }
         var warnings: [String] = []
         if ProcessFacts.isAlive(journal.holder) {
-            let stopped = ["T", "t"].contains(ProcessFacts.state(of: journal.holder.pid))
-            if !stopped {
+            if !ProcessFacts.isStopped(journal.holder.pid) {
                 do {
                     let reply = try ControlChannel.call(.end, path: state.controlSocketPath, timeout: .seconds(60))
                     if let error = reply.error {
@@ -315,7 +314,7 @@ package enum Session {
         if let here = try? ProcessFacts.currentNamespace(), here != journal.namespace {
             status.note = "the session runs in network namespace \(journal.namespace), not in this one (\(here))"
         }
-        if ["T", "t"].contains(ProcessFacts.state(of: journal.holder.pid)) {
+        if ProcessFacts.isStopped(journal.holder.pid) {
             status.responding = false
             status.note = "the session holder is stopped; the kernel ends the redirect by itself at expiresAt"
             return status

@@ -4,24 +4,25 @@ import LERedirectModel
 /// What the kernel says about processes and namespaces: the facts the journal records so that a
 /// later process can tell whether a session's holder is still alive, and in which namespace it ran.
 enum ProcessFacts {
-    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat), or nil if no such process.
-    static func startTicks(of pid: Int32) -> UInt64? {
+    /// The fields of /proc/PID/stat le-redirect uses, or nil if there is no such process.
+    private static func procStat(of pid: Int32) -> (state: Character, startTicks: UInt64)? {
         guard let bytes = try? readFile("/proc/\(pid)/stat") else { return nil }
         let text = String(decoding: bytes, as: UTF8.self)
         // The command name (field 2) is parenthesised and may contain spaces and ')'.
         guard let close = text.lastIndex(of: ")") else { return nil }
         let fields = text[text.index(after: close)...].split(separator: " ")
-        // fields[0] is field 3 (state); field 22 is fields[19].
-        guard fields.count > 19 else { return nil }
-        return UInt64(fields[19])
+        // fields[0] is field 3 (the state letter); field 22 (start time) is fields[19].
+        guard fields.count > 19, let state = fields[0].first, let ticks = UInt64(fields[19]) else { return nil }
+        return (state, ticks)
     }
 
-    /// The state letter of /proc/PID/stat (R, S, T for stopped, Z for zombie, ...).
-    static func state(of pid: Int32) -> Character? {
-        guard let bytes = try? readFile("/proc/\(pid)/stat") else { return nil }
-        let text = String(decoding: bytes, as: UTF8.self)
-        guard let close = text.lastIndex(of: ")") else { return nil }
-        return text[text.index(after: close)...].split(separator: " ").first?.first
+    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
+    static func startTicks(of pid: Int32) -> UInt64? { procStat(of: pid)?.startTicks }
+
+    /// Whether the process is stopped (SIGSTOP, or a tracer): it will not answer on its socket.
+    static func isStopped(_ pid: Int32) -> Bool {
+        guard let state = procStat(of: pid)?.state else { return false }
+        return state == "T" || state == "t"
     }
 
     static func bootID() -> String {
@@ -37,9 +38,9 @@ enum ProcessFacts {
     /// True when the process that `identity` names is still running (not a recycled pid, not a
     /// zombie, same boot).
     static func isAlive(_ identity: ProcessIdentity) -> Bool {
-        guard identity.bootID == bootID(), let ticks = startTicks(of: identity.pid), ticks == identity.startTicks
+        guard identity.bootID == bootID(), let stat = procStat(of: identity.pid), stat.startTicks == identity.startTicks
         else { return false }
-        return state(of: identity.pid) != "Z"
+        return stat.state != "Z"
     }
 
     /// The network namespace the calling thread is in.
