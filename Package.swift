@@ -53,7 +53,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["le-redirect", "embedded-renewer-example"],
-            exclude: ["Rulesets", "Support/peer.py"]
+            exclude: ["Rulesets", "Support/peer.py", "Support/app.py", "Support/client.py"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -6,6 +6,12 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <linux/netfilter_ipv4.h>
+#include <linux/netfilter_ipv6/ip6_tables.h>
 
 int le_spawn_detached(pid_t *pid, const char *path, char *const argv[], char *const envp[],
                       int devnull_fd, const int *pass_fds, int pass_count) {
@@ -77,4 +83,128 @@ int le_peer_uid(int fd, uint32_t *uid) {
 
 int le_eventfd_cloexec(void) {
     return eventfd(0, EFD_CLOEXEC);
+}
+
+// MARK: The validation proxy's socket plumbing
+
+_Static_assert(LE_EPOLLIN == EPOLLIN && LE_EPOLLOUT == EPOLLOUT && LE_EPOLLERR == EPOLLERR && LE_EPOLLHUP == EPOLLHUP,
+               "epoll event bits");
+_Static_assert(LE_EPOLL_CTL_ADD == EPOLL_CTL_ADD && LE_EPOLL_CTL_DEL == EPOLL_CTL_DEL && LE_EPOLL_CTL_MOD == EPOLL_CTL_MOD,
+               "epoll_ctl operations");
+_Static_assert(sizeof(((le_endpoint *)0)->addr) == sizeof(struct in6_addr), "le_endpoint holds an IPv6 address");
+
+static socklen_t to_sockaddr(const le_endpoint *e, struct sockaddr_storage *ss) {
+    memset(ss, 0, sizeof(*ss));
+    if (e->family == AF_INET6) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons(e->port);
+        memcpy(&s6->sin6_addr, e->addr, 16);
+        return sizeof(*s6);
+    }
+    struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(e->port);
+    memcpy(&s4->sin_addr, e->addr, 4);
+    return sizeof(*s4);
+}
+
+static void from_sockaddr(const struct sockaddr_storage *ss, le_endpoint *e) {
+    memset(e, 0, sizeof(*e));
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
+        e->family = AF_INET6;
+        e->port = ntohs(s6->sin6_port);
+        memcpy(e->addr, &s6->sin6_addr, 16);
+    } else {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
+        e->family = AF_INET;
+        e->port = ntohs(s4->sin_port);
+        memcpy(e->addr, &s4->sin_addr, 4);
+    }
+}
+
+int le_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int le_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data) {
+    struct epoll_event ev = {.events = events, .data = {.u64 = data}};
+    return epoll_ctl(epfd, op, fd, &ev);
+}
+
+int le_epoll_wait(int epfd, le_event *out, int max, int timeout_ms) {
+    struct epoll_event evs[256];
+    if (max > 256) max = 256;
+    int n = epoll_wait(epfd, evs, max, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        out[i].events = evs[i].events;
+        out[i].data = evs[i].data.u64;
+    }
+    return n;
+}
+
+int le_tcp_listen(int family, uint16_t port, int backlog) {
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    le_endpoint any = {.family = family, .port = port};
+    struct sockaddr_storage ss;
+    socklen_t len = to_sockaddr(&any, &ss);
+    if (bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, backlog) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int le_tcp_accept(int listener, le_endpoint *peer) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    int fd = accept4(listener, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return -1;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    from_sockaddr(&ss, peer);
+    return fd;
+}
+
+int le_original_destination(int fd, int family, le_endpoint *out) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    int rc = family == AF_INET6 ? getsockopt(fd, SOL_IPV6, IP6T_SO_ORIGINAL_DST, &ss, &len)
+                                : getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &ss, &len);
+    if (rc != 0) return errno;
+    from_sockaddr(&ss, out);
+    return 0;
+}
+
+int le_tcp_connect(const le_endpoint *to, int *in_progress) {
+    int fd = socket(to->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    struct sockaddr_storage ss;
+    socklen_t len = to_sockaddr(to, &ss);
+    *in_progress = 0;
+    if (connect(fd, (struct sockaddr *)&ss, len) != 0) {
+        if (errno == EINPROGRESS) {
+            *in_progress = 1;
+        } else {
+            int saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+    }
+    return fd;
+}
+
+int le_socket_error(int fd) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return errno;
+    return err;
 }

@@ -8,31 +8,19 @@ struct StateOptions: ParsableArguments {
     var stateDirectory: String?
 }
 
-/// `--drain-timeout`, for begin and end: how long proxied connections get when the session ends.
-/// Accepted now, used by the built-in proxy.
+/// `--drain-timeout` of end: overrides the one begin set.
 struct DrainOptions: ParsableArguments {
     @Option(
         name: .customLong("drain-timeout"),
-        help: ArgumentHelp("How long end waits for proxied connections (built-in proxy).", valueName: "duration"),
+        help: ArgumentHelp(
+            "How long upgraded and opaque streams may go on once end has begun (default: begin's, 30s).",
+            valueName: "duration"),
         transform: parseDuration)
-    var drainTimeout: Duration = .seconds(30)
+    var drainTimeout: Duration?
 }
 
-func parseDuration(_ text: String) throws -> Duration {
-    guard let duration = DurationText.parse(text) else {
-        throw ValidationError("'\(text)' is not a duration (e.g. 900, 30s, 15m, 1h30m)")
-    }
-    return duration
-}
-
-struct Begin: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "Redirect new connections to this host's port 80 to the proxy port, until `end`.",
-        discussion: """
-            Returns once the redirect is live, held by a session daemon in the background. The redirect \
-            expires by itself after --ttl even if nothing is left to remove it.
-            """)
-
+/// What begin (and the certbot auth hook) take: where the redirect goes and how the proxy behaves.
+struct BeginOptions: ParsableArguments {
     @Option(help: "The port to take over.")
     var port: Int = 80
 
@@ -45,37 +33,130 @@ struct Begin: ParsableCommand {
     @Option(help: "auto, nftables or iptables-legacy.")
     var backend: String = "auto"
 
+    @Option(
+        name: .customLong("challenge-port"),
+        help: "Challenges go to an ACME client's server on 127.0.0.1:PORT (certbot --standalone --http-01-port, lego --http.port); the default, with 12348.")
+    var challengePort: Int?
+
+    @Option(name: .customLong("challenge-url"), help: ArgumentHelp("Challenges go to http://HOST:PORT (the node running the ACME client).", valueName: "url"))
+    var challengeURL: String?
+
+    @Option(help: ArgumentHelp("Challenges are answered from files named by token in DIR (or DIR/.well-known/acme-challenge).", valueName: "dir"))
+    var webroot: String?
+
+    @Flag(
+        name: .customLong("in-memory"),
+        help: "Only tokens given by `le-redirect challenge add` (or the certbot manual hooks) are answered; the redirect is armed only while one is registered.")
+    var inMemory = false
+
     @Flag(name: .customLong("external-proxy"), help: "You run the proxy on --proxy-port yourself (IPv4 and IPv6).")
     var externalProxy = false
 
-    @OptionGroup var drain: DrainOptions
+    @Flag(help: "Set X-Forwarded-For, X-Forwarded-Proto and Forwarded on relayed requests (replacing the client's).")
+    var forwarded = false
+
+    @Option(name: .customLong("proxy-protocol"), help: ArgumentHelp("Speak PROXY protocol to the app: v2.", valueName: "version"))
+    var proxyProtocol: String?
+
+    @Option(name: .customLong("max-connections"), help: "Connections the proxy serves at once.")
+    var maxConnections: Int = 10_000
+
+    @Option(name: .customLong("max-head-size"), help: "Largest request head, in bytes.")
+    var maxHeadSize: Int = 16 * 1024
+
+    @Option(name: .customLong("head-timeout"), help: ArgumentHelp("Time a client has to send a request head.", valueName: "duration"), transform: parseDuration)
+    var headTimeout: Duration = .seconds(10)
+
+    @Option(name: .customLong("idle-timeout"), help: ArgumentHelp("Time a keep-alive connection may sit idle.", valueName: "duration"), transform: parseDuration)
+    var idleTimeout: Duration = .seconds(60)
+
+    @Option(
+        name: .customLong("drain-timeout"),
+        help: ArgumentHelp("How long upgraded and opaque streams may go on once end has begun.", valueName: "duration"),
+        transform: parseDuration)
+    var drainTimeout: Duration = .seconds(30)
 
     @OptionGroup var state: StateOptions
 
-    func options() throws -> TakeoverOptions {
+    func options(forceInMemory: Bool = false) throws -> TakeoverOptions {
         guard let backend = BackendChoice(rawValue: backend) else {
             throw LERedirectError(
                 .invalidArgument,
                 "--backend '\(backend)' is not a backend: use auto, nftables or iptables-legacy")
         }
-        guard externalProxy else {
+        let sources = [challengePort != nil, challengeURL != nil, webroot != nil, inMemory || forceInMemory].filter { $0 }.count
+        guard sources <= 1 else {
             throw LERedirectError(
-                .invalidArgument,
-                "the built-in validation proxy is not part of this version yet: run your own proxy on port "
-                    + "\(proxyPort) (IPv4 and IPv6) and pass --external-proxy")
+                .invalidArgument, "--challenge-port, --challenge-url, --webroot and --in-memory exclude each other: choose one")
         }
+        if externalProxy {
+            guard sources == 0, !forwarded, proxyProtocol == nil else {
+                throw LERedirectError(
+                    .invalidArgument,
+                    "--external-proxy: your proxy answers the challenges; the built-in proxy's options do not apply")
+            }
+            return TakeoverOptions(
+                port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external,
+                stateDirectory: state.stateDirectory)
+        }
+        var challenge = ChallengeSource.port(ChallengeSource.defaultPort)
+        if let challengePort {
+            guard (1...65535).contains(challengePort) else {
+                throw LERedirectError(.invalidArgument, "--challenge-port \(challengePort) is not a TCP port (1-65535)")
+            }
+            challenge = .port(UInt16(challengePort))
+        } else if let challengeURL {
+            challenge = try ChallengeSource.parseURL(challengeURL)
+        } else if let webroot {
+            challenge = .webroot(webroot)
+        } else if inMemory || forceInMemory {
+            challenge = .memory
+        }
+        if let proxyProtocol, proxyProtocol != "v2" {
+            throw LERedirectError(.invalidArgument, "--proxy-protocol \(proxyProtocol): only v2 is spoken")
+        }
+        let proxy = ProxyOptions(
+            challenge: challenge, forwarded: forwarded, proxyProtocol: proxyProtocol != nil, maxConnections: maxConnections,
+            maxHeadBytes: maxHeadSize, headTimeout: headTimeout, idleTimeout: idleTimeout, drainTimeout: drainTimeout)
         return TakeoverOptions(
-            port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external,
+            port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .builtIn(proxy),
             stateDirectory: state.stateDirectory)
     }
+}
+
+func parseDuration(_ text: String) throws -> Duration {
+    guard let duration = DurationText.parse(text) else {
+        throw ValidationError("'\(text)' is not a duration (e.g. 900, 30s, 15m, 1h30m)")
+    }
+    return duration
+}
+
+struct Begin: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Redirect new connections to this host's port 80 to the validation proxy, until `end`.",
+        discussion: """
+            Returns once the redirect is live, held by a session daemon in the background that runs the \
+            validation proxy: challenge requests go to the challenge source, everything else to the app, \
+            bytes unchanged. The redirect expires by itself after --ttl even if nothing is left to remove it.
+            """)
+
+    @OptionGroup var begin: BeginOptions
+
+    func options() throws -> TakeoverOptions { try begin.options() }
 
     func run() throws {
         let status = try Session.beginDetached(try options(), logger: logger)
-        let expires = status.expiresAt.map { RFC3339.format(unixMilliseconds: $0) } ?? "?"
-        print(
-            "le-redirect: redirecting new connections to port \(status.port ?? port) to port \(status.proxyPort ?? proxyPort) "
-                + "until \(expires) (session pid \(status.pid.map(String.init) ?? "?")); `le-redirect end` removes it")
+        printBegun(status)
     }
+}
+
+func printBegun(_ status: SessionStatus) {
+    let expires = status.expiresAt.map { RFC3339.format(unixMilliseconds: $0) } ?? "?"
+    let target = status.proxy == "built-in" ? "the built-in proxy on port" : "port"
+    let armed = status.armed == false ? " (armed only while a challenge token is registered)" : ""
+    print(
+        "le-redirect: redirecting new connections to port \(status.port ?? 0) to \(target) \(status.proxyPort ?? 0)\(armed) "
+            + "until \(expires) (session pid \(status.pid.map(String.init) ?? "?")); `le-redirect end` removes it")
 }
 
 struct End: ParsableCommand {
@@ -87,7 +168,7 @@ struct End: ParsableCommand {
     @OptionGroup var state: StateOptions
 
     func run() throws {
-        let report = try Session.end(stateDirectory: state.stateDirectory, logger: logger)
+        let report = try Session.end(stateDirectory: state.stateDirectory, drainTimeout: drain.drainTimeout, logger: logger)
         for warning in report.warnings { printWarning(warning) }
         if report.wasActive {
             print("le-redirect: session ended; the ruleset is as it was before begin")
@@ -121,6 +202,10 @@ struct Status: ParsableCommand {
         if let accepts = status.acceptRules { print("scoped accepts: \(accepts)") }
         if let packets = status.redirectedPackets { print("redirected connections: \(packets)") }
         if let responding = status.responding { print("responding: \(responding ? "yes" : "no")") }
+        if let proxy = status.proxy { print("proxy: \(proxy)\(status.proxyPhase.map { " (\($0))" } ?? "")") }
+        if let source = status.challengeSource { print("challenges: \(source)") }
+        if let armed = status.armed { print("armed: \(armed ? "yes" : "no")") }
+        for (name, value) in status.counters { print("\(name): \(value)") }
         if let note = status.note { print("note: \(note)") }
     }
 }
@@ -145,5 +230,120 @@ struct Recover: ParsableCommand {
         } else {
             print("le-redirect: nothing to recover")
         }
+    }
+}
+
+struct Challenge: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Hand challenge tokens to the active session's proxy (begin --in-memory arms the redirect per token).",
+        subcommands: [ChallengeAdd.self, ChallengeRemove.self, CertbotAuth.self, CertbotCleanup.self])
+}
+
+struct ChallengeAdd: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "add", abstract: "Serve TOKEN with KEY_AUTHORIZATION.")
+
+    @Argument(help: "The token (the last path segment of the challenge URL).")
+    var token: String
+
+    @Argument(help: "The key authorization (TOKEN.THUMBPRINT).", transform: { $0 })
+    var keyAuthorization: String
+
+    @OptionGroup var state: StateOptions
+
+    func run() throws {
+        try checkToken(token, keyAuthorization)
+        let reply = try Session.challengeAdd(token: token, keyAuthorization: keyAuthorization, stateDirectory: state.stateDirectory)
+        print("le-redirect: serving token \(token) (\(reply.tokens) registered; redirect \(reply.armed ? "armed" : "not armed"))")
+    }
+}
+
+struct ChallengeRemove: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "remove", abstract: "Stop serving TOKEN.")
+
+    @Argument(help: "The token.")
+    var token: String
+
+    @OptionGroup var state: StateOptions
+
+    func run() throws {
+        let reply = try Session.challengeRemove(token: token, stateDirectory: state.stateDirectory)
+        print("le-redirect: token \(token) removed (\(reply.tokens) left; redirect \(reply.armed ? "armed" : "not armed"))")
+    }
+}
+
+/// certbot --manual-auth-hook: begins an in-memory session if none is active, then adds
+/// CERTBOT_TOKEN / CERTBOT_VALIDATION.
+struct CertbotAuth: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "certbot-auth",
+        abstract: "certbot --manual-auth-hook: serve $CERTBOT_TOKEN (begins an --in-memory session if none is active).",
+        discussion: "The session it begins ends when certbot-cleanup removes its last token.")
+
+    @OptionGroup var begin: BeginOptions
+
+    func run() throws {
+        let (token, validation) = try certbotEnvironment(needValidation: true)
+        try checkToken(token, validation!)
+        let stateDirectory = begin.state.stateDirectory
+        var begun = false
+        if !(try Session.status(stateDirectory: stateDirectory).active) {
+            let options = try begin.options(forceInMemory: true)
+            _ = try Session.beginDetached(options, endsWithLastToken: true, logger: logger)
+            begun = true
+        }
+        do {
+            let reply = try Session.challengeAdd(token: token, keyAuthorization: validation!, stateDirectory: stateDirectory)
+            print("le-redirect: serving token \(token) (\(reply.tokens) registered; redirect \(reply.armed ? "armed" : "not armed"))")
+        } catch {
+            if begun { _ = try? Session.end(stateDirectory: stateDirectory, logger: logger) }
+            throw error
+        }
+    }
+}
+
+/// certbot --manual-cleanup-hook: removes CERTBOT_TOKEN; ends the session certbot-auth began once
+/// its last token is gone.
+struct CertbotCleanup: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "certbot-cleanup",
+        abstract: "certbot --manual-cleanup-hook: stop serving $CERTBOT_TOKEN (ends the session certbot-auth began after the last one).")
+
+    @OptionGroup var state: StateOptions
+
+    func run() throws {
+        let (token, _) = try certbotEnvironment(needValidation: false)
+        let status = try Session.status(stateDirectory: state.stateDirectory)
+        guard status.active else {
+            print("le-redirect: no active session; nothing to clean up")
+            return
+        }
+        let reply = try Session.challengeRemove(token: token, stateDirectory: state.stateDirectory)
+        if reply.tokens == 0 && reply.endsWithLastToken {
+            let report = try Session.end(stateDirectory: state.stateDirectory, logger: logger)
+            for warning in report.warnings { printWarning(warning) }
+            print("le-redirect: last token removed; session ended, the ruleset is as it was before")
+        } else {
+            print("le-redirect: token \(token) removed (\(reply.tokens) left)")
+        }
+    }
+}
+
+private func certbotEnvironment(needValidation: Bool) throws -> (String, String?) {
+    guard let token = getenv("CERTBOT_TOKEN").map({ String(cString: $0) }), !token.isEmpty else {
+        throw LERedirectError(.invalidArgument, "CERTBOT_TOKEN is not set: run this as certbot's --manual-auth-hook / --manual-cleanup-hook")
+    }
+    let validation = getenv("CERTBOT_VALIDATION").map { String(cString: $0) }
+    if needValidation && (validation ?? "").isEmpty {
+        throw LERedirectError(.invalidArgument, "CERTBOT_VALIDATION is not set: run this as certbot's --manual-auth-hook")
+    }
+    return (token, validation)
+}
+
+private func checkToken(_ token: String, _ keyAuthorization: String) throws {
+    guard ChallengeToken.isValid(token) else {
+        throw LERedirectError(.invalidArgument, "'\(token)' is not an ACME token (base64url, 1-256 characters)")
+    }
+    guard ChallengeToken.isValidKeyAuthorization(keyAuthorization), keyAuthorization.hasPrefix(token + ".") else {
+        throw LERedirectError(.invalidArgument, "'\(keyAuthorization)' is not a key authorization for token \(token) (TOKEN.THUMBPRINT)")
     }
 }

@@ -23,8 +23,19 @@ package final class FakeKernel: Sendable {
         package var ref: TableRef
         package var owner: Int?
         package var chains: [Chain] = []
-        package var sets: [String: String] = [:]
+        package var sets: [String: PortSet] = [:]
         package var nextHandle: UInt64 = 1
+    }
+
+    /// A set of ports, each with the timeout it was added with.
+    package struct PortSet: Hashable, Sendable, CustomStringConvertible {
+        package var elements: [UInt16: Duration] = [:]
+
+        package var description: String {
+            "type inet_service; flags timeout; elements = { "
+                + elements.sorted { $0.key < $1.key }.map { "\($0.key) timeout \(DurationText.format($0.value))" }
+                .joined(separator: ", ") + " }"
+        }
     }
 
     package struct State: Hashable, Sendable {
@@ -96,6 +107,13 @@ package final class FakeKernel: Sendable {
         state.withLock { s in
             s.tables.removeAll { $0.ref == ref }
             s.generation &+= 1
+        }
+    }
+
+    /// The ports of a set, or nil when the table or set does not exist.
+    package func setElements(_ table: TableRef, _ set: String) -> [UInt16]? {
+        state.withLock { s in
+            s.tables.first { $0.ref == table }?.sets[set].map { $0.elements.keys.sorted() }
         }
     }
 
@@ -214,10 +232,24 @@ package final class FakeKernel: Sendable {
             s.tables.append(Table(ref: ref, owner: connection))
         case .addPortSet(let ref, let name, let ports, let timeout):
             let t = try table(ref)
-            s.tables[t].sets[name] =
-                "type inet_service; flags timeout; elements = { "
-                + ports.map { "\($0) timeout \(DurationText.format(timeout))" }.joined(separator: ", ") + " }"
+            s.tables[t].sets[name] = PortSet(elements: Dictionary(uniqueKeysWithValues: ports.map { ($0, timeout) }))
             s.tables[t].nextHandle += 1
+        case .addSetElement(let ref, let name, let port, let timeout):
+            let t = try table(ref)
+            guard var set = s.tables[t].sets[name] else {
+                throw FirewallError(.notFound, doing: "\(change)", detail: "No such file or directory")
+            }
+            guard set.elements[port] == nil else {
+                throw FirewallError(.alreadyExists, doing: "\(change)", detail: "File exists")
+            }
+            set.elements[port] = timeout
+            s.tables[t].sets[name] = set
+        case .deleteSetElement(let ref, let name, let port):
+            let t = try table(ref)
+            guard var set = s.tables[t].sets[name], set.elements.removeValue(forKey: port) != nil else {
+                throw FirewallError(.notFound, doing: "\(change)", detail: "No such file or directory")
+            }
+            s.tables[t].sets[name] = set
         case .addNATChain(let ref, let hook, let priority):
             let t = try table(ref.table)
             s.tables[t].chains.append(

@@ -12,6 +12,8 @@ package struct RedirectPlan: Hashable, Sendable {
     /// A leftover `inet le_redirect` that no live process owns (restored from a saved ruleset, say):
     /// the same batch deletes it before creating ours.
     package let replacesLeftoverTable: Bool
+    /// False when the redirect is armed per challenge: the port set starts empty.
+    package let armed: Bool
 
     package static let setName = "ports"
     package static let natChain = ChainRef(TableRef.own, "prerouting")
@@ -48,7 +50,8 @@ package struct RedirectPlan: Hashable, Sendable {
         }
         return RedirectPlan(
             port: options.port, proxyPort: options.proxyPort, ttl: options.ttl, generation: snapshot.generation,
-            acceptChains: inputChains.map(\.ref).sorted(), replacesLeftoverTable: leftover)
+            acceptChains: inputChains.map(\.ref).sorted(), replacesLeftoverTable: leftover,
+            armed: !options.proxy.armsPerChallenge)
     }
 
     package var redirectRule: RuleSpec { .redirect(set: Self.setName, proxyPort: proxyPort) }
@@ -61,12 +64,22 @@ package struct RedirectPlan: Hashable, Sendable {
         if replacesLeftoverTable { changes.append(.deleteTable(TableRef.own)) }
         changes += [
             .addOwnedTable(TableRef.own),
-            .addPortSet(table: TableRef.own, name: Self.setName, ports: [port], timeout: ttl),
+            .addPortSet(table: TableRef.own, name: Self.setName, ports: armed ? [port] : [], timeout: ttl),
             .addNATChain(Self.natChain, hook: .prerouting, priority: Self.natPriority),
             .insertRule(Self.natChain, redirectRule),
         ]
         changes += acceptChains.map { .insertRule($0, acceptRule) }
         return changes
+    }
+
+    /// Arms the redirect until `remaining` (the rest of the TTL) passes.
+    package static func armChanges(port: UInt16, remaining: Duration) -> [FirewallChange] {
+        [.addSetElement(table: TableRef.own, set: setName, port: port, timeout: remaining)]
+    }
+
+    /// Disarms it: new connections reach the app directly; the session stays.
+    package static func disarmChanges(port: UInt16) -> [FirewallChange] {
+        [.deleteSetElement(table: TableRef.own, set: setName, port: port)]
     }
 
     /// End's first batch: the whole owned table, so new connections reach the app directly.

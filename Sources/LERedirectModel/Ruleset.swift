@@ -142,6 +142,10 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
     /// Creates a set of TCP ports whose elements expire after `timeout`.
     case addPortSet(table: TableRef, name: String, ports: [UInt16], timeout: Duration)
     case addNATChain(ChainRef, hook: Hook, priority: Int32)
+    /// Adds one port to an existing port set, expiring after `timeout` (arming the redirect).
+    case addSetElement(table: TableRef, set: String, port: UInt16, timeout: Duration)
+    /// Takes one port out of a port set (disarming the redirect).
+    case deleteSetElement(table: TableRef, set: String, port: UInt16)
     /// Inserts a rule at the head of the chain; the commit reports its handle.
     case insertRule(ChainRef, RuleSpec)
     case deleteTable(TableRef)
@@ -153,6 +157,9 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
         case .addPortSet(let t, let name, let ports, let timeout):
             "add set \(t) \(name) { \(ports.map(String.init).joined(separator: ", ")) timeout \(DurationText.format(timeout)) }"
         case .addNATChain(let c, let hook, let priority): "add chain \(c) (nat \(hook) priority \(priority))"
+        case .addSetElement(let t, let set, let port, let timeout):
+            "add element \(t) \(set) { \(port) timeout \(DurationText.format(timeout)) }"
+        case .deleteSetElement(let t, let set, let port): "delete element \(t) \(set) { \(port) }"
         case .insertRule(let c, let spec): "insert rule \(c) \(spec)"
         case .deleteTable(let t): "delete table \(t)"
         case .deleteRule(let location): "delete rule \(location)"

@@ -27,6 +27,13 @@ public struct SessionStatus: Sendable, Hashable {
     public var acceptRules: Int?
     /// Packets the redirect rule sent to the proxy port (first packets of connections).
     public var redirectedPackets: UInt64?
+    /// Whether new connections to the port are redirected now (false between challenges when
+    /// the redirect is armed per challenge).
+    public var armed: Bool?
+    /// Where the built-in proxy answers challenges from.
+    public var challengeSource: String?
+    /// The built-in proxy: serving, draining or done.
+    public var proxyPhase: String?
     /// The proxy's counters; empty with an external proxy.
     public var counters: [(String, UInt64)]
     /// Anything the operator should know: a stale session, an unreadable journal.
@@ -57,6 +64,9 @@ public struct SessionStatus: Sendable, Hashable {
             ("expiresAt", opt(expiresAt) { .string(RFC3339.format(unixMilliseconds: $0)) }),
             ("acceptRules", opt(acceptRules) { .int(Int64($0)) }),
             ("redirectedPackets", opt(redirectedPackets) { .int(Int64(clamping: $0)) }),
+            ("armed", opt(armed) { .bool($0) }),
+            ("challengeSource", opt(challengeSource) { .string($0) }),
+            ("proxyPhase", opt(proxyPhase) { .string($0) }),
             ("counters", .object(counters.map { ($0.0, .int(Int64(clamping: $0.1))) })),
             ("note", opt(note) { .string($0) }),
         ])

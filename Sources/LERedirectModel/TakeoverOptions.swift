@@ -10,6 +10,23 @@ public enum BackendChoice: String, Sendable, Hashable, CaseIterable {
 public enum ProxyMode: Sendable, Hashable {
     /// The caller runs its own proxy on the proxy port, listening on IPv4 and IPv6.
     case external
+    /// The session runs le-redirect's validation proxy: challenges go to `options.challenge`,
+    /// everything else to the connection's original destination.
+    case builtIn(ProxyOptions)
+
+    /// As the journal and `status` name it.
+    public var name: String {
+        switch self {
+        case .external: "external"
+        case .builtIn: "built-in"
+        }
+    }
+
+    /// True when the redirect is armed only while a challenge token is registered.
+    public var armsPerChallenge: Bool {
+        if case .builtIn(let options) = self, options.challenge == .memory { return true }
+        return false
+    }
 }
 
 /// What a takeover does: which port it takes over, where it sends it, and for how long at most.
@@ -66,6 +83,7 @@ public struct TakeoverOptions: Sendable, Hashable {
         guard ttl.milliseconds % 1000 == 0 else {
             throw LERedirectError(.invalidArgument, "--ttl \(DurationText.format(ttl)) must be whole seconds")
         }
+        if case .builtIn(let options) = self.proxy { try options.validate() }
         return ValidatedOptions(port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy)
     }
 }

@@ -23,7 +23,10 @@ struct CommandLineErrorTests {
         Case(arguments: ["--external-proxy", "--ttl", "1500ms"], status: 2, message: "out of range"),
         Case(arguments: ["--external-proxy", "--backend", "pf"], status: 2, message: "is not a backend"),
         Case(arguments: ["--external-proxy", "--backend", "iptables-legacy"], status: 1, message: "not part of this version"),
-        Case(arguments: [], status: 2, message: "--external-proxy"),
+        Case(arguments: ["--webroot", "/srv/acme", "--in-memory"], status: 2, message: "exclude each other"),
+        Case(arguments: ["--external-proxy", "--forwarded"], status: 2, message: "do not apply"),
+        Case(arguments: ["--proxy-protocol", "v1"], status: 2, message: "only v2"),
+        Case(arguments: ["--challenge-url", "ftp://x"], status: 2, message: "expected http://"),
         Case(arguments: ["--external-proxy", "--bogus"], status: 2, message: "--bogus"),
     ]
 

@@ -68,8 +68,10 @@ struct SessionEngineTests {
 
         var drained = false
         let warnings = try engine.uninstall(journal, firewall: fw) {
-            // Between the two batches the redirect is gone but the accepts are still there.
-            drained = !kernel.tableExists(TableRef.own) && kernel.rules(taggedWith: "LE").count == journal.accepts.count
+            // While the proxy drains, nothing new is redirected (the port left the set) but the nat
+            // chain and the accepts still carry the connections in flight.
+            drained = kernel.setElements(TableRef.own, RedirectPlan.setName) == []
+                && kernel.rules(taggedWith: "LE").count == 1 + journal.accepts.count
         }
         #expect(drained)
         #expect(warnings.isEmpty)

@@ -32,4 +32,55 @@ int le_peer_uid(int fd, uint32_t *uid);
 /// eventfd(0, EFD_CLOEXEC); -1 with errno on failure.
 int le_eventfd_cloexec(void);
 
+// MARK: The validation proxy's socket plumbing
+
+/// An IPv4 or IPv6 TCP endpoint: `family` is AF_INET or AF_INET6, `addr` the address in network
+/// order (4 or 16 bytes used), `port` in host order.
+typedef struct {
+    int family;
+    uint8_t addr[16];
+    uint16_t port;
+} le_endpoint;
+
+/// One epoll event, unpacked (struct epoll_event is packed on x86_64).
+typedef struct {
+    uint32_t events;
+    uint64_t data;
+} le_event;
+
+/// epoll's constants (Swift's Glibc module does not carry <sys/epoll.h>).
+enum {
+    LE_EPOLLIN = 0x001,
+    LE_EPOLLOUT = 0x004,
+    LE_EPOLLERR = 0x008,
+    LE_EPOLLHUP = 0x010,
+    LE_EPOLL_CTL_ADD = 1,
+    LE_EPOLL_CTL_DEL = 2,
+    LE_EPOLL_CTL_MOD = 3,
+};
+
+int le_epoll_create(void);
+/// epoll_ctl; `op` is EPOLL_CTL_ADD, _MOD or _DEL. 0 or -1 with errno.
+int le_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
+/// epoll_wait into `out`; retries nothing (EINTR is returned as -1).
+int le_epoll_wait(int epfd, le_event *out, int max, int timeout_ms);
+
+/// A non-blocking, close-on-exec TCP listener on the wildcard address of `family` (IPv6 only
+/// for AF_INET6), with SO_REUSEADDR. The descriptor, or -1 with errno.
+int le_tcp_listen(int family, uint16_t port, int backlog);
+
+/// accept4 (non-blocking, close-on-exec) with TCP_NODELAY set; fills `peer`. -1 with errno.
+int le_tcp_accept(int listener, le_endpoint *peer);
+
+/// Where a redirected connection was going before the redirect (SO_ORIGINAL_DST, or
+/// IP6T_SO_ORIGINAL_DST for IPv6). 0, or an errno value (ENOENT: no NAT entry).
+int le_original_destination(int fd, int family, le_endpoint *out);
+
+/// Starts a non-blocking connect (TCP_NODELAY, close-on-exec). Returns the descriptor with
+/// *in_progress set when the connection is still being made, or -1 with errno.
+int le_tcp_connect(const le_endpoint *to, int *in_progress);
+
+/// SO_ERROR of a socket (the outcome of a non-blocking connect): 0 or an errno value.
+int le_socket_error(int fd);
+
 #endif

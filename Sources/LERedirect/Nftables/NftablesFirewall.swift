@@ -340,17 +340,10 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
             }]
         case .addPortSet(let table, let name, let ports, let timeout):
             let family = NftObjects.familyNumber(table.family)
-            func set() -> OpaquePointer {
-                let s = nftnl_set_alloc()!
-                nftnl_set_set_str(s, u16(NFTNL_SET_TABLE), table.name)
-                nftnl_set_set_str(s, u16(NFTNL_SET_NAME), name)
-                nftnl_set_set_u32(s, u16(NFTNL_SET_ID), 1)
-                return s
-            }
-            return [
+            var messages: [(UnsafeMutablePointer<CChar>, UInt32) -> UnsafeMutablePointer<nlmsghdr>] = [
                 { buf, seq in
                     let nlh = nftnl_nlmsg_build_hdr(buf, u16(NFT_MSG_NEWSET), family, create, seq)!
-                    let s = set()
+                    let s = Self.setObject(table, name, id: 1)
                     defer { nftnl_set_free(s) }
                     nftnl_set_set_u32(s, u16(NFTNL_SET_FLAGS), u32(NFT_SET_TIMEOUT))
                     nftnl_set_set_u32(s, u16(NFTNL_SET_KEY_TYPE), 13)  // nft's inet_service datatype
@@ -360,22 +353,17 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
                     udata.withUnsafeBytes { _ = nftnl_set_set_data(s, u16(NFTNL_SET_USERDATA), $0.baseAddress, 6) }
                     nftnl_set_nlmsg_build_payload(nlh, s)
                     return nlh
-                },
-                { buf, seq in
-                    let nlh = nftnl_nlmsg_build_hdr(buf, u16(NFT_MSG_NEWSETELEM), family, create, seq)!
-                    let s = set()
-                    defer { nftnl_set_free(s) }
-                    for port in ports {
-                        let e = nftnl_set_elem_alloc()!
-                        var key = port.bigEndian
-                        _ = nftnl_set_elem_set(e, u16(NFTNL_SET_ELEM_KEY), &key, 2)
-                        nftnl_set_elem_set_u64(e, u16(NFTNL_SET_ELEM_TIMEOUT), UInt64(timeout.milliseconds))
-                        nftnl_set_elem_add(s, e)
-                    }
-                    nftnl_set_elems_nlmsg_build_payload(nlh, s)
-                    return nlh
-                },
+                }
             ]
+            // An empty element list is refused by the kernel: a set armed per challenge starts empty.
+            if !ports.isEmpty {
+                messages.append(Self.elementsMessage(NFT_MSG_NEWSETELEM, table, name, id: 1, ports, timeout: timeout))
+            }
+            return messages
+        case .addSetElement(let table, let name, let port, let timeout):
+            return [Self.elementsMessage(NFT_MSG_NEWSETELEM, table, name, id: nil, [port], timeout: timeout)]
+        case .deleteSetElement(let table, let name, let port):
+            return [Self.elementsMessage(NFT_MSG_DELSETELEM, table, name, id: nil, [port], timeout: nil)]
         case .addNATChain(let chain, let hook, let priority):
             return [{ buf, seq in
                 let nlh = nftnl_nlmsg_build_hdr(
@@ -427,6 +415,35 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         }
     }
 
+    private static func setObject(_ table: TableRef, _ name: String, id: UInt32?) -> OpaquePointer {
+        let s = nftnl_set_alloc()!
+        nftnl_set_set_str(s, u16(NFTNL_SET_TABLE), table.name)
+        nftnl_set_set_str(s, u16(NFTNL_SET_NAME), name)
+        // Within the batch that creates the set, the kernel finds it by its transaction id.
+        if let id { nftnl_set_set_u32(s, u16(NFTNL_SET_ID), id) }
+        return s
+    }
+
+    private static func elementsMessage(
+        _ type: nf_tables_msg_types, _ table: TableRef, _ name: String, id: UInt32?, _ ports: [UInt16], timeout: Duration?
+    ) -> (UnsafeMutablePointer<CChar>, UInt32) -> UnsafeMutablePointer<nlmsghdr> {
+        { buf, seq in
+            let flags = type == NFT_MSG_NEWSETELEM ? UInt16(NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK) : UInt16(NLM_F_ACK)
+            let nlh = nftnl_nlmsg_build_hdr(buf, u16(type), NftObjects.familyNumber(table.family), flags, seq)!
+            let s = setObject(table, name, id: id)
+            defer { nftnl_set_free(s) }
+            for port in ports {
+                let e = nftnl_set_elem_alloc()!
+                var key = port.bigEndian
+                _ = nftnl_set_elem_set(e, u16(NFTNL_SET_ELEM_KEY), &key, 2)
+                if let timeout { nftnl_set_elem_set_u64(e, u16(NFTNL_SET_ELEM_TIMEOUT), UInt64(timeout.milliseconds)) }
+                nftnl_set_elem_add(s, e)
+            }
+            nftnl_set_elems_nlmsg_build_payload(nlh, s)
+            return nlh
+        }
+    }
+
     // MARK: Errors
 
     private func withSocket<T>(_ doing: String, _ body: (NetlinkSocket) throws(NetlinkError) -> T) throws(FirewallError) -> T {
@@ -444,6 +461,8 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         case .addOwnedTable(let t): "creating table \(t)"
         case .addPortSet(let t, let name, _, _): "creating set \(name) in \(t)"
         case .addNATChain(let c, _, _): "creating chain \(c)"
+        case .addSetElement(let t, let name, let port, _): "arming the redirect (port \(port) into set \(t) \(name))"
+        case .deleteSetElement(let t, let name, let port): "disarming the redirect (port \(port) out of set \(t) \(name))"
         case .insertRule(let c, .redirect): "inserting the redirect into \(c)"
         case .insertRule(let c, .scopedAccept): "inserting the scoped accept into \(c)"
         case .deleteTable(let t): "deleting table \(t)"

@@ -6,9 +6,36 @@ import LERedirectModel
 /// per connection, answered by zero or more `key value` lines and a last line `ok` or
 /// `error <exit-code> <message>`. Only root (or the holder's own uid) may connect.
 enum ControlChannel {
-    enum Request: String {
+    enum Request: Equatable {
         case status
-        case end
+        /// Ends the session; `drainTimeout` overrides the one begin set.
+        case end(drainTimeout: Duration?)
+        /// Registers a challenge token in memory (arming the redirect when it is armed per challenge).
+        case challengeAdd(token: String, keyAuthorization: String)
+        case challengeRemove(token: String)
+
+        var line: String {
+            switch self {
+            case .status: "status"
+            case .end(let drainTimeout): drainTimeout.map { "end \($0.milliseconds)" } ?? "end"
+            case .challengeAdd(let token, let keyAuthorization): "challenge-add \(token) \(keyAuthorization)"
+            case .challengeRemove(let token): "challenge-remove \(token)"
+            }
+        }
+
+        init?(line: String) {
+            let words = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
+            switch (words.first, words.count) {
+            case ("status", 1): self = .status
+            case ("end", 1): self = .end(drainTimeout: nil)
+            case ("end", 2):
+                guard let ms = Int64(words[1]), ms >= 0 else { return nil }
+                self = .end(drainTimeout: .milliseconds(ms))
+            case ("challenge-add", 3): self = .challengeAdd(token: words[1], keyAuthorization: words[2])
+            case ("challenge-remove", 2): self = .challengeRemove(token: words[1])
+            default: return nil
+            }
+        }
     }
 
     /// A parsed reply: its `key value` lines, in order, and the outcome.
@@ -72,8 +99,8 @@ enum ControlChannel {
 
     /// Reads the request line of a client.
     static func readRequest(_ fd: Int32) -> Request? {
-        guard let line = readLine(fd, limit: 256) else { return nil }
-        return Request(rawValue: line)
+        guard let line = readLine(fd, limit: 1024) else { return nil }
+        return Request(line: line)
     }
 
     static func send(_ fd: Int32, lines: [(String, String)], error: LERedirectError? = nil) {
@@ -112,13 +139,13 @@ enum ControlChannel {
             throw LERedirectError(
                 .failed, "connecting to the session holder at \(path): \(errnoText(errno))", errno: errno)
         }
-        send(fd, text: request.rawValue + "\n")
+        send(fd, text: request.line + "\n")
         var reply = Reply()
         while true {
             guard let line = readLine(fd, limit: 64 * 1024) else {
                 throw LERedirectError(
                     .failed,
-                    "the session holder did not answer '\(request.rawValue)' within \(DurationText.format(timeout))")
+                    "the session holder did not answer '\(request.line)' within \(DurationText.format(timeout))")
             }
             if line == "ok" { return reply }
             if line.hasPrefix("error ") {

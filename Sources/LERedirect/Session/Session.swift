@@ -86,7 +86,9 @@ package enum Session {
 
     /// Starts the session daemon and returns once the redirect is live. The daemon keeps none of
     /// this process's descriptors, so a hook runner that waits for EOF returns at once.
-    package static func beginDetached(_ options: TakeoverOptions, logger: Logger, readyTimeout: Duration = .seconds(30))
+    package static func beginDetached(
+        _ options: TakeoverOptions, endsWithLastToken: Bool = false, logger: Logger, readyTimeout: Duration = .seconds(30)
+    )
         throws(LERedirectError) -> SessionStatus
     {
         let begin = try prepareBegin(options, logger: logger)
@@ -95,7 +97,7 @@ package enum Session {
         let arguments = [
             executablePath(), "__session", "--state-dir", state.path, "--port", "\(valid.port)", "--proxy-port",
             "\(valid.proxyPort)", "--ttl", "\(valid.ttl.milliseconds / 1000)s", "--backend", valid.backend.rawValue,
-        ]
+        ] + DaemonArguments.encode(valid.proxy) + (endsWithLastToken ? ["--ends-with-last-token", "1"] : [])
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0 else {
             throw LERedirectError(.failed, "begin: creating the readiness pipe: \(errnoText(errno))", errno: errno)
@@ -171,7 +173,8 @@ package enum Session {
         guard let statePath = values["--state-dir"], let port = values["--port"].flatMap(Int.init),
             let proxyPort = values["--proxy-port"].flatMap(Int.init),
             let ttl = values["--ttl"].flatMap(DurationText.parse),
-            let backend = values["--backend"].flatMap(BackendChoice.init(rawValue:))
+            let backend = values["--backend"].flatMap(BackendChoice.init(rawValue:)),
+            let proxy = DaemonArguments.decode(values)
         else {
             report("error 2 the session daemon was started with malformed arguments")
             exit(2)
@@ -185,10 +188,11 @@ package enum Session {
         let stopSignals = le_termination_signalfd()
         do throws(LERedirectError) {
             let options = try TakeoverOptions(
-                port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external, stateDirectory: statePath
+                port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: proxy, stateDirectory: statePath
             ).validated()
             let holder = try SessionHolder.start(
-                options, state: state, kind: .daemon, stopSignals: stopSignals >= 0 ? stopSignals : nil, logger: logger)
+                options, state: state, kind: .daemon, stopSignals: stopSignals >= 0 ? stopSignals : nil,
+                endsWithLastToken: values["--ends-with-last-token"] == "1", logger: logger)
             logger.info("session started", metadata: ["expires": "\(RFC3339.format(unixMilliseconds: holder.journal.expiresAt))"])
             report("ok")
             closeDescriptor(lockFD)
@@ -205,7 +209,9 @@ package enum Session {
 
     // MARK: End
 
-    package static func end(stateDirectory: String?, logger: Logger) throws(LERedirectError) -> EndReport {
+    package static func end(stateDirectory: String?, drainTimeout: Duration? = nil, logger: Logger) throws(LERedirectError)
+        -> EndReport
+    {
         try requirePrivileges("end")
         let state = StateDirectory.resolve(stateDirectory)
         guard try state.exists() else { return EndReport(reason: .notActive) }
@@ -231,7 +237,9 @@ package enum Session {
         if ProcessFacts.isAlive(journal.holder) {
             if !ProcessFacts.isStopped(journal.holder.pid) {
                 do {
-                    let reply = try ControlChannel.call(.end, path: state.controlSocketPath, timeout: .seconds(60))
+                    let reply = try ControlChannel.call(
+                        .end(drainTimeout: drainTimeout), path: state.controlSocketPath,
+                        timeout: .seconds(60) + (drainTimeout ?? .seconds(3600)))
                     if let error = reply.error {
                         // The holder could not finish; once it is gone, recovery can.
                         waitForExit(journal.holder)
@@ -324,6 +332,14 @@ package enum Session {
         {
             status.responding = true
             status.redirectedPackets = reply.values("redirected-packets").first.flatMap { UInt64($0) }
+            status.armed = reply.values("armed").first.map { $0 == "yes" }
+            status.challengeSource = reply.values("challenge-source").first
+            for (key, value) in reply.lines where key.hasPrefix("proxy-") || key == "tokens" {
+                let name = String(key.dropFirst(key.hasPrefix("proxy-") ? 6 : 0))
+                if let number = UInt64(value) { status.counters.append((name, number)) } else if name == "phase" {
+                    status.proxyPhase = value
+                }
+            }
         } else {
             status.responding = false
         }
@@ -343,6 +359,47 @@ package enum Session {
         let firewall = try openFirewall("recover")
         defer { firewall.close() }
         return try SessionEngine(state: state, logger: logger).recover(sweep: sweep, firewall: firewall, namespace: try namespace())
+    }
+
+    // MARK: Challenges
+
+    /// `challenge add`: registers a token with the active session's proxy.
+    package static func challengeAdd(token: String, keyAuthorization: String, stateDirectory: String?)
+        throws(LERedirectError) -> ChallengeReply
+    {
+        try challenge(.challengeAdd(token: token, keyAuthorization: keyAuthorization), stateDirectory: stateDirectory)
+    }
+
+    /// `challenge remove`: unregisters a token (not an error when it was not registered).
+    package static func challengeRemove(token: String, stateDirectory: String?) throws(LERedirectError)
+        -> ChallengeReply
+    {
+        try challenge(.challengeRemove(token: token), stateDirectory: stateDirectory)
+    }
+
+    package struct ChallengeReply {
+        package var tokens: Int
+        package var armed: Bool
+        /// The session was begun by the certbot auth hook and ends when its last token goes.
+        package var endsWithLastToken: Bool
+    }
+
+    private static func challenge(_ request: ControlChannel.Request, stateDirectory: String?) throws(LERedirectError)
+        -> ChallengeReply
+    {
+        try requirePrivileges("challenge")
+        let state = StateDirectory.resolve(stateDirectory)
+        guard try state.exists(), let text = try state.readJournal(), let journal = try? Journal.decode(text),
+            ProcessFacts.isAlive(journal.holder)
+        else {
+            throw LERedirectError(
+                .failed, "no active session in \(state.path): run `le-redirect begin` first (its built-in proxy holds the tokens)")
+        }
+        let reply = try ControlChannel.call(request, path: state.controlSocketPath, timeout: .seconds(10))
+        if let error = reply.error { throw error }
+        return ChallengeReply(
+            tokens: reply.values("tokens").first.flatMap { Int($0) } ?? 0, armed: reply.values("armed").first == "yes",
+            endsWithLastToken: reply.values("ends-with-last-token").first == "yes")
     }
 
     // MARK: Helpers
@@ -384,4 +441,57 @@ package enum Session {
 
 extension String {
     func replacingNewlines() -> String { String(map { $0 == "\n" ? " " : $0 }) }
+}
+
+/// The proxy's options as the daemon's command line carries them.
+enum DaemonArguments {
+    static func encode(_ proxy: ProxyMode) -> [String] {
+        guard case .builtIn(let o) = proxy else { return ["--proxy", "external"] }
+        let challenge: String
+        switch o.challenge {
+        case .port(let port): challenge = "port:\(port)"
+        case .url(let host, let port): challenge = "url:\(port):\(host)"
+        case .webroot(let dir): challenge = "webroot:\(dir)"
+        case .memory: challenge = "memory"
+        }
+        return [
+            "--proxy", "built-in", "--challenge", challenge, "--forwarded", o.forwarded ? "1" : "0",
+            "--proxy-protocol", o.proxyProtocol ? "1" : "0", "--max-connections", "\(o.maxConnections)",
+            "--max-head-size", "\(o.maxHeadBytes)", "--head-timeout", "\(o.headTimeout.milliseconds)ms",
+            "--idle-timeout", "\(o.idleTimeout.milliseconds)ms", "--drain-timeout", "\(o.drainTimeout.milliseconds)ms",
+        ]
+    }
+
+    static func decode(_ values: [String: String]) -> ProxyMode? {
+        switch values["--proxy"] {
+        case "external": return .external
+        case "built-in": break
+        default: return nil
+        }
+        guard let challengeText = values["--challenge"], let maxConnections = values["--max-connections"].flatMap(Int.init),
+            let maxHead = values["--max-head-size"].flatMap(Int.init),
+            let headTimeout = values["--head-timeout"].flatMap(DurationText.parse),
+            let idleTimeout = values["--idle-timeout"].flatMap(DurationText.parse),
+            let drainTimeout = values["--drain-timeout"].flatMap(DurationText.parse)
+        else { return nil }
+        let challenge: ChallengeSource
+        if challengeText == "memory" {
+            challenge = .memory
+        } else if challengeText.hasPrefix("port:"), let port = UInt16(challengeText.dropFirst(5)) {
+            challenge = .port(port)
+        } else if challengeText.hasPrefix("webroot:") {
+            challenge = .webroot(String(challengeText.dropFirst(8)))
+        } else if challengeText.hasPrefix("url:") {
+            let rest = challengeText.dropFirst(4)
+            guard let colon = rest.firstIndex(of: ":"), let port = UInt16(rest[..<colon]) else { return nil }
+            challenge = .url(host: String(rest[rest.index(after: colon)...]), port: port)
+        } else {
+            return nil
+        }
+        return .builtIn(
+            ProxyOptions(
+                challenge: challenge, forwarded: values["--forwarded"] == "1", proxyProtocol: values["--proxy-protocol"] == "1",
+                maxConnections: maxConnections, maxHeadBytes: maxHead, headTimeout: headTimeout, idleTimeout: idleTimeout,
+                drainTimeout: drainTimeout))
+    }
 }

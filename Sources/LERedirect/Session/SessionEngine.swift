@@ -43,7 +43,7 @@ struct SessionEngine {
             let plan = try RedirectPlan.make(options, from: snapshot)
             var journal = Journal(
                 phase: .intent, holder: holder, namespace: namespace, backend: firewall.backendName, port: plan.port,
-                proxyPort: plan.proxyPort, proxy: "external", createdAt: now, expiresAt: now + plan.ttl.milliseconds,
+                proxyPort: plan.proxyPort, proxy: options.proxy.name, createdAt: now, expiresAt: now + plan.ttl.milliseconds,
                 accepts: plan.acceptChains.map {
                     Journal.Entry(chain: $0, fingerprint: firewall.fingerprint(of: plan.acceptRule, family: $0.table.family))
                 })
@@ -114,11 +114,24 @@ struct SessionEngine {
     // MARK: End (run by the holder)
 
     /// Removes the redirect (one batch), then the accepts (one batch), then the journal.
-    /// `betweenSteps` runs after the redirect is gone: the proxy drains there.
+    /// End's sequence. `betweenSteps` runs once no new connection is redirected: the proxy drains
+    /// there. The redirect is disarmed (its port leaves the set) rather than deleted at first:
+    /// unregistering the namespace's last nat hook drops the NAT bindings of the connections in
+    /// flight, and the kernel would then reset every proxied connection instead of letting it finish.
     func uninstall(_ journal: Journal, firewall: some Firewall, betweenSteps: () -> Void = {}) throws(LERedirectError)
         -> [String]
     {
         var warnings: [String] = []
+        do {
+            let started = ContinuousClock.now
+            _ = try firewall.commit(RedirectPlan.disarmChanges(port: journal.port), expecting: nil)
+            logger.debug("redirect disarmed", metadata: ["commitMs": "\(milliseconds(since: started))"])
+        } catch where error.reason == .notFound {
+            // Not armed (armed per challenge, or the TTL passed), or the table is gone: see below.
+        } catch {
+            throw Self.failure("end: removing the redirect", error)
+        }
+        betweenSteps()
         do {
             let started = ContinuousClock.now
             _ = try firewall.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
@@ -128,7 +141,6 @@ struct SessionEngine {
         } catch {
             throw Self.failure("end: removing the redirect", error)
         }
-        betweenSteps()
         warnings += try removeAccepts(journal.accepts, firewall: firewall).warnings
         try state.deleteJournal()
         return warnings

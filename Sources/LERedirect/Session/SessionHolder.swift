@@ -49,6 +49,15 @@ final class SessionHolder: @unchecked Sendable {
     private let stopSignals: Int32?
     private let monotonicDeadline: Int64
     private var thread = pthread_t()
+    /// The built-in validation proxy; nil with an external proxy.
+    let proxy: ValidationProxy?
+    let tokens: ChallengeStore
+    private let armsPerChallenge: Bool
+    /// Begun by the certbot auth hook: the cleanup hook ends it when the last token goes.
+    let endsWithLastToken: Bool
+    private var drainTimeout: Duration?
+    /// Whether the port is in the redirect's set; changed with the firewall under this lock.
+    private let armed: Mutex<Bool>
 
     private struct Shared {
         var outcome: Result<EndReport, LERedirectError>?
@@ -58,8 +67,14 @@ final class SessionHolder: @unchecked Sendable {
 
     private init(
         state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewall: any Firewall,
-        listener: Int32, wake: Int32, stopSignals: Int32?, monotonicDeadline: Int64
+        listener: Int32, wake: Int32, stopSignals: Int32?, monotonicDeadline: Int64, proxy: ValidationProxy?,
+        tokens: ChallengeStore, armsPerChallenge: Bool, endsWithLastToken: Bool
     ) {
+        self.endsWithLastToken = endsWithLastToken
+        self.proxy = proxy
+        self.tokens = tokens
+        self.armsPerChallenge = armsPerChallenge
+        self.armed = Mutex(!armsPerChallenge)
         self.state = state
         self.logger = logger
         self.journal = journal
@@ -75,7 +90,7 @@ final class SessionHolder: @unchecked Sendable {
     /// serving. The caller holds the state lock. On failure nothing is left installed.
     static func start(
         _ options: ValidatedOptions, state: StateDirectory, kind: ProcessIdentity.Kind, stopSignals: Int32? = nil,
-        logger: Logger, firewall injected: (any Firewall)? = nil
+        endsWithLastToken: Bool = false, logger: Logger, firewall injected: (any Firewall)? = nil
     ) throws(LERedirectError) -> SessionHolder {
         let namespace: NamespaceIdentity
         do { namespace = try ProcessFacts.currentNamespace() } catch {
@@ -101,6 +116,22 @@ final class SessionHolder: @unchecked Sendable {
             firewall.close()
             throw LERedirectError(.failed, "creating an eventfd: \(errnoText(code))", errno: code)
         }
+        let tokens = ChallengeStore()
+        var proxy: ValidationProxy?
+        if case .builtIn(let proxyOptions) = options.proxy {
+            // Listening before the redirect exists: there is no moment when it points at nothing.
+            let built = ValidationProxy(
+                options: proxyOptions, redirectedPort: options.port, proxyPort: options.proxyPort, tokens: tokens,
+                logger: logger)
+            do { try built.start() } catch {
+                closeDescriptor(wake)
+                closeDescriptor(listener)
+                _ = unlink(state.controlSocketPath)
+                firewall.close()
+                throw error
+            }
+            proxy = built
+        }
         let engine = SessionEngine(state: state, logger: logger)
         let journal: Journal
         do {
@@ -110,10 +141,13 @@ final class SessionHolder: @unchecked Sendable {
                 now: unixMilliseconds())
             let holder = SessionHolder(
                 state: state, logger: logger, journal: journal, engine: engine, firewall: firewall, listener: listener,
-                wake: wake, stopSignals: stopSignals, monotonicDeadline: startedMonotonic + options.ttl.milliseconds)
+                wake: wake, stopSignals: stopSignals, monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
+                proxy: proxy, tokens: tokens, armsPerChallenge: options.proxy.armsPerChallenge,
+                endsWithLastToken: endsWithLastToken)
             holder.thread = startThread { holder.run() }
             return holder
         } catch {
+            proxy?.stop()
             closeDescriptor(wake)
             closeDescriptor(listener)
             _ = unlink(state.controlSocketPath)
@@ -192,10 +226,27 @@ final class SessionHolder: @unchecked Sendable {
                 case .status:
                     ControlChannel.send(client, lines: statusLines())
                     closeDescriptor(client)
-                case .end:
+                case .end(let timeout):
+                    drainTimeout = timeout
                     requester = client
                     reason = .requested
                     break loop
+                case .challengeAdd(let token, let keyAuthorization):
+                    do {
+                        let count = try addChallenge(token, keyAuthorization)
+                        ControlChannel.send(client, lines: challengeLines(count))
+                    } catch {
+                        ControlChannel.send(client, lines: [], error: error)
+                    }
+                    closeDescriptor(client)
+                case .challengeRemove(let token):
+                    do {
+                        let count = try removeChallenge(token)
+                        ControlChannel.send(client, lines: challengeLines(count))
+                    } catch {
+                        ControlChannel.send(client, lines: [], error: error)
+                    }
+                    closeDescriptor(client)
                 case nil:
                     closeDescriptor(client)
                 }
@@ -233,7 +284,13 @@ final class SessionHolder: @unchecked Sendable {
         }
         let outcome: Result<EndReport, LERedirectError>
         do {
-            let warnings = try engine.uninstall(journal, firewall: firewall)
+            var drained = false
+            let warnings = try engine.uninstall(journal, firewall: firewall) {
+                // The redirect is gone: no new connection arrives; those in flight finish.
+                proxy?.drain(timeout: drainTimeout)
+                drained = true
+            }
+            if !drained { proxy?.stop() }
             for warning in warnings { logger.warning("\(warning)") }
             logger.info("session ended", metadata: ["reason": "\(reason.rawValue)"])
             outcome = .success(EndReport(reason: reason, warnings: warnings))
@@ -242,6 +299,7 @@ final class SessionHolder: @unchecked Sendable {
             outcome = .failure(error)
         }
         if case .failure = outcome {
+            proxy?.stop()
             // Closing the connection deletes the owned table if the removal above could not;
             // that must have happened before anyone is told the session is over.
             firewall.close()
@@ -255,6 +313,74 @@ final class SessionHolder: @unchecked Sendable {
     private func statusLines() -> [(String, String)] {
         var lines: [(String, String)] = [("pid", "\(getpid())")]
         if let packets = try? firewall.redirectedPackets() { lines.append(("redirected-packets", "\(packets)")) }
+        lines.append(("armed", isArmed ? "yes" : "no"))
+        if let proxy {
+            lines.append(("challenge-source", proxy.options.challenge.description))
+            lines.append(("tokens", "\(tokens.count)"))
+            lines += proxy.counters.lines
+        }
         return lines
+    }
+
+    // MARK: Challenges held in memory
+
+    var isArmed: Bool { armed.withLock { $0 } }
+
+    private func challengeLines(_ count: Int) -> [(String, String)] {
+        [("tokens", "\(count)"), ("armed", isArmed ? "yes" : "no"), ("ends-with-last-token", endsWithLastToken ? "yes" : "no")]
+    }
+
+    /// Registers a token; the first one arms a redirect that is armed per challenge. Returns how
+    /// many tokens are registered.
+    func addChallenge(_ token: String, _ keyAuthorization: String) throws(LERedirectError) -> Int {
+        guard proxy != nil else {
+            throw LERedirectError(
+                .invalidArgument,
+                "this session uses an external proxy (begin --external-proxy): it holds no challenge tokens")
+        }
+        guard ChallengeToken.isValid(token) else {
+            throw LERedirectError(.invalidArgument, "'\(token)' is not an ACME token (base64url, 1-256 characters)")
+        }
+        guard ChallengeToken.isValidKeyAuthorization(keyAuthorization), keyAuthorization.hasPrefix(token + ".") else {
+            throw LERedirectError(
+                .invalidArgument, "'\(keyAuthorization)' is not a key authorization for token \(token) (TOKEN.THUMBPRINT)")
+        }
+        return try armed.withLock { (armed: inout Bool) throws(LERedirectError) -> Int in
+            let count = tokens.add(token, keyAuthorization)
+            if armsPerChallenge && !armed {
+                let remaining = max(1000, journal.expiresAt - unixMilliseconds())
+                do throws(FirewallError) {
+                    _ = try firewall.commit(
+                        RedirectPlan.armChanges(port: journal.port, remaining: .milliseconds(remaining)), expecting: nil)
+                } catch where error.reason == .alreadyExists {
+                } catch {
+                    tokens.remove(token)
+                    throw SessionEngine.failure("challenge add: arming the redirect", error)
+                }
+                armed = true
+                logger.info("redirect armed", metadata: ["token": "\(token)"])
+            }
+            return count
+        }
+    }
+
+    /// Removes a token; the last one disarms a redirect that is armed per challenge. Returns how
+    /// many tokens remain.
+    func removeChallenge(_ token: String) throws(LERedirectError) -> Int {
+        try armed.withLock { (armed: inout Bool) throws(LERedirectError) -> Int in
+            let (_, remaining) = tokens.remove(token)
+            if armsPerChallenge && armed && remaining == 0 {
+                do throws(FirewallError) {
+                    _ = try firewall.commit(RedirectPlan.disarmChanges(port: journal.port), expecting: nil)
+                } catch where error.reason == .notFound {
+                    // The element timed out (the TTL passed): disarmed already.
+                } catch {
+                    throw SessionEngine.failure("challenge remove: disarming the redirect", error)
+                }
+                armed = false
+                logger.info("redirect disarmed")
+            }
+            return remaining
+        }
     }
 }

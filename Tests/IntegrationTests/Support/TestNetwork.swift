@@ -31,6 +31,8 @@ enum Paths {
 
     static let support = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
     static let peer = support.appendingPathComponent("peer.py").path
+    static let app = support.appendingPathComponent("app.py").path
+    static let client = support.appendingPathComponent("client.py").path
     static let rulesets = support.deletingLastPathComponent().appendingPathComponent("Rulesets")
     static let repository = support.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
@@ -197,6 +199,7 @@ final class TestNetwork: @unchecked Sendable {
             _ = try? run(["ip", "netns", "del", ns])
         }
         try? FileManager.default.removeItem(atPath: stateDirectory)
+        try? FileManager.default.removeItem(atPath: stateDirectory + "-nginx")
     }
 
     private func check(_ output: Output, _ what: String) throws {
@@ -207,8 +210,10 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Runs `arguments` inside namespace `ns`, with this network's state directory.
     @discardableResult
-    func exec(_ ns: String, _ arguments: [String], timeout: Double = 30) throws -> Output {
-        try run(["ip", "netns", "exec", ns] + arguments, environment: ["LE_REDIRECT_STATE_DIR": stateDirectory], timeout: timeout)
+    func exec(_ ns: String, _ arguments: [String], environment: [String: String] = [:], timeout: Double = 30) throws -> Output {
+        try run(
+            ["ip", "netns", "exec", ns] + arguments,
+            environment: environment.merging(["LE_REDIRECT_STATE_DIR": stateDirectory]) { a, _ in a }, timeout: timeout)
     }
 
     /// Runs le-redirect in the host namespace.
@@ -243,6 +248,52 @@ final class TestNetwork: @unchecked Sendable {
                 usleep(20_000)
             }
         }
+    }
+
+    /// Starts the HTTP test app (Support/app.py) in the host and waits until it listens.
+    func startApp(port: Int = 80, tag: String = "app", address: String? = nil, in ns: String? = nil) throws {
+        try start(ns ?? host, ["python3", Paths.app, "\(port)", tag] + (address.map { ["--host", $0] } ?? []))
+        try waitForListener(ns ?? host, port)
+    }
+
+    /// nginx on :80 (IPv4 and IPv6) in front of the app on 127.0.0.1:8081, as a real site would be.
+    func startNginx() throws {
+        try startApp(port: 8081, address: "127.0.0.1")
+        let dir = stateDirectory + "-nginx"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let config = """
+            worker_processes 1; daemon off; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
+            events { worker_connections 4096; }
+            http {
+              access_log off; client_body_temp_path \(dir)/body; proxy_temp_path \(dir)/proxy;
+              map $http_upgrade $connection_upgrade { default upgrade; '' ''; }
+              upstream app { server 127.0.0.1:8081; keepalive 16; }
+              server { listen 80; listen [::]:80; keepalive_requests 1000000; client_max_body_size 64m;
+                location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Host $host;
+                  proxy_set_header X-Real-IP $remote_addr; proxy_set_header Upgrade $http_upgrade;
+                  proxy_set_header Connection $connection_upgrade; proxy_buffering off; }
+                location = /static { return 200 "static\\n"; }
+              }
+            }
+            """
+        try config.write(toFile: dir + "/nginx.conf", atomically: true, encoding: .utf8)
+        try start(host, ["nginx", "-c", dir + "/nginx.conf", "-e", dir + "/error.log"])
+        try waitForListener(host, 80)
+    }
+
+    func waitForListener(_ ns: String, _ port: Int) throws {
+        let deadline = Date().addingTimeInterval(10)
+        while !(try exec(ns, ["ss", "-Hltn", "sport = :\(port)"]).stdout.contains("LISTEN")) {
+            guard Date() < deadline else { throw TestFailure("listener on \(ns):\(port) did not come up") }
+            usleep(20_000)
+        }
+    }
+
+    /// Runs a case of Support/client.py from the client namespace; its last line.
+    func httpClient(_ arguments: String..., from ns: String? = nil) throws -> String {
+        let output = try exec(ns ?? client, ["python3", Paths.client] + arguments, timeout: 30)
+        let last = output.stdout.split(separator: "\n").last.map(String.init) ?? ""
+        return output.status == 0 ? last : "failed: \(output.stderr.split(separator: "\n").last ?? "")"
     }
 
     /// Connects from `ns` to `address`:`port` and returns the tag of whoever answered ("app",

@@ -1,0 +1,919 @@
+import CLERedirectShim
+import Glibc
+import LERedirectModel
+import Logging
+import Synchronization
+
+/// The validation proxy: listens on the proxy port (IPv4 and IPv6), answers ACME challenges from
+/// the session's challenge source, and relays everything else, bytes unchanged, to where each
+/// connection was going before the redirect. One thread, one epoll loop; a connection holds
+/// buffers only while a socket cannot keep up (and its source is not read meanwhile).
+///
+/// `@unchecked Sendable`: after `start`, everything but `commands` (a Mutex), `counters` and
+/// `tokens` (Sendable) belongs to the proxy's own thread.
+final class ValidationProxy: @unchecked Sendable {
+    let options: ProxyOptions
+    let redirectedPort: UInt16
+    let proxyPort: UInt16
+    let counters = ProxyCounters()
+    let tokens: ChallengeStore
+    private let logger: Logger
+
+    private var epoll: Int32 = -1
+    private var listeners: [Int32] = []
+    private var wake: Int32 = -1
+    private var thread = pthread_t()
+    private var challengeUpstream: le_endpoint?
+
+    private enum Command { case drain, stop }
+    private let commands = Mutex<Command?>(nil)
+    private let drainTimeoutOverride = Mutex<Duration?>(nil)
+
+    // The loop's own state.
+    private var slots: [Relay?] = []
+    private var freeSlots: [Int] = []
+    private var generation: UInt32 = 0
+    private var now: Int64 = 0
+    private var draining = false
+    private var drainDeadline: Int64 = .max
+    private var listenersCloseAt: Int64 = .max
+    private var listening = true
+    private var scratch = UnsafeMutableRawPointer.allocate(byteCount: ValidationProxy.readSize, alignment: 16)
+
+    static let readSize = 64 * 1024
+    /// While draining, a keep-alive connection that sends nothing for this long is closed.
+    static let drainIdleGrace: Int64 = 1000
+    /// After a last response, how long unread client bytes are read and dropped (so that closing
+    /// never turns into a reset that destroys the response in the client's receive buffer).
+    static let lingerTime: Int64 = 2000
+
+    private static let listenerTag: UInt64 = 1 << 62
+    private static let wakeTag: UInt64 = 1 << 62 | 1 << 61
+
+    init(options: ProxyOptions, redirectedPort: UInt16, proxyPort: UInt16, tokens: ChallengeStore, logger: Logger) {
+        self.options = options
+        self.redirectedPort = redirectedPort
+        self.proxyPort = proxyPort
+        self.tokens = tokens
+        self.logger = logger
+    }
+
+    deinit {
+        scratch.deallocate()
+    }
+
+    // MARK: Life cycle (called by the session holder)
+
+    /// Binds the listeners and starts serving. Throws with nothing left open.
+    func start() throws(LERedirectError) {
+        if case .url(let host, let port) = options.challenge {
+            challengeUpstream = try Self.resolve(host, port)
+        }
+        epoll = le_epoll_create()
+        wake = le_eventfd_cloexec()
+        guard epoll >= 0, wake >= 0 else {
+            let code = errno
+            closeAll()
+            throw LERedirectError(.failed, "starting the validation proxy: \(errnoText(code))", errno: code)
+        }
+        for family in [AF_INET, AF_INET6] {
+            let fd = le_tcp_listen(family, proxyPort, 4096)
+            if fd < 0 {
+                let code = errno
+                if family == AF_INET6 && (code == EAFNOSUPPORT || code == EADDRNOTAVAIL) {
+                    logger.warning("no IPv6 on this host; the proxy listens on IPv4 only")
+                    continue
+                }
+                closeAll()
+                let hint = code == EADDRINUSE ? "; another program listens there: choose another --proxy-port" : ""
+                throw LERedirectError(
+                    .failed,
+                    "binding the validation proxy to \(family == AF_INET ? "0.0.0.0" : "[::]"):\(proxyPort): "
+                        + "\(errnoText(code))\(hint). Nothing was changed", errno: code)
+            }
+            _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.readable, Self.listenerTag | UInt64(listeners.count))
+            listeners.append(fd)
+        }
+        _ = le_epoll_ctl(epoll, Epoll.add, wake, Epoll.readable, Self.wakeTag)
+        thread = startThread { [self] in run() }
+    }
+
+    /// Drains (new requests are no longer taken, each connection ends after its response in
+    /// flight) and returns once every connection is closed or `options.drainTimeout` has passed.
+    /// Call it after the redirect is gone.
+    func drain(timeout: Duration? = nil) {
+        drainTimeoutOverride.withLock { $0 = timeout }
+        send(.drain)
+        pthread_join(thread, nil)
+    }
+
+    /// Closes every connection at once (begin failed, or the session ends without a drain).
+    func stop() {
+        send(.stop)
+        pthread_join(thread, nil)
+    }
+
+    private func send(_ command: Command) {
+        commands.withLock { $0 = command }
+        var one: UInt64 = 1
+        _ = write(wake, &one, 8)
+    }
+
+    private func closeAll() {
+        for fd in listeners { closeDescriptor(fd) }
+        listeners = []
+        if epoll >= 0 { closeDescriptor(epoll) }
+        if wake >= 0 { closeDescriptor(wake) }
+        epoll = -1
+        wake = -1
+    }
+
+    private static func resolve(_ host: String, _ port: UInt16) throws(LERedirectError) -> le_endpoint {
+        var hints = addrinfo()
+        hints.ai_socktype = 1  // SOCK_STREAM
+        var result: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, "\(port)", &hints, &result)
+        guard rc == 0, let first = result else {
+            throw LERedirectError(
+                .invalidArgument, "--challenge-url: cannot resolve \(host): \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(result) }
+        var endpoint = le_endpoint()
+        endpoint.family = first.pointee.ai_family
+        endpoint.port = port
+        withUnsafeMutableBytes(of: &endpoint.addr) { out in
+            if first.pointee.ai_family == AF_INET6 {
+                first.pointee.ai_addr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { a in
+                    withUnsafeBytes(of: a.pointee.sin6_addr) { out.copyMemory(from: $0) }
+                }
+            } else {
+                first.pointee.ai_addr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { a in
+                    withUnsafeBytes(of: a.pointee.sin_addr) { out.copyBytes(from: $0) }
+                }
+            }
+        }
+        return endpoint
+    }
+
+    // MARK: The loop
+
+    private func run() {
+        var events = [le_event](repeating: le_event(), count: 256)
+        var nextSweep: Int64 = 0
+        now = monotonicMilliseconds()
+        loop: while true {
+            let n = events.withUnsafeMutableBufferPointer { le_epoll_wait(epoll, $0.baseAddress, 256, 250) }
+            now = monotonicMilliseconds()
+            if n < 0 && errno != EINTR {
+                logger.error("the validation proxy's epoll_wait failed: \(errnoText(errno)); closing its connections")
+                break
+            }
+            var i = 0
+            while i < n {
+                let event = events[i]
+                i += 1
+                if event.data & Self.listenerTag != 0 {
+                    if event.data == Self.wakeTag {
+                        var value: UInt64 = 0
+                        _ = read(wake, &value, 8)
+                        switch commands.withLock({ c -> Command? in defer { c = nil }; return c }) {
+                        case .stop: break loop
+                        case .drain: startDrain()
+                        case nil: break
+                        }
+                    } else {
+                        acceptConnections(listeners[Int(event.data & 0xff)])
+                    }
+                    continue
+                }
+                let slot = Int((event.data & 0xffff_ffff) >> 1)
+                guard slot < slots.count, let relay = slots[slot], relay.generation == UInt32(event.data >> 32) else {
+                    continue  // closed earlier in this batch
+                }
+                handle(relay, upstreamSide: event.data & 1 == 1, events: event.events)
+            }
+            if now >= nextSweep {
+                nextSweep = now + 250
+                sweep()
+            }
+            if draining {
+                if listening || !listeners.isEmpty, now >= listenersCloseAt { closeListeners() }
+                if listeners.isEmpty && counters.connections.load(ordering: .relaxed) == 0 { break }
+                if now >= drainDeadline {
+                    let left = counters.connections.load(ordering: .relaxed)
+                    if left > 0 { logger.notice("drain timeout: closing \(left) connection(s)") }
+                    closeListeners()
+                    break
+                }
+            }
+        }
+        for case let relay? in slots { close(relay, 1) }
+        closeAll()
+        counters.phase.store(2, ordering: .relaxed)
+    }
+
+    private func startDrain() {
+        guard !draining else { return }
+        draining = true
+        counters.phase.store(1, ordering: .relaxed)
+        let timeout = drainTimeoutOverride.withLock { $0 } ?? options.drainTimeout
+        drainDeadline = now + timeout.milliseconds
+        // Connections redirected just before the redirect went may still be in the accept queue.
+        listenersCloseAt = now + min(1000, timeout.milliseconds)
+        logger.info("draining", metadata: ["connections": "\(counters.connections.load(ordering: .relaxed))"])
+        for case let relay? in slots { applyDrain(relay) }
+    }
+
+    private func closeListeners() {
+        // Take what is already queued first: those connections were redirected before the redirect went.
+        for fd in listeners { acceptConnections(fd) }
+        for fd in listeners { closeDescriptor(fd) }
+        listeners = []
+        listening = false
+    }
+
+    // MARK: Accepting
+
+    private func acceptConnections(_ listener: Int32) {
+        var peer = le_endpoint()
+        for _ in 0..<64 {
+            if counters.connections.load(ordering: .relaxed) >= options.maxConnections {
+                pauseListening()
+                return
+            }
+            let fd = le_tcp_accept(listener, &peer)
+            if fd < 0 { return }
+            var original = le_endpoint()
+            guard le_original_destination(fd, peer.family, &original) == 0, original.port == redirectedPort else {
+                // Not redirected from the port: nobody may use the proxy port directly.
+                ProxyCounters.bump(counters.refused)
+                closeDescriptor(fd)
+                continue
+            }
+            let relay = Relay(client: fd, peer: peer, original: original)
+            relay.deadline = now + options.headTimeout.milliseconds
+            if freeSlots.isEmpty {
+                relay.slot = slots.count
+                slots.append(relay)
+            } else {
+                relay.slot = freeSlots.removeLast()
+                slots[relay.slot] = relay
+            }
+            generation &+= 1
+            relay.generation = generation
+            ProxyCounters.bump(counters.connections)
+            ProxyCounters.bump(counters.accepted)
+            if draining { applyDrain(relay) }
+            _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.readable, relay.tag(upstream: false))
+            relay.clientInterest = Epoll.readable
+        }
+    }
+
+    private func pauseListening() {
+        guard listening else { return }
+        listening = false
+        for fd in listeners { _ = le_epoll_ctl(epoll, Epoll.modify, fd, 0, 0) }
+    }
+
+    private func resumeListening() {
+        guard !listening, !listeners.isEmpty else { return }
+        listening = true
+        for (i, fd) in listeners.enumerated() {
+            _ = le_epoll_ctl(epoll, Epoll.modify, fd, Epoll.readable, Self.listenerTag | UInt64(i))
+        }
+    }
+
+    // MARK: Events
+
+    private func handle(_ r: Relay, upstreamSide: Bool, events: UInt32) {
+        if upstreamSide && r.upstream < 0 { return }  // an event for an upstream closed earlier in this batch
+        if events & Epoll.error != 0 && !(upstreamSide && r.connecting) {
+            close(r, 2)  // a reset: neither side can be served further
+            return
+        }
+        let readable = events & (Epoll.readable | Epoll.hangUp | Epoll.error) != 0
+        let writable = events & (Epoll.writable | Epoll.error | Epoll.hangUp) != 0
+        if upstreamSide {
+            if r.connecting {
+                guard writable else { return }
+                let error = le_socket_error(r.upstream)
+                if error != 0 {
+                    upstreamFailed(r, error)
+                    return
+                }
+                r.connecting = false
+            }
+            if writable, !r.toUpstream.isEmpty { flushUpstream(r) }
+            if r.closed { return }
+            if readable, r.upstreamInterest & Epoll.readable != 0 { readUpstream(r) }
+        } else {
+            if writable, !r.toClient.isEmpty { flushClient(r) }
+            if r.closed { return }
+            if readable, r.clientInterest & Epoll.readable != 0 { readClient(r) }
+        }
+        if r.closed { return }
+        // A hang-up is reported whether asked for or not: a side that is not being read (its
+        // bytes wait for the other side) leaves epoll until it is read again.
+        if events & Epoll.hangUp != 0 {
+            let interest = upstreamSide ? r.upstreamInterest : r.clientInterest
+            if interest & Epoll.readable == 0 {
+                _ = le_epoll_ctl(epoll, Epoll.delete, upstreamSide ? r.upstream : r.client, 0, 0)
+                if upstreamSide { r.upstreamInterest = Relay.parked } else { r.clientInterest = Relay.parked }
+            }
+        }
+        updateInterest(r)
+    }
+
+    private func readClient(_ r: Relay) {
+        let n = recv(r.client, scratch, Self.readSize, 0)
+        if n > 0 {
+            ProxyCounters.bump(counters.bytesFromClients, by: n)
+            if r.lingering { return }  // after the last response: read and drop
+            fromClient(r, UnsafeRawBufferPointer(start: scratch, count: n))
+            flushRun()
+            return
+        }
+        if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        // EOF or error from the client.
+        r.clientEOF = true
+        if n < 0 || r.lingering || r.upstream < 0 {
+            close(r, 3)
+            return
+        }
+        if r.request.state == .head && !r.request.head.isEmpty {
+            // A head cut short: nothing sensible can reach the app.
+            close(r, 4)
+            return
+        }
+        // Half-close: pass it on once what is buffered for the app is written.
+        if r.toUpstream.isEmpty && !r.connecting { shutdownUpstreamWrite(r) }
+        if r.upstreamEOF && r.toClient.isEmpty { close(r, 5) }
+    }
+
+    private func readUpstream(_ r: Relay) {
+        let n = recv(r.upstream, scratch, Self.readSize, 0)
+        if n > 0 {
+            fromUpstream(r, UnsafeRawBufferPointer(start: scratch, count: n))
+            flushRun()
+            return
+        }
+        if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        r.upstreamEOF = true
+        if n < 0 {
+            close(r, 6)
+            return
+        }
+        if r.response.state == .untilClose { responseComplete(r) }
+        if r.closed { return }
+        if r.opaque {
+            // A half-close of an opaque stream: the client may still send.
+            if r.toClient.isEmpty { shutdownClientWrite(r) }
+            if r.clientEOF && r.toClient.isEmpty { close(r, 7) }
+            return
+        }
+        // The app closed: the client gets what was sent, then the end of the connection.
+        finishClient(r)
+    }
+
+    // MARK: Client to app: request framing
+
+    private func fromClient(_ r: Relay, _ bytes: UnsafeRawBufferPointer) {
+        var i = 0
+        while i < bytes.count && !r.closed {
+            switch r.request.state {
+            case .head:
+                let rest = UnsafeRawBufferPointer(rebasing: bytes[i...])
+                if draining && !r.mayStartRequest() {
+                    // Draining: one request at a time; hold what came until the response is done.
+                    if r.request.head.count + rest.count <= options.maxHeadBytes {
+                        r.request.head.append(rest.baseAddress!, rest.count)
+                    }
+                    r.request.state = .paused
+                    return
+                }
+                if r.request.head.isEmpty {
+                    if r.outstanding.isEmpty && r.upstream >= 0 { r.deadline = now + options.headTimeout.milliseconds }
+                    if let end = HTTPHead.end(of: rest) {
+                        requestHead(r, UnsafeRawBufferPointer(rebasing: rest[..<end]))
+                        i += end
+                        continue
+                    }
+                    if rest.count > options.maxHeadBytes {
+                        localResponse(r, status: 431, "Request Header Fields Too Large", body: "request head too large\n")
+                        return
+                    }
+                    r.request.head.append(rest.baseAddress!, rest.count)
+                    return
+                }
+                let before = r.request.head.count
+                let take = min(rest.count, options.maxHeadBytes + 4 - before)
+                r.request.head.append(rest.baseAddress!, take)
+                let found = r.request.head.bytes.withUnsafeBytes { HTTPHead.end(of: $0, from: before - 3) }
+                guard let end = found else {
+                    if r.request.head.count > options.maxHeadBytes {
+                        localResponse(r, status: 431, "Request Header Fields Too Large", body: "request head too large\n")
+                    }
+                    return
+                }
+                let head = r.request.head.bytes
+                r.request.head.reset()
+                head.withUnsafeBytes { requestHead(r, UnsafeRawBufferPointer(rebasing: $0[..<end])) }
+                i += end - before
+            case .body:
+                let take = Int(min(r.request.remaining, UInt64(bytes.count - i)))
+                toUpstream(r, bytes.baseAddress! + i, take)
+                i += take
+                r.request.remaining -= UInt64(take)
+                if r.request.remaining == 0 { r.request.state = .head }
+            case .chunked:
+                let end: Int?
+                do { end = try r.request.chunks.scan(bytes, from: i) } catch {
+                    close(r, 8)  // the app would see a broken body: nothing sensible to relay
+                    return
+                }
+                let stop = end ?? bytes.count
+                toUpstream(r, bytes.baseAddress! + i, stop - i)
+                i = stop
+                if end != nil { r.request.state = .head }
+            case .opaque:
+                toUpstream(r, bytes.baseAddress! + i, bytes.count - i)
+                i = bytes.count
+            case .stopped, .paused:
+                // Requests after the last one this connection carries are not taken (the client
+                // retries them elsewhere, as after any server close).
+                return
+            }
+        }
+    }
+
+    private func requestHead(_ r: Relay, _ raw: UnsafeRawBufferPointer) {
+        let skip = HTTPHead.leadingEmptyLines(raw)
+        let head = UnsafeRawBufferPointer(rebasing: raw[skip...])
+        let request: HTTPHead.Request
+        do { request = try HTTPHead.parseRequest(head) } catch {
+            localResponse(r, status: 400, "Bad Request", body: "\(error)\n")
+            return
+        }
+        if r.upstream < 0 {
+            guard route(r, request) else { return }
+        }
+        r.deadline = .max
+        if r.upstream >= 0, options.forwarded, !r.toChallengeServer {
+            let proto = "http"
+            let address = r.peer.addressText
+            let forwardedFor = r.peer.family == AF_INET6 ? "\"[\(address)]\"" : address
+            let rewritten = HTTPHead.rewrite(
+                head, dropping: ["x-forwarded-for", "x-forwarded-proto", "forwarded"],
+                adding: [
+                    "X-Forwarded-For: \(address)", "X-Forwarded-Proto: \(proto)", "Forwarded: for=\(forwardedFor);proto=\(proto)",
+                ])
+            rewritten.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
+        } else {
+            toUpstream(r, raw.baseAddress!, raw.count)
+        }
+        r.outstanding.append(request.method)
+        if draining { r.requestsSinceDrain += 1 }
+        ProxyCounters.bump(counters.requests)
+        switch request.body {
+        case .none, .untilClose: r.request.state = request.method == .connect ? .opaque : .head
+        case .length(let n):
+            r.request.state = .body
+            r.request.remaining = n
+        case .chunked:
+            r.request.state = .chunked
+            r.request.chunks = ChunkedScanner()
+        }
+    }
+
+    /// Decides where a connection goes from its first request; false when it was answered here.
+    private func route(_ r: Relay, _ request: HTTPHead.Request) -> Bool {
+        guard let token = request.challengeToken else {
+            return connectUpstream(r, to: r.original, proxyProtocol: options.proxyProtocol)
+        }
+        ProxyCounters.bump(counters.challenges)
+        let head = request.method == .head
+        if ChallengeToken.isValid(token), let keyAuthorization = tokens.keyAuthorization(for: token) {
+            localResponse(r, status: 200, "OK", body: keyAuthorization, headOnly: head)
+            return false
+        }
+        switch options.challenge {
+        case .memory:
+            break
+        case .webroot(let dir):
+            if ChallengeToken.isValid(token), let body = Self.webrootFile(dir, token) {
+                localResponse(r, status: 200, "OK", body: body, headOnly: head)
+                return false
+            }
+        case .port(let port):
+            var loopback = le_endpoint()
+            loopback.family = AF_INET
+            loopback.addr.0 = 127
+            loopback.addr.3 = 1
+            loopback.port = port
+            r.toChallengeServer = true
+            return connectUpstream(r, to: loopback, proxyProtocol: false)
+        case .url:
+            r.toChallengeServer = true
+            return connectUpstream(r, to: challengeUpstream!, proxyProtocol: false)
+        }
+        localResponse(r, status: 404, "Not Found", body: "unknown ACME challenge token\n", headOnly: head)
+        return false
+    }
+
+    private static func webrootFile(_ dir: String, _ token: String) -> String? {
+        for path in [dir + "/" + token, dir + "/.well-known/acme-challenge/" + token] {
+            let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+            if fd < 0 { continue }
+            defer { closeDescriptor(fd) }
+            var st = stat()
+            guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_size <= 65536 else { continue }
+            if let bytes = try? readFile("/proc/self/fd/\(fd)", maxBytes: 65536) {
+                return String(decoding: bytes, as: UTF8.self)
+            }
+        }
+        return nil
+    }
+
+    private func connectUpstream(_ r: Relay, to destination: le_endpoint, proxyProtocol: Bool) -> Bool {
+        var to = destination
+        var inProgress: Int32 = 0
+        let fd = le_tcp_connect(&to, &inProgress)
+        guard fd >= 0 else {
+            logger.debug("connecting to \(to.addressText):\(to.port): \(errnoText(errno))")
+            localResponse(r, status: 502, "Bad Gateway", body: "the application did not accept the connection\n")
+            return false
+        }
+        r.upstream = fd
+        r.connecting = inProgress != 0
+        _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.writable, r.tag(upstream: true))
+        r.upstreamInterest = Epoll.writable
+        if proxyProtocol {
+            let header = ProxyProtocol.v2Header(source: r.peer, destination: r.original)
+            header.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
+        }
+        return true
+    }
+
+    private func upstreamFailed(_ r: Relay, _ error: Int32) {
+        logger.debug("connecting to the upstream: \(errnoText(error))")
+        if r.response.state == .head && r.outstanding.count == 1 && r.toClient.isEmpty && r.bytesToClient == 0 {
+            closeDescriptor(r.upstream)
+            r.upstream = -1
+            r.connecting = false
+            r.toUpstream.release()
+            localResponse(r, status: 502, "Bad Gateway", body: "the application did not accept the connection\n")
+        } else {
+            close(r, 9)
+        }
+    }
+
+    // MARK: App to client: response framing
+
+    private func fromUpstream(_ r: Relay, _ bytes: UnsafeRawBufferPointer) {
+        var i = 0
+        while i < bytes.count && !r.closed {
+            switch r.response.state {
+            case .head:
+                let rest = UnsafeRawBufferPointer(rebasing: bytes[i...])
+                if r.response.head.isEmpty {
+                    if let end = HTTPHead.end(of: rest) {
+                        responseHead(r, UnsafeRawBufferPointer(rebasing: rest[..<end]))
+                        i += end
+                        continue
+                    }
+                    if rest.count > options.maxHeadBytes * 4 {
+                        r.response.state = .opaque  // not HTTP we can follow: relay it as it is
+                        continue
+                    }
+                    r.response.head.append(rest.baseAddress!, rest.count)
+                    return
+                }
+                let before = r.response.head.count
+                r.response.head.append(rest.baseAddress!, rest.count)
+                let found = r.response.head.bytes.withUnsafeBytes { HTTPHead.end(of: $0, from: before - 3) }
+                guard let end = found else {
+                    if r.response.head.count > options.maxHeadBytes * 4 {
+                        let held = r.response.head.bytes
+                        r.response.head.reset()
+                        r.response.state = .opaque
+                        held.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
+                    }
+                    return
+                }
+                let head = r.response.head.bytes
+                r.response.head.reset()
+                head.withUnsafeBytes { responseHead(r, UnsafeRawBufferPointer(rebasing: $0[..<end])) }
+                i += end - before
+            case .body:
+                let take = Int(min(r.response.remaining, UInt64(bytes.count - i)))
+                toClient(r, bytes.baseAddress! + i, take)
+                i += take
+                r.response.remaining -= UInt64(take)
+                if r.response.remaining == 0 { responseComplete(r) }
+            case .chunked:
+                let end: Int?
+                do { end = try r.response.chunks.scan(bytes, from: i) } catch {
+                    r.response.state = .opaque
+                    continue
+                }
+                let stop = end ?? bytes.count
+                toClient(r, bytes.baseAddress! + i, stop - i)
+                i = stop
+                if end != nil { responseComplete(r) }
+            case .untilClose, .opaque:
+                toClient(r, bytes.baseAddress! + i, bytes.count - i)
+                i = bytes.count
+            case .stopped:
+                return
+            }
+        }
+    }
+
+    private func responseHead(_ r: Relay, _ head: UnsafeRawBufferPointer) {
+        let method = r.outstanding.first ?? .get
+        guard let response = try? HTTPHead.parseResponse(head, requestMethod: method) else {
+            // Not a response we can follow: from here on, bytes pass as they are.
+            r.response.state = .opaque
+            toClient(r, head.baseAddress!, head.count)
+            return
+        }
+        if response.interim {
+            toClient(r, head.baseAddress!, head.count)
+            return
+        }
+        if response.status == 101 || (method == .connect && response.status < 300) {
+            toClient(r, head.baseAddress!, head.count)
+            r.response.state = .opaque
+            r.request.state = .opaque
+            r.opaque = true
+            if draining { r.deadline = drainDeadline }
+            return
+        }
+        // While draining, the response to the last request this connection will carry says so.
+        if draining && r.outstanding.count == 1 && r.request.state.betweenRequests && response.body != .untilClose {
+            let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
+            closing.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
+            r.closeAfterResponse = true
+            r.request.state = .stopped
+        } else {
+            toClient(r, head.baseAddress!, head.count)
+            if !response.keepAlive { r.request.state = r.request.state == .head ? .stopped : r.request.state }
+        }
+        switch response.body {
+        case .none: responseComplete(r)
+        case .length(let n):
+            r.response.state = .body
+            r.response.remaining = n
+        case .chunked:
+            r.response.state = .chunked
+            r.response.chunks = ChunkedScanner()
+        case .untilClose:
+            r.response.state = .untilClose
+        }
+    }
+
+    private func responseComplete(_ r: Relay) {
+        if !r.outstanding.isEmpty { r.outstanding.removeFirst() }
+        r.response.state = .head
+        if r.closeAfterResponse {
+            r.response.state = .stopped
+            finishClient(r)
+            return
+        }
+        if r.request.state == .paused {
+            r.request.state = .head
+            if !r.request.head.isEmpty {
+                let held = r.request.head.bytes
+                r.request.head.reset()
+                held.withUnsafeBytes { fromClient(r, $0) }
+                return
+            }
+        }
+        if r.outstanding.isEmpty && r.request.state == .head && r.request.head.isEmpty {
+            r.deadline = now + (draining ? Self.drainIdleGrace : options.idleTimeout.milliseconds)
+        }
+    }
+
+    // MARK: Local answers and closing
+
+    private func localResponse(_ r: Relay, status: Int, _ reason: String, body: String, headOnly: Bool = false) {
+        if status >= 400 && status != 404 { ProxyCounters.bump(counters.proxyErrors) }
+        let bodyBytes = Array(body.utf8)
+        var text = "HTTP/1.1 \(status) \(reason)\r\nContent-Type: text/plain\r\nContent-Length: \(bodyBytes.count)\r\n"
+        text += "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        var bytes = Array(text.utf8)
+        if !headOnly { bytes += bodyBytes }
+        r.request.state = .stopped
+        r.response.state = .stopped
+        if r.upstream >= 0 {
+            _ = le_epoll_ctl(epoll, Epoll.delete, r.upstream, 0, 0)
+            closeDescriptor(r.upstream)
+            r.upstream = -1
+            r.connecting = false
+            r.toUpstream.release()
+        }
+        bytes.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
+        finishClient(r)
+    }
+
+    /// The client gets no more: once its bytes are written, its write side is shut and whatever
+    /// it still sends is read and dropped for a moment (no reset), then the connection closes.
+    private func finishClient(_ r: Relay) {
+        flushRun()
+        if r.upstream >= 0 {
+            _ = le_epoll_ctl(epoll, Epoll.delete, r.upstream, 0, 0)
+            closeDescriptor(r.upstream)
+            r.upstream = -1
+            r.connecting = false
+            r.toUpstream.release()
+        }
+        r.lingering = true
+        r.deadline = now + Self.lingerTime
+        if r.toClient.isEmpty { shutdownClientWrite(r) }
+        if r.clientEOF && r.toClient.isEmpty { close(r, 10) }
+    }
+
+    private func shutdownClientWrite(_ r: Relay) {
+        guard !r.clientWriteShut else { return }
+        r.clientWriteShut = true
+        _ = shutdown(r.client, Int32(SHUT_WR))
+    }
+
+    private func shutdownUpstreamWrite(_ r: Relay) {
+        guard !r.upstreamWriteShut, r.upstream >= 0 else { return }
+        r.upstreamWriteShut = true
+        _ = shutdown(r.upstream, Int32(SHUT_WR))
+    }
+
+    private func close(_ r: Relay, _ site: Int = 0) {
+        guard !r.closed else { return }
+        if logger.logLevel <= .trace { logger.trace("close", metadata: ["site": "\(site)", "outstanding": "\(r.outstanding.count)", "deadline": "\(r.deadline - now)"]) }
+        if let pending = pendingRun, pending.relay === r { pendingRun = nil }
+        r.closed = true
+        closeDescriptor(r.client)
+        if r.upstream >= 0 { closeDescriptor(r.upstream) }
+        r.toClient.release()
+        r.toUpstream.release()
+        slots[r.slot] = nil
+        freeSlots.append(r.slot)
+        ProxyCounters.bump(counters.connections, by: -1)
+        if !listening && !draining { resumeListening() }
+    }
+
+    // MARK: Writing, with back-pressure
+
+    /// Bytes read into `scratch` and passed on unchanged are sent in one piece per read (a head
+    /// and the body after it are contiguous there): `run` is the piece not yet sent.
+    private var pendingRun: (relay: Relay, upstream: Bool, start: UnsafeRawPointer, count: Int)?
+
+    @inline(__always)
+    private func deferrable(_ r: Relay, upstream: Bool, _ p: UnsafeRawPointer, _ n: Int) -> Bool {
+        guard p >= UnsafeRawPointer(scratch), p + n <= UnsafeRawPointer(scratch) + Self.readSize else {
+            flushRun()
+            return false
+        }
+        if let run = pendingRun, run.relay === r, run.upstream == upstream, run.start + run.count == p {
+            pendingRun!.count += n
+            return true
+        }
+        flushRun()
+        pendingRun = (r, upstream, p, n)
+        return true
+    }
+
+    private func flushRun() {
+        guard let pending = pendingRun else { return }
+        pendingRun = nil
+        if pending.relay.closed { return }
+        if pending.upstream {
+            sendUpstream(pending.relay, pending.start, pending.count)
+        } else {
+            sendClient(pending.relay, pending.start, pending.count)
+        }
+    }
+
+    private func toUpstream(_ r: Relay, _ p: UnsafeRawPointer, _ n: Int) {
+        guard n > 0, r.upstream >= 0 else { return }
+        if deferrable(r, upstream: true, p, n) { return }
+        sendUpstream(r, p, n)
+    }
+
+    private func sendUpstream(_ r: Relay, _ p: UnsafeRawPointer, _ n: Int) {
+        guard r.upstream >= 0 else { return }
+        if r.connecting || !r.toUpstream.isEmpty {
+            r.toUpstream.append(p, n)
+            return
+        }
+        var sent = 0
+        while sent < n {
+            let w = Glibc.send(r.upstream, p + sent, n - sent, Int32(MSG_NOSIGNAL))
+            if w > 0 {
+                sent += w
+                continue
+            }
+            if w < 0 && errno == EINTR { continue }
+            if w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { break }
+            close(r, 11)
+            return
+        }
+        if sent < n { r.toUpstream.append(p + sent, n - sent) }
+    }
+
+    private func toClient(_ r: Relay, _ p: UnsafeRawPointer, _ n: Int) {
+        guard n > 0 else { return }
+        r.bytesToClient &+= n
+        ProxyCounters.bump(counters.bytesToClients, by: n)
+        if deferrable(r, upstream: false, p, n) { return }
+        sendClient(r, p, n)
+    }
+
+    private func sendClient(_ r: Relay, _ p: UnsafeRawPointer, _ n: Int) {
+        if !r.toClient.isEmpty {
+            r.toClient.append(p, n)
+            return
+        }
+        var sent = 0
+        while sent < n {
+            let w = Glibc.send(r.client, p + sent, n - sent, Int32(MSG_NOSIGNAL))
+            if w > 0 {
+                sent += w
+                continue
+            }
+            if w < 0 && errno == EINTR { continue }
+            if w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { break }
+            close(r, 12)
+            return
+        }
+        if sent < n { r.toClient.append(p + sent, n - sent) }
+    }
+
+    private func flushUpstream(_ r: Relay) {
+        let (ok, _) = r.toUpstream.flush(to: r.upstream)
+        guard ok else { return close(r, 13) }
+        if r.toUpstream.isEmpty && r.clientEOF { shutdownUpstreamWrite(r) }
+    }
+
+    private func flushClient(_ r: Relay) {
+        let (ok, _) = r.toClient.flush(to: r.client)
+        guard ok else { return close(r, 14) }
+        guard r.toClient.isEmpty else { return }
+        if r.lingering || r.upstreamEOF { shutdownClientWrite(r) }
+        if r.closed { return }
+        if r.clientEOF && (r.lingering || r.upstreamEOF) { close(r, 15) }
+    }
+
+    /// Reads a side only while what it sent last has been written on (back-pressure).
+    private func updateInterest(_ r: Relay) {
+        var client: UInt32 = 0
+        if !r.clientEOF
+            && (r.lingering || r.toUpstream.isEmpty && !r.connecting && r.request.state != .stopped && r.request.state != .paused)
+        {
+            client |= Epoll.readable
+        }
+        if !r.toClient.isEmpty { client |= Epoll.writable }
+        if client != r.clientInterest {
+            if r.clientInterest == Relay.parked {
+                if client != 0 { _ = le_epoll_ctl(epoll, Epoll.add, r.client, client, r.tag(upstream: false)) }
+                if client != 0 { r.clientInterest = client }
+            } else {
+                _ = le_epoll_ctl(epoll, Epoll.modify, r.client, client, r.tag(upstream: false))
+                r.clientInterest = client
+            }
+        }
+        guard r.upstream >= 0 else { return }
+        var upstream: UInt32 = 0
+        if r.connecting || !r.toUpstream.isEmpty { upstream |= Epoll.writable }
+        if !r.connecting && !r.upstreamEOF && r.toClient.isEmpty && r.response.state != .stopped {
+            upstream |= Epoll.readable
+        }
+        if upstream != r.upstreamInterest {
+            if r.upstreamInterest == Relay.parked {
+                if upstream != 0 {
+                    _ = le_epoll_ctl(epoll, Epoll.add, r.upstream, upstream, r.tag(upstream: true))
+                    r.upstreamInterest = upstream
+                }
+            } else {
+                _ = le_epoll_ctl(epoll, Epoll.modify, r.upstream, upstream, r.tag(upstream: true))
+                r.upstreamInterest = upstream
+            }
+        }
+    }
+
+    // MARK: Timers and drain
+
+    private func sweep() {
+        for case let r? in slots where r.deadline <= now {
+            if r.lingering || !draining || r.opaque || r.outstanding.isEmpty {
+                close(r, 16)
+            }
+        }
+    }
+
+    private func applyDrain(_ r: Relay) {
+        if r.opaque {
+            r.deadline = drainDeadline
+        } else if r.outstanding.isEmpty && r.request.head.isEmpty && r.upstream >= 0 {
+            r.deadline = min(r.deadline, now + Self.drainIdleGrace)
+        }
+    }
+}

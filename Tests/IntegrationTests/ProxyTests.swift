@@ -1,0 +1,219 @@
+import Foundation
+import Testing
+
+/// The built-in validation proxy against a real nginx app and real clients, in namespaces: every
+/// relay case, every challenge source, the arming per challenge, and drain under load.
+@Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
+struct ProxyTests {
+    static let v4 = TestNetwork.hostAddress4, v6 = TestNetwork.hostAddress6
+
+    @Test(arguments: ["policy-drop", "empty"])
+    func relaysEveryHTTPShapeThroughNginx(host: String) throws {
+        let net = try TestNetwork(ruleset: host)
+        defer { net.close() }
+        try net.startNginx()
+        let before = try net.ruleset()
+        let begin = try net.leRedirect("begin", "--ttl", "2m")
+        #expect(begin.status == 0, "\(begin)")
+        for address in [Self.v4, Self.v6] {
+            // Keep-alive, pipelining, HEAD, a 4 MiB answer, a 3 MB body, a chunked body.
+            #expect(try net.httpClient("pipeline", address) == "ok pipeline", "\(address)")
+            #expect(try net.httpClient("slow", address) == "ok slow", "\(address)")
+            #expect(try net.httpClient("slowclient", address) == "ok slowclient", "\(address)")
+            // nginx sees the host's own address, never loopback; the client's headers pass unchanged.
+            #expect(try net.httpClient("get", address, "/", "X-Forwarded-For: 6.6.6.6") == "200 app \(address) x-forwarded-for=6.6.6.6")
+        }
+        let status = try net.status()
+        let counters = try #require(status["counters"] as? [String: Int])
+        #expect(counters["requests"]! >= 16)
+        #expect(counters["errors"] == 0)
+        #expect(status["proxy"] as? String == "built-in")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    @Test func upgradesAndHalfClosesPassThrough() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startApp()
+        #expect(try net.leRedirect("begin").status == 0)
+        for address in [Self.v4, Self.v6] {
+            #expect(try net.httpClient("upgrade", address) == "ok upgrade", "\(address)")
+        }
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
+    @Test func forwardedHeadersReplaceTheClients() throws {
+        let net = try TestNetwork(ruleset: "empty")
+        defer { net.close() }
+        try net.startApp()
+        #expect(try net.leRedirect("begin", "--forwarded").status == 0)
+        let client4 = TestNetwork.clientAddress4, client6 = TestNetwork.clientAddress6
+        #expect(
+            try net.httpClient("get", Self.v4, "/", "X-Forwarded-For: 6.6.6.6")
+                == "200 app \(Self.v4) x-forwarded-for=\(client4) x-forwarded-proto=http forwarded=for=\(client4);proto=http")
+        #expect(
+            try net.httpClient("get", Self.v6, "/", "Forwarded: for=evil")
+                == "200 app \(Self.v6) x-forwarded-for=\(client6) x-forwarded-proto=http forwarded=for=\"[\(client6)]\";proto=http")
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
+    @Test func challengesGoToTheChallengePortAndEverythingElseToTheApp() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startApp()
+        try net.startApp(port: 12348, tag: "acme-client", address: "127.0.0.1")
+        #expect(try net.leRedirect("begin").status == 0)
+        for address in [Self.v4, Self.v6] {
+            #expect(try net.httpClient("get", address, "/.well-known/acme-challenge/tok_1-A") == "200 acme-client challenge tok_1-A")
+            #expect(try net.httpClient("get", address, "/") == "200 app \(address)")
+        }
+        let counters = try #require(try net.status()["counters"] as? [String: Int])
+        #expect(counters["challenges"] == 2)
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok_1-A") == "200 app challenge tok_1-A")
+    }
+
+    @Test func challengesGoToAChallengeURL() throws {
+        let net = try TestNetwork(ruleset: "empty")
+        defer { net.close() }
+        try net.startApp()
+        try net.startApp(port: 9000, tag: "acme-node")
+        #expect(try net.leRedirect("begin", "--challenge-url", "http://[\(Self.v6)]:9000").status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/abc") == "200 acme-node challenge abc")
+        #expect(try net.httpClient("get", Self.v4, "/index") == "200 app \(Self.v4)")
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
+    @Test func challengesFromAWebroot() throws {
+        let net = try TestNetwork(ruleset: "empty")
+        defer { net.close() }
+        try net.startApp()
+        let webroot = net.stateDirectory + "-nginx/webroot"
+        try FileManager.default.createDirectory(atPath: webroot + "/.well-known/acme-challenge", withIntermediateDirectories: true)
+        try "tokA.thumb".write(toFile: webroot + "/tokA", atomically: true, encoding: .utf8)
+        try "tokB.thumb".write(toFile: webroot + "/.well-known/acme-challenge/tokB", atomically: true, encoding: .utf8)
+        try "secret".write(toFile: net.stateDirectory + "-nginx/secret", atomically: true, encoding: .utf8)
+        #expect(try net.leRedirect("begin", "--webroot", webroot).status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tokA") == "200 tokA.thumb")
+        #expect(try net.httpClient("get", Self.v6, "/.well-known/acme-challenge/tokB") == "200 tokB.thumb")
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/missing") == "404 unknown ACME challenge token")
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/../secret") == "404 unknown ACME challenge token")
+        #expect(try net.httpClient("get", Self.v4, "/") == "200 app \(Self.v4)")
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
+    /// --in-memory: the redirect is armed only while a token is registered, so between challenges
+    /// new connections reach the app directly.
+    @Test func inMemoryTokensArmTheRedirectPerChallenge() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startApp()
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--in-memory").status == 0)
+        #expect(try net.status()["armed"] as? Bool == false)
+        // Not armed: the app answers even the challenge path.
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok") == "200 app challenge tok")
+        let add = try net.leRedirect("challenge", "add", "tok", "tok.thumbprint")
+        #expect(add.status == 0, "\(add)")
+        #expect(try net.status()["armed"] as? Bool == true)
+        for address in [Self.v4, Self.v6] {
+            #expect(try net.httpClient("get", address, "/.well-known/acme-challenge/tok") == "200 tok.thumbprint")
+            #expect(try net.httpClient("get", address, "/.well-known/acme-challenge/other") == "404 unknown ACME challenge token")
+            #expect(try net.httpClient("get", address, "/") == "200 app \(address)")
+        }
+        #expect(try net.leRedirect("challenge", "remove", "tok").status == 0)
+        #expect(try net.status()["armed"] as? Bool == false)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok") == "200 app challenge tok")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    /// certbot --manual hooks: the auth hook begins a session armed for its token, the cleanup hook
+    /// ends it with the last one.
+    @Test func certbotManualHooksMakeAWindowOneChallengeLong() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startApp()
+        let before = try net.ruleset()
+        let env = ["CERTBOT_TOKEN": "T0k-en_", "CERTBOT_VALIDATION": "T0k-en_.thumb", "CERTBOT_DOMAIN": "example.test"]
+        let auth = try net.exec(net.host, [Paths.binary, "challenge", "certbot-auth"], environment: env)
+        #expect(auth.status == 0, "\(auth)")
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/T0k-en_") == "200 T0k-en_.thumb")
+        let cleanup = try net.exec(net.host, [Paths.binary, "challenge", "certbot-cleanup"], environment: env)
+        #expect(cleanup.status == 0, "\(cleanup)")
+        #expect(try net.status()["active"] as? Bool == false)
+        #expect(try net.ruleset() == before)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/T0k-en_") == "200 app challenge T0k-en_")
+    }
+
+    /// Connections to the proxy port that did not come through the redirect are closed at once.
+    @Test func theProxyServesOnlyRedirectedConnections() throws {
+        let net = try TestNetwork(ruleset: "empty")
+        defer { net.close() }
+        try net.startApp()
+        #expect(try net.leRedirect("begin").status == 0)
+        #expect(try net.httpClient("raw", Self.v4, "12347", from: net.host) == "closed")
+        #expect(try net.httpClient("raw", "::1", "12347", from: net.host) == "closed")
+        #expect(try net.httpClient("raw", Self.v4, "12347") == "closed")
+        let counters = try #require(try net.status()["counters"] as? [String: Int])
+        #expect(counters["refused"] == 3)
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
+    /// An app behind another DNAT (a container's published port): the proxy connects to the
+    /// original destination, and the host's own DNAT takes it on from there.
+    @Test func theOriginalDestinationSurvivesASecondDNAT() throws {
+        let net = try TestNetwork(ruleset: "empty", router: true)
+        defer { net.close() }
+        try net.startApp(tag: "container", in: net.server!)
+        let dnat = """
+            table ip published {
+              chain pre { type nat hook prerouting priority dstnat; ip daddr \(Self.v4) tcp dport 80 dnat to 10.98.0.2:80; }
+              chain out { type nat hook output priority -100; ip daddr \(Self.v4) tcp dport 80 dnat to 10.98.0.2:80; }
+              chain post { type nat hook postrouting priority srcnat; ip daddr 10.98.0.2 masquerade; }
+            }
+            """
+        let file = net.stateDirectory + "-published.nft"
+        try dnat.write(toFile: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        #expect(try net.exec(net.host, ["nft", "-f", file]).status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))
+        #expect(try net.leRedirect("begin", "--in-memory").status == 0)
+        #expect(try net.leRedirect("challenge", "add", "t", "t.k").status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/t") == "200 t.k")
+        #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))
+    }
+
+    /// Invariant 2 across end: keep-alive and connection-close load, IPv4 and IPv6, sees no
+    /// socket error and no non-2xx answer while the redirect goes and the proxy drains.
+    @Test(arguments: [(Self.v4, true), (Self.v4, false), (Self.v6, true), (Self.v6, false)])
+    func drainUnderLoadHasZeroErrors(address: String, keepAlive: Bool) throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startNginx()
+        #expect(try net.leRedirect("begin").status == 0)
+        let url = address.contains(":") ? "http://[\(address)]/static" : "http://\(address)/static"
+        let log = net.stateDirectory + "-nginx/wrk.log"
+        let fd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        defer { Glibc.close(fd) }
+        let wrk = try spawn(
+            ["ip", "netns", "exec", net.client, "wrk", "-t2", "-c32", "-d3s"] + (keepAlive ? [] : ["-H", "Connection: close"]) + [url],
+            stdout: fd, stderr: fd)
+        usleep(1_500_000)
+        let status = try net.status()
+        let end = try net.leRedirect("end")
+        #expect(end.status == 0, "\(end)")
+        var code: Int32 = 0
+        waitpid(wrk, &code, 0)
+        let output = try String(contentsOfFile: log, encoding: .utf8)
+        #expect(code == 0, "\(output)")
+        #expect(output.contains("requests in"), "\(output)")
+        #expect(!output.contains("Socket errors"), "\(output)")
+        #expect(!output.contains("Non-2xx"), "\(output)")
+        let counters = try #require(status["counters"] as? [String: Int])
+        #expect(counters["requests"]! > 100, "the load went through the proxy: \(status)")
+    }
+}
