@@ -88,7 +88,8 @@ extension le_endpoint {
         var copy = self
         return withUnsafeBytes(of: &copy.addr) { raw in
             inet_ntop(family, raw.baseAddress, &buffer, socklen_t(buffer.count))
-            return String(cString: buffer)
+            let length = buffer.firstIndex(of: 0) ?? buffer.count
+            return String(decoding: buffer[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
         }
     }
 }
