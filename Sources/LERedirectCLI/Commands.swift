@@ -203,7 +203,7 @@ struct Status: ParsableCommand {
         if let packets = status.redirectedPackets { print("redirected connections: \(packets)") }
         if let responding = status.responding { print("responding: \(responding ? "yes" : "no")") }
         if let proxy = status.proxy { print("proxy: \(proxy)\(status.proxyPhase.map { " (\($0))" } ?? "")") }
-        if let source = status.challengeSource { print("challenges: \(source)") }
+        if let source = status.challengeSource { print("challenge source: \(source)") }
         if let armed = status.armed { print("armed: \(armed ? "yes" : "no")") }
         for (name, value) in status.counters { print("\(name): \(value)") }
         if let note = status.note { print("note: \(note)") }

@@ -41,22 +41,25 @@ struct OutBuffer: ~Copyable {
         bytes.withUnsafeBytes { append($0.baseAddress!, $0.count) }
     }
 
-    /// Writes as much as the socket takes. Returns false on a hard error (errno set).
-    mutating func flush(to fd: Int32) -> (ok: Bool, written: Int) {
-        var written = 0
-        while start < end {
-            let n = send(fd, storage! + start, end - start, Int32(MSG_NOSIGNAL))
-            if n > 0 {
-                start += n
-                written += n
-                continue
-            }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return (true, written) }
-            return (false, written)
+    /// Sends `bytes` now if nothing is waiting before them; what the socket does not take (or
+    /// everything, when bytes are already waiting) is kept. False on a hard error.
+    mutating func write(_ bytes: UnsafeRawPointer, _ n: Int, to fd: Int32) -> Bool {
+        guard isEmpty else {
+            append(bytes, n)
+            return true
         }
-        release()
-        return (true, written)
+        guard let sent = sendSome(fd, bytes, n) else { return false }
+        append(bytes + sent, n - sent)
+        return true
+    }
+
+    /// Writes as much of what is waiting as the socket takes. False on a hard error.
+    mutating func flush(to fd: Int32) -> Bool {
+        guard let storage, start < end else { return true }
+        guard let sent = sendSome(fd, storage + start, end - start) else { return false }
+        start += sent
+        if start == end { release() }
+        return true
     }
 
     mutating func release() {
@@ -66,6 +69,24 @@ struct OutBuffer: ~Copyable {
         start = 0
         end = 0
     }
+}
+
+/// Sends until done or the socket is full: the count sent, or nil on a hard error (errno set).
+private func sendSome(_ fd: Int32, _ bytes: UnsafeRawPointer, _ n: Int) -> Int? {
+    var sent = 0
+    while sent < n {
+        let w = send(fd, bytes + sent, n - sent, Int32(MSG_NOSIGNAL))
+        if w > 0 {
+            sent += w
+        } else if w < 0 && errno == EINTR {
+            continue
+        } else if w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+            break
+        } else {
+            return nil
+        }
+    }
+    return sent
 }
 
 /// A request or response head that arrived in pieces, kept until its blank line arrives.

@@ -207,7 +207,7 @@ final class ValidationProxy: @unchecked Sendable {
                 }
             }
         }
-        for case let relay? in slots { close(relay, 1) }
+        for case let relay? in slots { close(relay) }
         closeAll()
         counters.phase.store(2, ordering: .relaxed)
     }
@@ -288,7 +288,7 @@ final class ValidationProxy: @unchecked Sendable {
     private func handle(_ r: Relay, upstreamSide: Bool, events: UInt32) {
         if upstreamSide && r.upstream < 0 { return }  // an event for an upstream closed earlier in this batch
         if events & Epoll.error != 0 && !(upstreamSide && r.connecting) {
-            close(r, 2)  // a reset: neither side can be served further
+            close(r)  // a reset: neither side can be served further
             return
         }
         let readable = events & (Epoll.readable | Epoll.hangUp | Epoll.error) != 0
@@ -337,17 +337,17 @@ final class ValidationProxy: @unchecked Sendable {
         // EOF or error from the client.
         r.clientEOF = true
         if n < 0 || r.lingering || r.upstream < 0 {
-            close(r, 3)
+            close(r)
             return
         }
         if r.request.state == .head && !r.request.head.isEmpty {
             // A head cut short: nothing sensible can reach the app.
-            close(r, 4)
+            close(r)
             return
         }
         // Half-close: pass it on once what is buffered for the app is written.
         if r.toUpstream.isEmpty && !r.connecting { shutdownUpstreamWrite(r) }
-        if r.upstreamEOF && r.toClient.isEmpty { close(r, 5) }
+        if r.upstreamEOF && r.toClient.isEmpty { close(r) }
     }
 
     private func readUpstream(_ r: Relay) {
@@ -360,7 +360,7 @@ final class ValidationProxy: @unchecked Sendable {
         if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
         r.upstreamEOF = true
         if n < 0 {
-            close(r, 6)
+            close(r)
             return
         }
         if r.response.state == .untilClose { responseComplete(r) }
@@ -368,7 +368,7 @@ final class ValidationProxy: @unchecked Sendable {
         if r.opaque {
             // A half-close of an opaque stream: the client may still send.
             if r.toClient.isEmpty { shutdownClientWrite(r) }
-            if r.clientEOF && r.toClient.isEmpty { close(r, 7) }
+            if r.clientEOF && r.toClient.isEmpty { close(r) }
             return
         }
         // The app closed: the client gets what was sent, then the end of the connection.
@@ -428,7 +428,7 @@ final class ValidationProxy: @unchecked Sendable {
             case .chunked:
                 let end: Int?
                 do { end = try r.request.chunks.scan(bytes, from: i) } catch {
-                    close(r, 8)  // the app would see a broken body: nothing sensible to relay
+                    close(r)  // the app would see a broken body: nothing sensible to relay
                     return
                 }
                 let stop = end ?? bytes.count
@@ -527,9 +527,9 @@ final class ValidationProxy: @unchecked Sendable {
             defer { closeDescriptor(fd) }
             var st = stat()
             guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_size <= 65536 else { continue }
-            if let bytes = try? readFile("/proc/self/fd/\(fd)", maxBytes: 65536) {
-                return String(decoding: bytes, as: UTF8.self)
-            }
+            var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n == bytes.count { return String(decoding: bytes, as: UTF8.self) }
         }
         return nil
     }
@@ -540,7 +540,7 @@ final class ValidationProxy: @unchecked Sendable {
         let fd = le_tcp_connect(&to, &inProgress)
         guard fd >= 0 else {
             logger.debug("connecting to \(to.addressText):\(to.port): \(errnoText(errno))")
-            localResponse(r, status: 502, "Bad Gateway", body: "the application did not accept the connection\n")
+            localResponse(r, status: 502, "Bad Gateway", body: Self.refusedText(r))
             return false
         }
         r.upstream = fd
@@ -557,14 +557,17 @@ final class ValidationProxy: @unchecked Sendable {
     private func upstreamFailed(_ r: Relay, _ error: Int32) {
         logger.debug("connecting to the upstream: \(errnoText(error))")
         if r.response.state == .head && r.outstanding.count == 1 && r.toClient.isEmpty && r.bytesToClient == 0 {
-            closeDescriptor(r.upstream)
-            r.upstream = -1
-            r.connecting = false
-            r.toUpstream.release()
-            localResponse(r, status: 502, "Bad Gateway", body: "the application did not accept the connection\n")
+            closeUpstream(r)
+            localResponse(r, status: 502, "Bad Gateway", body: Self.refusedText(r))
         } else {
-            close(r, 9)
+            close(r)
         }
+    }
+
+    private static func refusedText(_ r: Relay) -> String {
+        r.toChallengeServer
+            ? "the ACME client's challenge server did not accept the connection\n"
+            : "the application did not accept the connection\n"
     }
 
     // MARK: App to client: response framing
@@ -705,13 +708,7 @@ final class ValidationProxy: @unchecked Sendable {
         if !headOnly { bytes += bodyBytes }
         r.request.state = .stopped
         r.response.state = .stopped
-        if r.upstream >= 0 {
-            _ = le_epoll_ctl(epoll, Epoll.delete, r.upstream, 0, 0)
-            closeDescriptor(r.upstream)
-            r.upstream = -1
-            r.connecting = false
-            r.toUpstream.release()
-        }
+        closeUpstream(r)
         bytes.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
         finishClient(r)
     }
@@ -720,17 +717,20 @@ final class ValidationProxy: @unchecked Sendable {
     /// it still sends is read and dropped for a moment (no reset), then the connection closes.
     private func finishClient(_ r: Relay) {
         flushRun()
-        if r.upstream >= 0 {
-            _ = le_epoll_ctl(epoll, Epoll.delete, r.upstream, 0, 0)
-            closeDescriptor(r.upstream)
-            r.upstream = -1
-            r.connecting = false
-            r.toUpstream.release()
-        }
+        closeUpstream(r)
         r.lingering = true
         r.deadline = now + Self.lingerTime
         if r.toClient.isEmpty { shutdownClientWrite(r) }
-        if r.clientEOF && r.toClient.isEmpty { close(r, 10) }
+        if r.clientEOF && r.toClient.isEmpty { close(r) }
+    }
+
+    private func closeUpstream(_ r: Relay) {
+        guard r.upstream >= 0 else { return }
+        closeDescriptor(r.upstream)  // closing also takes it out of epoll
+        r.upstream = -1
+        r.connecting = false
+        r.upstreamInterest = 0
+        r.toUpstream.release()
     }
 
     private func shutdownClientWrite(_ r: Relay) {
@@ -745,9 +745,8 @@ final class ValidationProxy: @unchecked Sendable {
         _ = shutdown(r.upstream, Int32(SHUT_WR))
     }
 
-    private func close(_ r: Relay, _ site: Int = 0) {
+    private func close(_ r: Relay) {
         guard !r.closed else { return }
-        if logger.logLevel <= .trace { logger.trace("close", metadata: ["site": "\(site)", "outstanding": "\(r.outstanding.count)", "deadline": "\(r.deadline - now)"]) }
         if let pending = pendingRun, pending.relay === r { pendingRun = nil }
         r.closed = true
         closeDescriptor(r.client)
@@ -800,23 +799,11 @@ final class ValidationProxy: @unchecked Sendable {
 
     private func sendUpstream(_ r: Relay, _ p: UnsafeRawPointer, _ n: Int) {
         guard r.upstream >= 0 else { return }
-        if r.connecting || !r.toUpstream.isEmpty {
+        if r.connecting {
             r.toUpstream.append(p, n)
-            return
+        } else if !r.toUpstream.write(p, n, to: r.upstream) {
+            close(r)
         }
-        var sent = 0
-        while sent < n {
-            let w = Glibc.send(r.upstream, p + sent, n - sent, Int32(MSG_NOSIGNAL))
-            if w > 0 {
-                sent += w
-                continue
-            }
-            if w < 0 && errno == EINTR { continue }
-            if w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { break }
-            close(r, 11)
-            return
-        }
-        if sent < n { r.toUpstream.append(p + sent, n - sent) }
     }
 
     private func toClient(_ r: Relay, _ p: UnsafeRawPointer, _ n: Int) {
@@ -828,38 +815,20 @@ final class ValidationProxy: @unchecked Sendable {
     }
 
     private func sendClient(_ r: Relay, _ p: UnsafeRawPointer, _ n: Int) {
-        if !r.toClient.isEmpty {
-            r.toClient.append(p, n)
-            return
-        }
-        var sent = 0
-        while sent < n {
-            let w = Glibc.send(r.client, p + sent, n - sent, Int32(MSG_NOSIGNAL))
-            if w > 0 {
-                sent += w
-                continue
-            }
-            if w < 0 && errno == EINTR { continue }
-            if w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { break }
-            close(r, 12)
-            return
-        }
-        if sent < n { r.toClient.append(p + sent, n - sent) }
+        if !r.toClient.write(p, n, to: r.client) { close(r) }
     }
 
     private func flushUpstream(_ r: Relay) {
-        let (ok, _) = r.toUpstream.flush(to: r.upstream)
-        guard ok else { return close(r, 13) }
+        guard r.toUpstream.flush(to: r.upstream) else { return close(r) }
         if r.toUpstream.isEmpty && r.clientEOF { shutdownUpstreamWrite(r) }
     }
 
     private func flushClient(_ r: Relay) {
-        let (ok, _) = r.toClient.flush(to: r.client)
-        guard ok else { return close(r, 14) }
+        guard r.toClient.flush(to: r.client) else { return close(r) }
         guard r.toClient.isEmpty else { return }
         if r.lingering || r.upstreamEOF { shutdownClientWrite(r) }
         if r.closed { return }
-        if r.clientEOF && (r.lingering || r.upstreamEOF) { close(r, 15) }
+        if r.clientEOF && (r.lingering || r.upstreamEOF) { close(r) }
     }
 
     /// Reads a side only while what it sent last has been written on (back-pressure).
@@ -871,32 +840,27 @@ final class ValidationProxy: @unchecked Sendable {
             client |= Epoll.readable
         }
         if !r.toClient.isEmpty { client |= Epoll.writable }
-        if client != r.clientInterest {
-            if r.clientInterest == Relay.parked {
-                if client != 0 { _ = le_epoll_ctl(epoll, Epoll.add, r.client, client, r.tag(upstream: false)) }
-                if client != 0 { r.clientInterest = client }
-            } else {
-                _ = le_epoll_ctl(epoll, Epoll.modify, r.client, client, r.tag(upstream: false))
-                r.clientInterest = client
-            }
-        }
+        setInterest(r.client, &r.clientInterest, client, tag: r.tag(upstream: false))
         guard r.upstream >= 0 else { return }
         var upstream: UInt32 = 0
         if r.connecting || !r.toUpstream.isEmpty { upstream |= Epoll.writable }
         if !r.connecting && !r.upstreamEOF && r.toClient.isEmpty && r.response.state != .stopped {
             upstream |= Epoll.readable
         }
-        if upstream != r.upstreamInterest {
-            if r.upstreamInterest == Relay.parked {
-                if upstream != 0 {
-                    _ = le_epoll_ctl(epoll, Epoll.add, r.upstream, upstream, r.tag(upstream: true))
-                    r.upstreamInterest = upstream
-                }
-            } else {
-                _ = le_epoll_ctl(epoll, Epoll.modify, r.upstream, upstream, r.tag(upstream: true))
-                r.upstreamInterest = upstream
-            }
+        setInterest(r.upstream, &r.upstreamInterest, upstream, tag: r.tag(upstream: true))
+    }
+
+    /// Changes what epoll reports for `fd` only when it differs; a parked descriptor (see
+    /// `handle`) comes back once there is something to wait for.
+    private func setInterest(_ fd: Int32, _ current: inout UInt32, _ desired: UInt32, tag: UInt64) {
+        guard desired != current else { return }
+        if current == Relay.parked {
+            guard desired != 0 else { return }
+            _ = le_epoll_ctl(epoll, Epoll.add, fd, desired, tag)
+        } else {
+            _ = le_epoll_ctl(epoll, Epoll.modify, fd, desired, tag)
         }
+        current = desired
     }
 
     // MARK: Timers and drain
@@ -904,7 +868,7 @@ final class ValidationProxy: @unchecked Sendable {
     private func sweep() {
         for case let r? in slots where r.deadline <= now {
             if r.lingering || !draining || r.opaque || r.outstanding.isEmpty {
-                close(r, 16)
+                close(r)
             }
         }
     }

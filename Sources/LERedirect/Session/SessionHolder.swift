@@ -232,21 +232,9 @@ final class SessionHolder: @unchecked Sendable {
                     reason = .requested
                     break loop
                 case .challengeAdd(let token, let keyAuthorization):
-                    do {
-                        let count = try addChallenge(token, keyAuthorization)
-                        ControlChannel.send(client, lines: challengeLines(count))
-                    } catch {
-                        ControlChannel.send(client, lines: [], error: error)
-                    }
-                    closeDescriptor(client)
+                    answerChallenge(client) { () throws(LERedirectError) in try addChallenge(token, keyAuthorization) }
                 case .challengeRemove(let token):
-                    do {
-                        let count = try removeChallenge(token)
-                        ControlChannel.send(client, lines: challengeLines(count))
-                    } catch {
-                        ControlChannel.send(client, lines: [], error: error)
-                    }
-                    closeDescriptor(client)
+                    answerChallenge(client) { () throws(LERedirectError) in try removeChallenge(token) }
                 case nil:
                     closeDescriptor(client)
                 }
@@ -326,8 +314,20 @@ final class SessionHolder: @unchecked Sendable {
 
     var isArmed: Bool { armed.withLock { $0 } }
 
-    private func challengeLines(_ count: Int) -> [(String, String)] {
-        [("tokens", "\(count)"), ("armed", isArmed ? "yes" : "no"), ("ends-with-last-token", endsWithLastToken ? "yes" : "no")]
+    /// Answers a `challenge-add` / `challenge-remove` client with the tokens left and the arming.
+    private func answerChallenge(_ client: Int32, _ change: () throws(LERedirectError) -> Int) {
+        do {
+            let count = try change()
+            ControlChannel.send(
+                client,
+                lines: [
+                    ("tokens", "\(count)"), ("armed", isArmed ? "yes" : "no"),
+                    ("ends-with-last-token", endsWithLastToken ? "yes" : "no"),
+                ])
+        } catch {
+            ControlChannel.send(client, lines: [], error: error)
+        }
+        closeDescriptor(client)
     }
 
     /// Registers a token; the first one arms a redirect that is armed per challenge. Returns how

@@ -154,8 +154,7 @@ package enum HTTPHead {
 
     /// `head` without the fields named in `dropping` (lower-case), with `adding` (each "Name: value")
     /// before the blank line. Line endings of kept lines are kept as they were.
-    package static func rewrite(_ head: UnsafeRawBufferPointer, dropping: [String], adding: [String]) -> [UInt8] {
-        let names = dropping.map { Array($0.utf8) }
+    package static func rewrite(_ head: UnsafeRawBufferPointer, dropping names: [StaticString], adding: [String]) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(head.count + adding.reduce(0) { $0 + $1.utf8.count + 2 })
         var lines = LineCursor(head)
@@ -303,17 +302,6 @@ package enum HTTPHead {
         guard end - start == literal.utf8CodeUnitCount else { return false }
         let p = literal.utf8Start
         for i in 0..<(end - start) where head[start + i] != p[i] { return false }
-        return true
-    }
-
-    @inline(__always)
-    private static func equalsLowercased(_ head: UnsafeRawBufferPointer, _ start: Int, _ end: Int, _ lower: [UInt8]) -> Bool {
-        guard end - start == lower.count else { return false }
-        for i in 0..<lower.count {
-            var b = head[start + i]
-            if b >= 65 && b <= 90 { b |= 0x20 }
-            if b != lower[i] { return false }
-        }
         return true
     }
 
