@@ -19,6 +19,11 @@ let package = Package(
             pkgConfig: "libnftnl",
             providers: [.apt(["libnftnl-dev", "libmnl-dev"])]
         ),
+        .systemLibrary(
+            name: "CIPTables",
+            pkgConfig: "libiptc",
+            providers: [.apt(["libiptc-dev"])]
+        ),
         .target(name: "CLERedirectShim"),
 
         // Pure Swift model: plans, journal, durations, errors, the backend protocol and its fake.
@@ -28,7 +33,7 @@ let package = Package(
         .target(
             name: "LERedirect",
             dependencies: [
-                "LERedirectModel", "CNetfilter", "CLERedirectShim",
+                "LERedirectModel", "CNetfilter", "CIPTables", "CLERedirectShim",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -30,7 +30,8 @@ struct BeginOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Longest life of the redirect (e.g. 15m, 900s, 1h).", valueName: "duration"), transform: parseDuration)
     var ttl: Duration = .seconds(900)
 
-    @Option(help: "auto, nftables or iptables-legacy.")
+    @Option(
+        help: "Where the redirect lives: auto (what `le-redirect detect` picks), nftables or iptables-legacy. The scoped accepts go into the input chains of both systems either way.")
     var backend: String = "auto"
 
     @Option(
@@ -207,6 +208,38 @@ struct Status: ParsableCommand {
         if let armed = status.armed { print("armed: \(armed ? "yes" : "no")") }
         for (name, value) in status.counters { print("\(name): \(value)") }
         if let note = status.note { print("note: \(note)") }
+    }
+}
+
+struct Detect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show which system holds this host's firewall, the evidence, and what begin would do. Changes nothing.",
+        discussion: """
+            Reads nftables (telling tables written for nft from those iptables-nft manages) and iptables-legacy \
+            (x_tables), and prints their tables and chains with hooks, priorities, policies and rule counts, \
+            where begin would put the redirect and why, and begin's commits in order. Exits 1 when begin \
+            would refuse.
+            """)
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    @Option(help: "The port to take over.")
+    var port: Int = 80
+
+    @Option(name: .customLong("proxy-port"), help: "The local port that receives the redirected connections.")
+    var proxyPort: Int = 12347
+
+    @Option(help: "auto, nftables or iptables-legacy.")
+    var backend: String = "auto"
+
+    func run() throws {
+        guard let choice = BackendChoice(rawValue: backend) else {
+            throw LERedirectError(.invalidArgument, "--backend '\(backend)' is not a backend: use auto, nftables or iptables-legacy")
+        }
+        let report = try Session.detect(TakeoverOptions(port: port, proxyPort: proxyPort, backend: choice, proxy: .external))
+        print(json ? report.json.rendered(pretty: true) : report.text)
+        if case .failure = report.plan { throw ExitCode(1) }
     }
 }
 

@@ -1,9 +1,11 @@
 import Synchronization
 
-/// An in-memory nf_tables for unit tests: the state one network namespace's kernel would hold,
-/// shared by every `FakeFirewall` connection made to it. It keeps the kernel's semantics that the
-/// session logic depends on: atomic commits that roll back whole, generations, per-table handles,
-/// owned tables that only their connection may change and that die with it.
+/// An in-memory nf_tables (or x_tables) for unit tests: the state one network namespace's kernel
+/// would hold for one system, shared by every `FakeFirewall` connection made to it. It keeps the
+/// kernel's semantics that the session logic depends on: atomic commits that roll back whole,
+/// generations, per-table handles, owned tables that only their connection may change and that die
+/// with it; and for x_tables: no handles, no generation, one table per commit, tables that commits
+/// never create.
 package final class FakeKernel: Sendable {
     package struct Rule: Hashable, Sendable {
         package var handle: UInt64
@@ -56,7 +58,9 @@ package final class FakeKernel: Sendable {
     /// When set, the next commit is applied but reports `.outcomeUnknown`, as a lost netlink reply would.
     let loseReply = Mutex(false)
 
-    package init() {}
+    package let system: FirewallSystem
+
+    package init(_ system: FirewallSystem = .nftables) { self.system = system }
 
     package func loseNextReply() { loseReply.withLock { $0 = true } }
 
@@ -100,6 +104,20 @@ package final class FakeKernel: Sendable {
                 Rule(handle: handle, text: full, fingerprint: RuleFingerprint(hashing: full.utf8), comment: comment))
             s.generation &+= 1
             return RuleLocation(chain, handle: handle)
+        }
+    }
+
+    /// Appends a rule identical to the one le-redirect inserts for `spec` (one a host kept from an
+    /// earlier session, say).
+    package func addRule(_ chain: ChainRef, _ spec: RuleSpec) {
+        state.withLock { s in
+            let t = s.tables.firstIndex(where: { $0.ref == chain.table })!
+            let c = s.tables[t].chains.firstIndex(where: { $0.info.ref == chain })!
+            let handle = s.tables[t].nextHandle
+            s.tables[t].nextHandle += 1
+            s.tables[t].chains[c].rules.append(
+                Rule(handle: handle, text: spec.description, fingerprint: FakeFirewall.fingerprint(spec, chain.table.family), comment: ruleTag))
+            s.generation &+= 1
         }
     }
 
@@ -181,8 +199,11 @@ package final class FakeKernel: Sendable {
             body(self)
         }
         let fault = self.fault.withLock { $0 }
+        if system == .iptablesLegacy, Set(changes.map(\.table)).count > 1 {
+            throw FirewallError(.other, doing: "committing", detail: "an x_tables commit replaces one table")
+        }
         let result: Result<[InsertedRule], FirewallError> = state.withLock { s in
-            if let generation, generation != s.generation {
+            if system == .nftables, let generation, generation != s.generation {
                 return .failure(FirewallError(.generationChanged, doing: "committing", detail: "generation changed"))
             }
             var next = s  // applied to a copy: a failure leaves `s` as it was
@@ -190,7 +211,9 @@ package final class FakeKernel: Sendable {
             for change in changes {
                 if let error = fault?(change) { return .failure(error) }
                 do throws(FirewallError) {
-                    if let rule = try Self.apply(change, to: &next, connection: connection) { inserted.append(rule) }
+                    if let rule = try Self.apply(change, to: &next, connection: connection, system: system) {
+                        inserted.append(rule)
+                    }
                 } catch {
                     return .failure(error)
                 }
@@ -206,9 +229,15 @@ package final class FakeKernel: Sendable {
         return inserted
     }
 
-    private static func apply(_ change: FirewallChange, to s: inout State, connection: Int) throws(FirewallError)
-        -> InsertedRule?
-    {
+    private static func apply(
+        _ change: FirewallChange, to s: inout State, connection: Int, system: FirewallSystem
+    ) throws(FirewallError) -> InsertedRule? {
+        if system == .iptablesLegacy {
+            switch change {
+            case .insertRule, .deleteMatching: break
+            default: throw FirewallError(.unsupported, doing: "\(change)", detail: "x_tables has no such object")
+            }
+        }
         func table(_ ref: TableRef) throws(FirewallError) -> Int {
             guard let t = s.tables.firstIndex(where: { $0.ref == ref }) else {
                 throw FirewallError(.notFound, doing: "\(change)", detail: "No such file or directory")
@@ -263,7 +292,7 @@ package final class FakeKernel: Sendable {
             let fingerprint = FakeFirewall.fingerprint(spec, ref.table.family)
             s.tables[t].chains[c].rules.insert(
                 Rule(handle: handle, text: spec.description, fingerprint: fingerprint, comment: ruleTag), at: 0)
-            return InsertedRule(RuleLocation(ref, handle: handle), fingerprint: fingerprint)
+            return InsertedRule(ref, handle: system == .nftables ? handle : nil, fingerprint: fingerprint)
         case .deleteTable(let ref):
             let t = try table(ref)
             s.tables.remove(at: t)
@@ -274,18 +303,35 @@ package final class FakeKernel: Sendable {
                 throw FirewallError(.notFound, doing: "\(change)", detail: "No such file or directory")
             }
             s.tables[t].chains[c].rules.remove(at: r)
+        case .deleteMatching(let ref, let fingerprint, let count):
+            let t = try table(ref.table)
+            let c = try chain(ref, t)
+            for _ in 0..<count {
+                guard let r = s.tables[t].chains[c].rules.firstIndex(where: { $0.fingerprint == fingerprint }) else {
+                    throw FirewallError(.notFound, doing: "\(change)", detail: "Bad rule (does a matching rule exist in that chain?)")
+                }
+                s.tables[t].chains[c].rules.remove(at: r)
+            }
         }
         return nil
     }
 
     func snapshot(connection: Int) -> FirewallSnapshot {
         state.withLock { s in
-            FirewallSnapshot(
-                generation: s.generation,
+            let legacy = system == .iptablesLegacy
+            return FirewallSnapshot(
+                generation: legacy ? 0 : s.generation,
                 tables: s.tables.map {
                     HostTable($0.ref, ownedByAnotherProcess: $0.owner != nil && $0.owner != connection)
                 },
-                chains: s.tables.flatMap { $0.chains.map(\.info) })
+                chains: s.tables.flatMap {
+                    $0.chains.map { chain in
+                        var info = chain.info
+                        if legacy { info.rules = chain.rules.count }
+                        return info
+                    }
+                },
+                families: legacy ? [.ip, .ip6] : [.ip, .ip6, .inet], ownedTables: !legacy)
         }
     }
 
@@ -294,7 +340,11 @@ package final class FakeKernel: Sendable {
             guard let t = s.tables.first(where: { $0.ref == chain.table }),
                 let c = t.chains.first(where: { $0.info.ref == chain })
             else { return nil }
-            return c.rules.map { ObservedRule(RuleLocation(chain, handle: $0.handle), fingerprint: $0.fingerprint, comment: $0.comment) }
+            return c.rules.enumerated().map { position, rule in
+                ObservedRule(
+                    RuleLocation(chain, handle: system == .nftables ? rule.handle : UInt64(position + 1)),
+                    fingerprint: rule.fingerprint, comment: rule.comment)
+            }
         }
     }
 }
@@ -310,7 +360,11 @@ package final class FakeFirewall: Firewall, Sendable {
         self.connection = connection
     }
 
-    package var backendName: String { "nftables" }
+    package var system: FirewallSystem { kernel.system }
+
+    package func exclusively<T>(_ body: () throws(LERedirectError) -> T) throws(LERedirectError) -> T {
+        try body()
+    }
 
     static func fingerprint(_ spec: RuleSpec, _ family: Family) -> RuleFingerprint {
         RuleFingerprint(hashing: "\(family) \(spec)".utf8)
@@ -350,6 +404,11 @@ package final class FakeFirewall: Firewall, Sendable {
 
     package func redirectedPackets() throws(FirewallError) -> UInt64? {
         try checkOpen("reading the redirect counter")
+        if system == .iptablesLegacy {
+            let redirects = [Family.ip, .ip6].flatMap { kernel.observe(ChainRef($0, "nat", "PREROUTING")) ?? [] }
+                .filter { $0.comment == ruleTag }
+            return redirects.isEmpty ? nil : 0
+        }
         return kernel.observe(RedirectPlan.natChain)?.isEmpty == false ? 0 : nil
     }
 

@@ -34,18 +34,22 @@ package struct FirewallError: Error, Sendable, Hashable, CustomStringConvertible
 
 /// A connection to one firewall system of one network namespace. Every change goes through
 /// `commit`, which applies all of its changes or none: that is the backend's one place of atomicity.
+/// nftables commits one batch across any tables; x_tables replaces one table per commit, so its
+/// commits each touch one table.
 ///
 /// An owned table lives as long as the connection that created it; closing the connection (or the
 /// death of its process) makes the kernel delete it.
 package protocol Firewall: AnyObject {
-    /// "nftables" or "iptables-legacy", as recorded in the journal.
-    var backendName: String { get }
+    /// Which system this connection changes; the journal records it with every rule.
+    var system: FirewallSystem { get }
 
-    /// The generation, tables and chains; never rules.
+    /// The generation (nftables), tables and chains; never rules, except where the kernel hands out
+    /// whole tables anyway (x_tables), which count theirs.
     func snapshot() throws(FirewallError) -> FirewallSnapshot
 
     /// Applies `changes` atomically. With `generation`, refuses with `.generationChanged` when the
-    /// ruleset changed since that snapshot. Returns each inserted rule, in order.
+    /// ruleset changed since that snapshot (nftables; x_tables has no generation). Returns each
+    /// inserted rule, in order.
     func commit(_ changes: [FirewallChange], expecting generation: UInt32?) throws(FirewallError) -> [InsertedRule]
 
     /// The fingerprint the kernel will report for `spec` inserted into a chain of `family`.
@@ -54,12 +58,54 @@ package protocol Firewall: AnyObject {
     /// The rule at `location`, or nil when it, its chain or its table no longer exists.
     func rule(at location: RuleLocation) throws(FirewallError) -> ObservedRule?
 
-    /// Every rule of one chain (crash recovery and sweep only); empty when the chain is gone.
+    /// Every rule of one chain; empty when the chain is gone.
     func rules(in chain: ChainRef) throws(FirewallError) -> [ObservedRule]
 
-    /// Packets the redirect rule has sent to the proxy port, or nil when it does not exist.
+    /// Packets the redirect has sent to the proxy port, or nil when there is no redirect.
     func redirectedPackets() throws(FirewallError) -> UInt64?
+
+    /// Runs `body` while other programs that follow this system's convention are kept from changing
+    /// it (the xtables lock, which iptables takes too), so that what `body` reads still holds when it
+    /// commits. nftables needs no lock: its batches are refused when the generation moved.
+    func exclusively<T>(_ body: () throws(LERedirectError) -> T) throws(LERedirectError) -> T
 
     /// Closes the connection; owned tables die with it.
     func close()
+}
+
+extension Firewall {
+    /// Whether the kernel gives rules handles; without them rules are found and removed by content.
+    package var rulesHaveHandles: Bool { system == .nftables }
+}
+
+/// The connections a session works with: at most one per system, each present when that system
+/// can be read here.
+package struct Firewalls {
+    package var nftables: (any Firewall)?
+    package var iptablesLegacy: (any Firewall)?
+    /// Why a system could not be opened, for the messages that need it.
+    package var unavailable: [FirewallSystem: String]
+
+    package init(_ connections: [any Firewall], unavailable: [FirewallSystem: String] = [:]) {
+        self.unavailable = unavailable
+        for connection in connections {
+            switch connection.system {
+            case .nftables: nftables = connection
+            case .iptablesLegacy: iptablesLegacy = connection
+            }
+        }
+    }
+
+    package subscript(system: FirewallSystem) -> (any Firewall)? {
+        switch system {
+        case .nftables: nftables
+        case .iptablesLegacy: iptablesLegacy
+        }
+    }
+
+    package var all: [any Firewall] { [nftables, iptablesLegacy].compactMap { $0 } }
+
+    package func close() {
+        for connection in all { connection.close() }
+    }
 }

@@ -1,48 +1,67 @@
-/// The crash-recovery record of a session: written and fsync'd before the commit (phase `intent`)
-/// and rewritten with the kernel-assigned handles after it (phase `installed`). Whoever finds it
-/// with its holder dead removes exactly the rules it lists.
+/// The crash-recovery record of a session: written and fsync'd before each commit (phase
+/// `intent`) and rewritten once everything is in (phase `installed`). Whoever finds it with its
+/// holder dead removes exactly the rules it lists.
 ///
 /// The format is line-based text, one `key value` per line, checked by a CRC-32 on the last line; a
-/// journal that fails any check is reported as corrupt and never half-trusted.
+/// journal that fails any check is reported as corrupt and never half-trusted. Format 1 (nftables
+/// accepts only) is still read.
 package struct Journal: Hashable, Sendable {
-    package static let formatVersion = 1
+    package static let formatVersion = 2
     package static let magic = "le-redirect journal"
 
     package enum Phase: String, Sendable, Hashable {
-        /// The commit may or may not have happened; handles are not known.
+        /// Commits may or may not have happened; nftables handles are not all known.
         case intent
-        /// The commit happened; every accept's handle is recorded.
+        /// Every commit happened; every rule's handle (or count) is recorded.
         case installed
     }
 
     package var phase: Phase
     package var holder: ProcessIdentity
     package var namespace: NamespaceIdentity
-    package var backend: String
+    /// The system that holds the redirect.
+    package var backend: FirewallSystem
     package var port: UInt16
     package var proxyPort: UInt16
     package var proxy: String
     /// Unix time in milliseconds.
     package var createdAt: Int64
     package var expiresAt: Int64
-    package var accepts: [Entry]
+    /// Every rule the session inserts into chains it does not own, in the order of their commits.
+    package var rules: [Entry]
 
-    /// One scoped accept: where it was (or will be) inserted and what it is.
+    /// One rule: where it was (or will be) inserted, what it is, and how to tell it from the host's.
     package struct Entry: Hashable, Sendable {
+        package var system: FirewallSystem
+        package var kind: RuleKind
         package var chain: ChainRef
         package var fingerprint: RuleFingerprint
+        /// nftables: the kernel-assigned handle, once the commit reported it.
         package var handle: UInt64?
+        /// x_tables, whose rules have no handles: how many rules with this fingerprint the chain
+        /// held just before the commit that inserts it; nil while that commit is not prepared (so
+        /// it cannot have happened). Removal deletes whatever is above this count.
+        package var preexisting: Int?
 
-        package init(chain: ChainRef, fingerprint: RuleFingerprint, handle: UInt64? = nil) {
+        package init(
+            system: FirewallSystem = .nftables, kind: RuleKind = .accept, chain: ChainRef, fingerprint: RuleFingerprint,
+            handle: UInt64? = nil, preexisting: Int? = nil
+        ) {
+            self.system = system
+            self.kind = kind
             self.chain = chain
             self.fingerprint = fingerprint
             self.handle = handle
+            self.preexisting = preexisting
         }
+
+        /// Whether everything removal needs is recorded.
+        var isComplete: Bool { system == .nftables ? handle != nil : preexisting != nil }
     }
 
     package init(
-        phase: Phase, holder: ProcessIdentity, namespace: NamespaceIdentity, backend: String, port: UInt16,
-        proxyPort: UInt16, proxy: String, createdAt: Int64, expiresAt: Int64, accepts: [Entry]
+        phase: Phase, holder: ProcessIdentity, namespace: NamespaceIdentity, backend: FirewallSystem, port: UInt16,
+        proxyPort: UInt16, proxy: String, createdAt: Int64, expiresAt: Int64, rules: [Entry]
     ) {
         self.phase = phase
         self.holder = holder
@@ -53,8 +72,11 @@ package struct Journal: Hashable, Sendable {
         self.proxy = proxy
         self.createdAt = createdAt
         self.expiresAt = expiresAt
-        self.accepts = accepts
+        self.rules = rules
     }
+
+    /// The scoped accepts among the rules.
+    package var accepts: [Entry] { rules.filter { $0.kind == .accept } }
 
     package func encoded() -> String {
         var body = "\(Self.magic) \(Self.formatVersion)\n"
@@ -67,10 +89,11 @@ package struct Journal: Hashable, Sendable {
         body += "proxy \(proxy)\n"
         body += "created \(createdAt)\n"
         body += "expires \(expiresAt)\n"
-        for entry in accepts {
+        for entry in rules {
             let c = entry.chain
-            body += "accept \(c.table.family) \(Name.encode(c.table.name)) \(Name.encode(c.name)) "
-            body += "\(entry.fingerprint) \(entry.handle.map(String.init) ?? "-")\n"
+            body += "rule \(entry.system) \(entry.kind.rawValue) \(c.table.family) \(Name.encode(c.table.name)) "
+            body += "\(Name.encode(c.name)) \(entry.fingerprint) \(entry.handle.map(String.init) ?? "-") "
+            body += "\(entry.preexisting.map(String.init) ?? "-")\n"
         }
         return body + "crc32 \(Hex.format(CRC32.checksum(body.utf8), width: 8))\n"
     }
@@ -85,7 +108,7 @@ package struct Journal: Hashable, Sendable {
             throw .corrupt("its version is not a number")
         }
         if version > Self.formatVersion { throw .newerVersion(version) }
-        guard version == Self.formatVersion else { throw .corrupt("unknown version \(version)") }
+        guard version >= 1 else { throw .corrupt("unknown version \(version)") }
         guard let last = lines.popLast(), last.hasPrefix("crc32 "), let stored = UInt32(last.dropFirst(6), radix: 16),
             last.count == 14
         else { throw .corrupt("its checksum line is missing (truncated?)") }
@@ -96,13 +119,15 @@ package struct Journal: Hashable, Sendable {
         }
 
         var fields: [String: [Substring]] = [:]
-        var accepts: [Entry] = []
+        var rules: [Entry] = []
         for line in lines.dropFirst() {
             let words = line.split(separator: " ", omittingEmptySubsequences: false)
             guard let key = words.first, !key.isEmpty else { throw .corrupt("empty line") }
             let values = Array(words.dropFirst())
-            if key == "accept" {
-                accepts.append(try decodeAccept(values))
+            if key == "accept" && version == 1 {
+                rules.append(try decodeAccept(values))
+            } else if key == "rule" && version >= 2 {
+                rules.append(try decodeRule(values))
             } else {
                 guard fields[String(key)] == nil else { throw .corrupt("'\(key)' appears twice") }
                 fields[String(key)] = values
@@ -127,18 +152,40 @@ package struct Journal: Hashable, Sendable {
             kind: kind, pid: try number(h[1], "holder"), startTicks: try number(h[2], "holder"), bootID: String(h[3]))
         let n = try field("netns", count: 2)
         let namespace = NamespaceIdentity(device: try number(n[0], "netns"), inode: try number(n[1], "netns"))
+        guard let backend = FirewallSystem(rawValue: String(try field("backend")[0])) else {
+            throw .corrupt("unknown backend")
+        }
         let journal = Journal(
-            phase: phase, holder: holder, namespace: namespace, backend: String(try field("backend")[0]),
+            phase: phase, holder: holder, namespace: namespace, backend: backend,
             port: try number(try field("port")[0], "port"), proxyPort: try number(try field("proxy-port")[0], "proxy-port"),
             proxy: String(try field("proxy")[0]), createdAt: try number(try field("created")[0], "created"),
-            expiresAt: try number(try field("expires")[0], "expires"), accepts: accepts)
+            expiresAt: try number(try field("expires")[0], "expires"), rules: rules)
         if let extra = fields.keys.sorted().first { throw .corrupt("unknown key '\(extra)'") }
-        if phase == .installed, journal.accepts.contains(where: { $0.handle == nil }) {
-            throw .corrupt("an installed journal lists an accept without a handle")
+        if phase == .installed, journal.rules.contains(where: { !$0.isComplete }) {
+            throw .corrupt("an installed journal lists a rule without its handle or count")
         }
         return journal
     }
 
+    private static func decodeRule(_ v: [Substring]) throws(JournalError) -> Entry {
+        guard v.count == 8, let system = FirewallSystem(rawValue: String(v[0])), let kind = RuleKind(rawValue: String(v[1])),
+            let family = Family(rawValue: String(v[2])), let table = Name.decode(v[3]), let chain = Name.decode(v[4]),
+            v[5].count == 16, let fingerprint = UInt64(v[5], radix: 16)
+        else { throw .corrupt("malformed rule line") }
+        var entry = Entry(
+            system: system, kind: kind, chain: ChainRef(family, table, chain), fingerprint: RuleFingerprint(fingerprint))
+        if v[6] != "-" {
+            guard system == .nftables, let h = UInt64(v[6]), h > 0 else { throw .corrupt("malformed rule handle") }
+            entry.handle = h
+        }
+        if v[7] != "-" {
+            guard system == .iptablesLegacy, let n = Int(v[7]), n >= 0 else { throw .corrupt("malformed rule count") }
+            entry.preexisting = n
+        }
+        return entry
+    }
+
+    /// Format 1's `accept FAMILY TABLE CHAIN FINGERPRINT HANDLE`: an nftables scoped accept.
     private static func decodeAccept(_ v: [Substring]) throws(JournalError) -> Entry {
         guard v.count == 5, let family = Family(rawValue: String(v[0])), let table = Name.decode(v[1]),
             let chain = Name.decode(v[2]), v[3].count == 16, let fingerprint = UInt64(v[3], radix: 16)

@@ -1,4 +1,17 @@
-/// The nftables address families le-redirect reads and writes.
+/// The two netfilter systems a host's firewall can live in. x_tables tables edited with
+/// `iptables-nft` are nftables tables, so they belong to `.nftables`.
+package enum FirewallSystem: String, Sendable, Hashable, CaseIterable, Comparable, CustomStringConvertible {
+    case nftables
+    case iptablesLegacy = "iptables-legacy"
+
+    package static func < (a: FirewallSystem, b: FirewallSystem) -> Bool {
+        allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
+    }
+
+    package var description: String { rawValue }
+}
+
+/// The address families le-redirect reads and writes (x_tables has ip and ip6 only).
 package enum Family: String, Sendable, Hashable, CaseIterable, Comparable {
     case ip, ip6, inet
 
@@ -87,49 +100,101 @@ package struct HostChain: Hashable, Sendable {
     package var type: String?
     package var priority: Int32?
     package var policy: ChainPolicy?
+    /// How many rules it holds, when the backend read them anyway (x_tables reads whole tables).
+    package var rules: Int?
 
     package init(
-        _ ref: ChainRef, hook: Hook? = nil, type: String? = nil, priority: Int32? = nil, policy: ChainPolicy? = nil
+        _ ref: ChainRef, hook: Hook? = nil, type: String? = nil, priority: Int32? = nil, policy: ChainPolicy? = nil,
+        rules: Int? = nil
     ) {
         self.ref = ref
         self.hook = hook
         self.type = type
         self.priority = priority
         self.policy = policy
+        self.rules = rules
     }
 }
 
 /// What le-redirect reads before it plans: the ruleset generation and the tables and chains, never
 /// their rules (reading is then as fast with 100,000 host rules as with none).
 package struct FirewallSnapshot: Hashable, Sendable {
+    /// nf_tables' ruleset generation; x_tables has none (0).
     package var generation: UInt32
     package var tables: [HostTable]
     package var chains: [HostChain]
+    /// The families this system can hold tables of here: x_tables' ip6 half may be missing.
+    package var families: Set<Family>
+    /// Whether the kernel deletes a table owned by a netlink socket when the socket closes
+    /// (nf_tables, Linux 5.12 and newer).
+    package var ownedTables: Bool
 
-    package init(generation: UInt32, tables: [HostTable], chains: [HostChain]) {
+    package init(
+        generation: UInt32, tables: [HostTable], chains: [HostChain], families: Set<Family> = [.ip, .ip6, .inet],
+        ownedTables: Bool = true
+    ) {
         self.generation = generation
         self.tables = tables
         self.chains = chains
+        self.families = families
+        self.ownedTables = ownedTables
     }
+
+    package func chains(of table: TableRef) -> [HostChain] { chains.filter { $0.ref.table == table } }
 }
 
-/// The two kinds of rule le-redirect inserts, both tagged with the comment "LE".
+/// The rules le-redirect inserts, all tagged with the comment "LE".
 package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
-    /// In our own nat prerouting chain: new TCP connections to local addresses whose destination
-    /// port is in `set` go to `proxyPort`.
+    /// In our own nftables nat prerouting chain: new TCP connections to local addresses whose
+    /// destination port is in `set` go to `proxyPort`.
     case redirect(set: String, proxyPort: UInt16)
+    /// In an x_tables nat PREROUTING chain (which no process can own): new TCP connections to
+    /// local addresses on `port` go to `proxyPort` until `until` (Unix seconds, UTC), after which
+    /// the kernel's time match stops matching, whether or not anyone is left to remove the rule.
+    case expiringRedirect(port: UInt16, proxyPort: UInt16, until: Int64)
     /// At the head of a host input chain: accept what our redirect sent to the proxy port, and
-    /// nothing else (`tcp dport <proxy> ct status dnat ct original proto-dst <port> accept`).
-    case scopedAccept(proxyPort: UInt16, originalPort: UInt16)
+    /// nothing else. `form` says how it is encoded.
+    case scopedAccept(proxyPort: UInt16, originalPort: UInt16, form: RuleForm)
 
     package var description: String {
         switch self {
         case .redirect(let set, let proxyPort):
             "fib daddr type local tcp dport @\(set) counter redirect to :\(proxyPort) comment \"LE\""
-        case .scopedAccept(let proxyPort, let originalPort):
+        case .expiringRedirect(let port, let proxyPort, let until):
+            // --datestop as iptables-save prints it: UTC, without the "Z".
+            "-p tcp -m tcp --dport \(port) -m addrtype --dst-type LOCAL -m time --datestop "
+                + "\(RFC3339.format(unixMilliseconds: until * 1000).dropLast()) "
+                + "-m comment --comment LE -j REDIRECT --to-ports \(proxyPort)"
+        case .scopedAccept(let proxyPort, let originalPort, .native):
             "tcp dport \(proxyPort) ct status dnat ct original proto-dst \(originalPort) accept comment \"LE\""
+        case .scopedAccept(let proxyPort, let originalPort, .xtables):
+            "-p tcp -m tcp --dport \(proxyPort) -m conntrack --ctstate DNAT --ctorigdstport \(originalPort) "
+                + "-m comment --comment LE -j ACCEPT"
         }
     }
+
+    /// Whether it is a redirect or an accept, as the journal records it.
+    package var kind: RuleKind {
+        switch self {
+        case .redirect, .expiringRedirect: .redirect
+        case .scopedAccept: .accept
+        }
+    }
+}
+
+/// The two jobs a rule of le-redirect's does.
+package enum RuleKind: String, Sendable, Hashable {
+    case redirect, accept
+}
+
+/// How a rule is encoded. In chains that iptables-nft manages, rules must be written the way
+/// iptables writes them (x_tables matches through nft_compat), or `iptables-nft-save` refuses
+/// the whole table while they are there.
+package enum RuleForm: String, Sendable, Hashable {
+    /// nftables' own expressions.
+    case native
+    /// x_tables matches and targets: an x_tables entry, or nft_compat expressions in nftables.
+    case xtables
 }
 
 /// The comment every rule le-redirect inserts carries.
@@ -150,6 +215,20 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
     case insertRule(ChainRef, RuleSpec)
     case deleteTable(TableRef)
     case deleteRule(RuleLocation)
+    /// Deletes `count` rules of `chain` whose fingerprint is `fingerprint`: how rules are removed
+    /// where they have no handles (x_tables).
+    case deleteMatching(ChainRef, RuleFingerprint, count: Int)
+
+    /// The table it changes.
+    package var table: TableRef {
+        switch self {
+        case .addOwnedTable(let t), .addPortSet(let t, _, _, _), .addSetElement(let t, _, _, _),
+            .deleteSetElement(let t, _, _), .deleteTable(let t):
+            t
+        case .addNATChain(let c, _, _), .insertRule(let c, _), .deleteMatching(let c, _, _): c.table
+        case .deleteRule(let l): l.chain.table
+        }
+    }
 
     package var description: String {
         switch self {
@@ -163,17 +242,25 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
         case .insertRule(let c, let spec): "insert rule \(c) \(spec)"
         case .deleteTable(let t): "delete table \(t)"
         case .deleteRule(let location): "delete rule \(location)"
+        case .deleteMatching(let c, let fingerprint, let count): "delete \(count) rule(s) \(fingerprint) from \(c)"
         }
     }
 }
 
 /// A rule the commit inserted, as the kernel reported it back.
 package struct InsertedRule: Hashable, Sendable {
-    package var location: RuleLocation
+    package var chain: ChainRef
+    /// The kernel-assigned handle; nil where rules have none (x_tables).
+    package var handle: UInt64?
     package var fingerprint: RuleFingerprint
 
     package init(_ location: RuleLocation, fingerprint: RuleFingerprint) {
-        self.location = location
+        self.init(location.chain, handle: location.handle, fingerprint: fingerprint)
+    }
+
+    package init(_ chain: ChainRef, handle: UInt64?, fingerprint: RuleFingerprint) {
+        self.chain = chain
+        self.handle = handle
         self.fingerprint = fingerprint
     }
 }
@@ -198,7 +285,8 @@ package struct RuleFingerprint: Hashable, Sendable, CustomStringConvertible {
     package var description: String { Hex.format(value, width: 16) }
 }
 
-/// A rule found in the kernel when le-redirect looks at one chain.
+/// A rule found in the kernel when le-redirect looks at one chain. Where rules have no handles
+/// (x_tables), the location's handle is the rule's position in the chain, from 1.
 package struct ObservedRule: Hashable, Sendable {
     package var location: RuleLocation
     package var fingerprint: RuleFingerprint

@@ -19,7 +19,8 @@ struct ConcurrencyTests {
             #expect(failed.stderr.contains("already active"), "\(failed)")
         }
         let listing = try net.ruleset()
-        #expect(listing.components(separatedBy: "comment \"LE\"").count - 1 == 4)  // 1 redirect + 3 accepts
+        #expect(listing.components(separatedBy: "redirect to :12347").count - 1 == 1)
+        #expect(listing.components(separatedBy: "ct status dnat ct original proto-dst 80").count - 1 == 3)
         #expect(try net.daemons().count == 1)
         #expect(try net.leRedirect("end").status == 0)
         #expect(try net.ruleset() == before)

@@ -5,45 +5,56 @@ import Testing
 /// port over IPv4 and IPv6, through the host's firewall; nothing else is redirected (invariants 4, 5).
 @Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
 struct TrafficTests {
-    @Test(arguments: ["policy-drop", "policy-accept", "several-chains"])
-    func portEightyReachesTheProxyDuringTheWindowAndTheAppAfter(host: String) throws {
-        let net = try TestNetwork(ruleset: host)
+    static let hosts = [Host.nftablesPolicyDrop, .nftablesPolicyAccept, .nftablesSeveralChains] + Host.xtables
+
+    @Test(arguments: hosts)
+    func portEightyReachesTheProxyDuringTheWindowAndTheAppAfter(host: Host) throws {
+        let net = try TestNetwork(host)
         defer { net.close() }
         try net.startListeners()
         let v4 = TestNetwork.hostAddress4, v6 = TestNetwork.hostAddress6
         #expect(try net.reach(v4) == "app")
         #expect(try net.reach(v6) == "app")
 
-        let begin = try net.leRedirect("begin", "--external-proxy", "--ttl", "2m")
+        let begin = try net.leRedirect(["begin", "--external-proxy", "--ttl", "2m"] + host.begin)
         #expect(begin.status == 0, "\(begin)")
+        #expect(try net.status()["backend"] as? String == host.backend)
         #expect(try net.reach(v4) == "proxy")
         #expect(try net.reach(v6) == "proxy")
         // The proxy sees the real client, never a loopback address.
         #expect(try net.peerAddress(v4) == TestNetwork.clientAddress4)
         #expect(try net.peerAddress(v6) == TestNetwork.clientAddress6)
+        // The proxy port itself stays closed to direct connections where the host drops by default.
+        if host.name.contains("drop") {
+            #expect(try net.reach(v4, port: 12347).hasPrefix("failed"))
+            #expect(try net.reach(v6, port: 12347).hasPrefix("failed"))
+        }
         #expect(try net.leRedirect("end").status == 0)
 
         #expect(try net.reach(v4) == "app")
         #expect(try net.reach(v6) == "app")
     }
 
-    @Test func theHostsOwnConnectionsAreNeverRedirected() throws {
-        let net = try TestNetwork(ruleset: "policy-drop")
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
+    func theHostsOwnConnectionsAreNeverRedirected(host: Host) throws {
+        let net = try TestNetwork(host)
         defer { net.close() }
         try net.startListeners()
-        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        #expect(try net.leRedirect(["begin", "--external-proxy"] + host.begin).status == 0)
         for address in ["127.0.0.1", "::1", TestNetwork.hostAddress4, TestNetwork.hostAddress6] {
             #expect(try net.reach(address, from: net.host) == "app", "from the host to \(address)")
         }
         #expect(try net.leRedirect("end").status == 0)
     }
 
-    @Test func forwardedTrafficIsNeverRedirected() throws {
-        let net = try TestNetwork(ruleset: "empty", router: true)
+    @Test(arguments: [Host.emptyHost, .legacyDrop])
+    func forwardedTrafficIsNeverRedirected(host: Host) throws {
+        let net = try TestNetwork(host, router: true)
         defer { net.close() }
         try net.startListeners()
         #expect(try net.reach(TestNetwork.serverAddress4) == "backend")
-        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        #expect(try net.leRedirect(["begin", "--external-proxy"] + host.begin).status == 0)
+        #expect(try net.status()["backend"] as? String == host.backend)
         #expect(try net.reach(TestNetwork.serverAddress4) == "backend")
         #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
         #expect(try net.leRedirect("end").status == 0)

@@ -9,11 +9,15 @@ struct RedirectPlanTests {
         try RedirectPlan.make(options, from: kernel.connect().snapshot())
     }
 
+    /// The chains of the nftables accepts, and the nftables batch.
+    func acceptChains(_ plan: RedirectPlan) -> [ChainRef] { plan.nftables!.accepts.map(\.chain) }
+    func batch(_ plan: RedirectPlan) -> [FirewallChange] { plan.nftablesStep!.changes }
+
     @Test func aHostWithNoTablesGetsOnlyTheRedirect() throws {
         let plan = try plan(FakeKernel())
-        #expect(plan.acceptChains.isEmpty)
-        #expect(!plan.replacesLeftoverTable)
-        #expect(plan.installChanges == [
+        #expect(acceptChains(plan).isEmpty)
+        #expect(!plan.nftables!.replacesLeftoverTable)
+        #expect(batch(plan) == [
             .addOwnedTable(TableRef.own),
             .addPortSet(table: TableRef.own, name: "ports", ports: [80], timeout: .seconds(600)),
             .addNATChain(RedirectPlan.natChain, hook: .prerouting, priority: -110),
@@ -29,8 +33,8 @@ struct RedirectPlanTests {
         kernel.addRule(input, "jump blocklist")
         kernel.addChain(HostChain(ChainRef(.inet, "filter", "forward"), hook: .forward, type: "filter", priority: 0))
         let plan = try plan(kernel)
-        #expect(plan.acceptChains == [input])
-        #expect(plan.installChanges.last == .insertRule(input, .scopedAccept(proxyPort: 12347, originalPort: 80)))
+        #expect(acceptChains(plan) == [input])
+        #expect(batch(plan).last == .insertRule(input, .scopedAccept(proxyPort: 12347, originalPort: 80, form: .native)))
     }
 
     @Test func policyDropChainsInEveryFamilyGetTheAccept() throws {
@@ -38,7 +42,13 @@ struct RedirectPlanTests {
         let chains = [ChainRef(.inet, "firewall", "inbound"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.ip, "filter", "INPUT")]
         for chain in chains { kernel.addChain(HostChain(chain, hook: .input, type: "filter", priority: 0, policy: .drop)) }
         let plan = try plan(kernel)
-        #expect(plan.acceptChains == [ChainRef(.ip, "filter", "INPUT"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.inet, "firewall", "inbound")])
+        #expect(acceptChains(plan) == [ChainRef(.ip, "filter", "INPUT"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.inet, "firewall", "inbound")])
+        // Tables laid out as iptables-nft makes them get iptables' form of the accept.
+        #expect(plan.nftables!.accepts.map(\.spec) == [
+            .scopedAccept(proxyPort: 12347, originalPort: 80, form: .xtables),
+            .scopedAccept(proxyPort: 12347, originalPort: 80, form: .xtables),
+            .scopedAccept(proxyPort: 12347, originalPort: 80, form: .native),
+        ])
     }
 
     @Test func everyInputBaseChainAndNoOtherChainGetsTheAccept() throws {
@@ -52,7 +62,7 @@ struct RedirectPlanTests {
         kernel.addChain(HostChain(ChainRef(.ip, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100))
         kernel.addChain(HostChain(ChainRef(.ip, "nat", "INPUT"), hook: .input, type: "nat", priority: 100))
         let plan = try plan(kernel)
-        #expect(plan.acceptChains == [
+        #expect(acceptChains(plan) == [
             ChainRef(.ip, "nat", "INPUT"), ChainRef(fw, "early/input"), ChainRef(fw, "input"), ChainRef(fw, "late"),
         ])
     }
@@ -72,10 +82,10 @@ struct RedirectPlanTests {
         kernel.addChain(HostChain(RedirectPlan.natChain, hook: .prerouting, type: "nat", priority: -110))
         kernel.addRule(RedirectPlan.natChain, "redirect to :12347", comment: "LE")
         let plan = try plan(kernel)
-        #expect(plan.replacesLeftoverTable)
-        #expect(plan.acceptChains.isEmpty)  // our own table's chains never get an accept
-        #expect(plan.installChanges.first == .deleteTable(TableRef.own))
-        _ = try kernel.connect().commit(plan.installChanges, expecting: plan.generation)
+        #expect(plan.nftables!.replacesLeftoverTable)
+        #expect(acceptChains(plan).isEmpty)  // our own table's chains never get an accept
+        #expect(batch(plan).first == .deleteTable(TableRef.own))
+        _ = try kernel.connect().commit(batch(plan), expecting: plan.nftables!.generation)
         #expect(!kernel.listing().contains("redirect to :12347\n"))
     }
 
@@ -87,7 +97,7 @@ struct RedirectPlanTests {
             try plan(kernel)
         } throws: { ($0 as? LERedirectError)?.kind == .conflict && "\($0)".contains("owned by another process") }
         other.close()
-        #expect(try plan(kernel).replacesLeftoverTable == false)
+        #expect(try plan(kernel).nftables!.replacesLeftoverTable == false)
     }
 
     @Test func anInputChainInATableOwnedByAnotherProcessIsAConflict() throws {
@@ -113,8 +123,8 @@ struct FakeKernelTests {
         let fw = kernel.connect()
         #expect(throws: FirewallError.self) {
             try fw.commit([
-                .insertRule(ChainRef(.ip, "filter", "INPUT"), .scopedAccept(proxyPort: 1, originalPort: 2)),
-                .insertRule(ChainRef(.ip, "filter", "missing"), .scopedAccept(proxyPort: 1, originalPort: 2)),
+                .insertRule(ChainRef(.ip, "filter", "INPUT"), .scopedAccept(proxyPort: 1, originalPort: 2, form: .native)),
+                .insertRule(ChainRef(.ip, "filter", "missing"), .scopedAccept(proxyPort: 1, originalPort: 2, form: .native)),
             ], expecting: nil)
         }
         #expect(kernel.listing() == before)

@@ -24,7 +24,7 @@ struct SessionEngineTests {
     /// owned table goes, the accepts and the journal stay.
     func crash(_ engine: SessionEngine, on kernel: FakeKernel) throws {
         let daemon = kernel.connect()
-        _ = try engine.install(options, firewall: daemon, holder: me, namespace: namespace, now: 0)
+        _ = try engine.install(options, firewalls: Firewalls([daemon]), holder: me, namespace: namespace, now: 0)
         daemon.close()
     }
 
@@ -58,7 +58,7 @@ struct SessionEngineTests {
         let before = kernel.listing()
         let (engine, state) = try engine()
         let fw = kernel.connect()
-        let journal = try engine.install(options, firewall: fw, holder: me, namespace: namespace, now: 1000)
+        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 1000)
         #expect(journal.phase == .installed)
         #expect(journal.expiresAt == 601_000)
         #expect(journal.accepts.allSatisfy { $0.handle != nil })
@@ -67,7 +67,7 @@ struct SessionEngineTests {
         #expect(kernel.rules(taggedWith: "LE").count == 1 + journal.accepts.count)
 
         var drained = false
-        let warnings = try engine.uninstall(journal, firewall: fw) {
+        let warnings = try engine.uninstall(journal, firewalls: Firewalls([fw])) {
             // While the proxy drains, nothing new is redirected (the port left the set) but the nat
             // chain and the accepts still carry the connections in flight.
             drained = kernel.setElements(TableRef.own, RedirectPlan.setName) == []
@@ -87,7 +87,7 @@ struct SessionEngineTests {
             if case .addOwnedTable = change, let text = try? state.readJournal() { seen.set(try? Journal.decode(text)) }
             return nil
         }
-        _ = try engine.install(options, firewall: kernel.connect(), holder: me, namespace: namespace, now: 0)
+        _ = try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
         let intent = try #require(seen.value)
         #expect(intent.phase == .intent)
         #expect(intent.accepts.count == 3)
@@ -101,7 +101,7 @@ struct SessionEngineTests {
         let (engine, _) = try engine()
         let late = ChainRef(.ip, "late", "input")
         kernel.beforeNextCommit { k in k.addChain(HostChain(late, hook: .input, type: "filter", priority: 0)) }
-        let journal = try engine.install(options, firewall: kernel.connect(), holder: me, namespace: namespace, now: 0)
+        let journal = try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
         #expect(journal.accepts.map(\.chain).contains(late))
         #expect(journal.accepts.count == 4)
     }
@@ -116,7 +116,7 @@ struct SessionEngineTests {
         }
         kernel.beforeNextCommit(churn)
         #expect {
-            try engine.install(options, firewall: kernel.connect(), holder: me, namespace: namespace, now: 0)
+            try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
         } throws: { ($0 as? LERedirectError)?.message.contains("kept changing") == true }
         kernel.beforeNextCommit { _ in }
         #expect(!kernel.tableExists(TableRef.own))
@@ -135,7 +135,7 @@ struct SessionEngineTests {
             return nil
         }
         #expect {
-            try engine.install(options, firewall: kernel.connect(), holder: me, namespace: namespace, now: 0)
+            try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
         } throws: { error in
             let e = error as? LERedirectError
             return e?.kind == .notPermitted && e!.message.contains("ip6 filter INPUT")
@@ -151,7 +151,7 @@ struct SessionEngineTests {
         let (engine, state) = try engine()
         kernel.loseNextReply()
         #expect(throws: LERedirectError.self) {
-            try engine.install(options, firewall: kernel.connect(), holder: me, namespace: namespace, now: 0)
+            try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
         }
         #expect(kernel.listing() == before)
         #expect(try state.readJournal() == nil)
@@ -167,13 +167,13 @@ struct SessionEngineTests {
         #expect(!kernel.tableExists(TableRef.own))
         #expect(kernel.rules(taggedWith: "LE").count == 3)
 
-        let report = try engine.recover(sweep: false, firewall: kernel.connect(), namespace: namespace)
+        let report = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         #expect(report.recoveredJournal)
         #expect(report.removedRules == 3)
         #expect(kernel.listing() == before)
         #expect(try state.readJournal() == nil)
         // Nothing left to do the second time.
-        #expect(try !engine.recover(sweep: false, firewall: kernel.connect(), namespace: namespace).changedAnything)
+        #expect(try !engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace).changedAnything)
     }
 
     /// A crash between the commit and recording the handles leaves an intent journal: recover
@@ -186,19 +186,20 @@ struct SessionEngineTests {
         let snapshot = try daemon.snapshot()
         let plan = try RedirectPlan.make(options, from: snapshot)
         try state.writeJournal(Journal(
-            phase: .intent, holder: me, namespace: namespace, backend: "nftables", port: 80, proxyPort: 12347,
+            phase: .intent, holder: me, namespace: namespace, backend: .nftables, port: 80, proxyPort: 12347,
             proxy: "external", createdAt: 0, expiresAt: 1,
-            accepts: plan.acceptChains.map {
-                Journal.Entry(chain: $0, fingerprint: daemon.fingerprint(of: plan.acceptRule, family: $0.table.family))
+            rules: plan.rules.map {
+                Journal.Entry(chain: $0.chain, fingerprint: daemon.fingerprint(of: $0.spec, family: $0.chain.table.family))
             }))
-        _ = try daemon.commit(plan.installChanges, expecting: nil)
+        _ = try daemon.commit(plan.nftablesStep!.changes, expecting: nil)
         daemon.close()
         // A host rule tagged "LE" with other content is not ours and stays.
         kernel.addRule(ChainRef(.ip, "filter", "INPUT"), "tcp dport 12348 accept", comment: "LE")
-        let hostRule = kernel.listing()
-            .replacingOccurrences(of: "\t\ttcp dport 12347 ct status dnat ct original proto-dst 80 accept comment \"LE\"\n", with: "")
+        let ours = [RuleForm.native, .xtables].map { "\t\t\(RuleSpec.scopedAccept(proxyPort: 12347, originalPort: 80, form: $0))" }
+        let hostRule = kernel.listing().split(separator: "\n", omittingEmptySubsequences: false)
+            .filter { !ours.contains(String($0)) }.joined(separator: "\n")
 
-        _ = try engine.recover(sweep: false, firewall: kernel.connect(), namespace: namespace)
+        _ = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         #expect(kernel.listing() == hostRule)
         #expect(kernel.listing() != before)
         #expect(try state.readJournal() == nil)
@@ -209,14 +210,14 @@ struct SessionEngineTests {
         let kernel = Self.typicalHost()
         let (engine, _) = try engine()
         let fw = kernel.connect()
-        let journal = try engine.install(options, firewall: fw, holder: me, namespace: namespace, now: 0)
+        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
         let victim = journal.accepts[0].chain
         kernel.deleteTable(victim.table)
         kernel.addChain(HostChain(victim, hook: .input, type: "filter", priority: 0, policy: .drop))
         for _ in 0..<8 { kernel.addRule(victim, "tcp dport 443 accept") }
         let reloaded = kernel.listing()
 
-        let warnings = try engine.uninstall(journal, firewall: fw)
+        let warnings = try engine.uninstall(journal, firewalls: Firewalls([fw]))
         #expect(warnings.count == 1)
         #expect(warnings.first?.contains("no longer le-redirect's") == true)
         #expect(kernel.rules(taggedWith: "LE").isEmpty)
@@ -228,9 +229,9 @@ struct SessionEngineTests {
         let kernel = Self.typicalHost()
         let (engine, state) = try engine()
         let fw = kernel.connect()
-        let journal = try engine.install(options, firewall: fw, holder: me, namespace: namespace, now: 0)
+        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
         kernel.deleteTable(TableRef(.ip6, "filter"))
-        let warnings = try engine.uninstall(journal, firewall: fw)
+        let warnings = try engine.uninstall(journal, firewalls: Firewalls([fw]))
         #expect(warnings.isEmpty)
         #expect(kernel.rules(taggedWith: "LE").isEmpty)
         #expect(try state.readJournal() == nil)
@@ -240,10 +241,10 @@ struct SessionEngineTests {
         let kernel = Self.typicalHost()
         let (engine, state) = try engine(dead: false)
         let fw = kernel.connect()
-        _ = try engine.install(options, firewall: fw, holder: me, namespace: namespace, now: 0)
+        _ = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
         let during = kernel.listing()
         #expect {
-            try engine.recover(sweep: false, firewall: kernel.connect(), namespace: namespace)
+            try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         } throws: { ($0 as? LERedirectError)?.kind == .conflict }
         #expect(kernel.listing() == during)
         #expect(try state.readJournal() != nil)
@@ -255,7 +256,7 @@ struct SessionEngineTests {
         try crash(engine, on: kernel)
         let leftovers = kernel.listing()
         #expect {
-            try engine.recover(sweep: false, firewall: kernel.connect(), namespace: NamespaceIdentity(device: 4, inode: 99))
+            try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: NamespaceIdentity(device: 4, inode: 99))
         } throws: { ($0 as? LERedirectError)?.message.contains("network namespace") == true }
         #expect(kernel.listing() == leftovers)
         #expect(try state.readJournal() != nil)
@@ -269,11 +270,11 @@ struct SessionEngineTests {
         try "le-redirect journal 1\ngarbage\n".write(toFile: state.journalPath, atomically: false, encoding: .utf8)
         let leftovers = kernel.listing()
         #expect {
-            try engine.recover(sweep: false, firewall: kernel.connect(), namespace: namespace)
+            try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         } throws: { ($0 as? LERedirectError)?.message.contains("--sweep") == true }
         #expect(kernel.listing() == leftovers)
 
-        let report = try engine.recover(sweep: true, firewall: kernel.connect(), namespace: namespace)
+        let report = try engine.recover(sweep: true, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         #expect(report.removedRules == 3)
         #expect(kernel.listing() == before)
         #expect(try state.readJournal() == nil)
@@ -289,7 +290,7 @@ struct SessionEngineTests {
         kernel.addRule(ChainRef(.ip6, "filter", "INPUT"), "tcp dport 12348 counter accept", comment: "LE")
         kernel.addChain(HostChain(RedirectPlan.natChain, hook: .prerouting, type: "nat", priority: -110))
         let (engine, _) = try engine()
-        let report = try engine.recover(sweep: true, firewall: kernel.connect(), namespace: namespace)
+        let report = try engine.recover(sweep: true, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         #expect(report.removedRules == 2)
         #expect(report.removedTable)
         #expect(kernel.listing() == before)
@@ -301,7 +302,7 @@ struct SessionEngineTests {
         _ = try live.commit([.addOwnedTable(TableRef.own)], expecting: nil)
         let (engine, _) = try engine()
         #expect {
-            try engine.recover(sweep: true, firewall: kernel.connect(), namespace: namespace)
+            try engine.recover(sweep: true, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         } throws: { ($0 as? LERedirectError)?.kind == .conflict }
         #expect(kernel.tableExists(TableRef.own))
     }

@@ -71,9 +71,9 @@ struct StateDirectoryTests {
 enum JournalTestData {
     static let sample = Journal(
         phase: .installed, holder: ProcessIdentity(kind: .daemon, pid: 1, startTicks: 2, bootID: "b"),
-        namespace: NamespaceIdentity(device: 1, inode: 2), backend: "nftables", port: 80, proxyPort: 12347,
+        namespace: NamespaceIdentity(device: 1, inode: 2), backend: .nftables, port: 80, proxyPort: 12347,
         proxy: "external", createdAt: 1, expiresAt: 2,
-        accepts: [Journal.Entry(chain: ChainRef(.ip, "filter", "INPUT"), fingerprint: RuleFingerprint(7), handle: 3)])
+        rules: [Journal.Entry(chain: ChainRef(.ip, "filter", "INPUT"), fingerprint: RuleFingerprint(7), handle: 3)])
 }
 
 struct ProcessFactsTests {

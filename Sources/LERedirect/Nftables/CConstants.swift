@@ -17,3 +17,7 @@ func cString(_ pointer: UnsafePointer<CChar>?) -> String {
     guard let pointer else { return "" }
     return String(decoding: UnsafeRawBufferPointer(start: pointer, count: strlen(pointer)), as: UTF8.self)
 }
+
+/// IPPROTO_TCP. With two C modules including <netinet/in.h>, Swift attributes glibc's constant to
+/// whichever it met first, so it is spelled out here rather than imported from one of them.
+let ipprotoTCP: UInt8 = 6

@@ -3,7 +3,8 @@ import Glibc
 import LERedirectModel
 
 /// The nf_tables encodings of le-redirect's objects: family numbers, hooks, and the exact
-/// expressions of its two rules (the same ones `nft` generates for the text in rules/).
+/// expressions of its rules (the same ones `nft` generates for the text in rules/, and in chains
+/// iptables-nft manages, the ones `iptables-nft` generates).
 enum NftObjects {
     static func familyNumber(_ family: Family) -> UInt16 {
         switch family {
@@ -50,6 +51,21 @@ enum NftObjects {
     static let tagUserdata: [UInt8] = [UInt8(u32(NFTNL_UDATA_RULE_COMMENT)), UInt8(ruleTag.utf8.count + 1)]
         + Array(ruleTag.utf8) + [0]
 
+    /// The rule's comment: in its userdata (nft), or in an x_tables comment match (iptables-nft).
+    static func comment(of rule: OpaquePointer) -> String? {
+        if let comment = comment(inUserdata: userdata(of: rule)) { return comment }
+        guard let iterator = nftnl_expr_iter_create(rule) else { return nil }
+        defer { nftnl_expr_iter_destroy(iterator) }
+        while let expr = nftnl_expr_iter_next(iterator) {
+            guard cString(nftnl_expr_get_str(expr, u16(NFTNL_EXPR_NAME))) == "match",
+                cString(nftnl_expr_get_str(expr, u16(NFTNL_EXPR_MT_NAME))) == "comment"
+            else { continue }
+            let info = exprData(expr, u32(NFTNL_EXPR_MT_INFO))
+            return String(decoding: info.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        return nil
+    }
+
     /// The comment in a rule's userdata, if it has one.
     static func comment(inUserdata bytes: [UInt8]) -> String? {
         var i = 0
@@ -79,7 +95,7 @@ enum NftObjects {
         switch spec {
         case .redirect(let set, let proxyPort):
             add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
-            add(rule, cmp(r1, .eq, [UInt8(u32(IPPROTO_TCP))]))
+            add(rule, cmp(r1, .eq, [ipprotoTCP]))
             add(rule, fibDestinationType(into: r1))
             add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
             add(rule, transportPort(destination: true, into: r1))
@@ -87,9 +103,22 @@ enum NftObjects {
             add(rule, nftnl_expr_alloc("counter")!)
             add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
             add(rule, redirect(portRegister: r1))
-        case .scopedAccept(let proxyPort, let originalPort):
+        case .scopedAccept(let proxyPort, let originalPort, .xtables):
+            // What `iptables-nft -I INPUT -p tcp --dport P -m conntrack --ctstate DNAT --ctorigdstport
+            // O -m comment --comment LE -j ACCEPT` makes: native protocol and port, the conntrack and
+            // comment matches through nft_compat, a counter; no userdata.
             add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
-            add(rule, cmp(r1, .eq, [UInt8(u32(IPPROTO_TCP))]))
+            add(rule, cmp(r1, .eq, [ipprotoTCP]))
+            add(rule, transportPort(destination: true, into: r1))
+            add(rule, cmp(r1, .eq, bytes(proxyPort.bigEndian)))
+            add(rule, xtMatch("conntrack", revision: 3, XtablesEntry.conntrackData(originalPort: originalPort)))
+            add(rule, xtMatch("comment", revision: 0, XtablesEntry.commentData(ruleTag)))
+            add(rule, nftnl_expr_alloc("counter")!)
+            add(rule, acceptVerdict())
+            return rule
+        case .scopedAccept(let proxyPort, let originalPort, .native):
+            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
+            add(rule, cmp(r1, .eq, [ipprotoTCP]))
             add(rule, transportPort(destination: true, into: r1))
             add(rule, cmp(r1, .eq, bytes(proxyPort.bigEndian)))
             add(rule, ct(u32(NFT_CT_STATUS), direction: nil, into: r1))
@@ -98,6 +127,8 @@ enum NftObjects {
             add(rule, ct(u32(NFT_CT_PROTO_DST), direction: UInt8(u32(IP_CT_DIR_ORIGINAL)), into: r1))
             add(rule, cmp(r1, .eq, bytes(originalPort.bigEndian)))
             add(rule, acceptVerdict())
+        case .expiringRedirect:
+            preconditionFailure("x_tables' expiring redirect has no nftables form")
         }
         tagUserdata.withUnsafeBytes { buf in
             _ = nftnl_rule_set_data(rule, u16(NFTNL_RULE_USERDATA), buf.baseAddress, UInt32(buf.count))
@@ -106,15 +137,25 @@ enum NftObjects {
     }
 
     /// A rendering of the rule's expressions and userdata, the same for a rule we built and for that
-    /// rule as the kernel lists it back; its hash is the rule's fingerprint.
+    /// rule as the kernel lists it back, whatever its counters say; its hash is the rule's fingerprint.
     static func fingerprint(of rule: OpaquePointer) -> RuleFingerprint {
         var text = ""
         var line = [CChar](repeating: 0, count: 1024)
         if let iterator = nftnl_expr_iter_create(rule) {
             while let expr = nftnl_expr_iter_next(iterator) {
                 let name = cString(nftnl_expr_get_str(expr, u16(NFTNL_EXPR_NAME)))
-                _ = nftnl_expr_snprintf(&line, line.count, expr, u32(NFTNL_OUTPUT_DEFAULT), 0)
-                text += "[ \(name) \(cString(line))]"
+                switch name {
+                case "counter":
+                    text += "[ counter ]"
+                case "match", "target":
+                    // libnftnl prints an x_tables object's name and revision, not its data.
+                    _ = nftnl_expr_snprintf(&line, line.count, expr, u32(NFTNL_OUTPUT_DEFAULT), 0)
+                    let info = exprData(expr, name == "match" ? u32(NFTNL_EXPR_MT_INFO) : u32(NFTNL_EXPR_TG_INFO))
+                    text += "[ \(name) \(cString(line)) \(info.map { Hex.format($0, width: 2) }.joined())]"
+                default:
+                    _ = nftnl_expr_snprintf(&line, line.count, expr, u32(NFTNL_OUTPUT_DEFAULT), 0)
+                    text += "[ \(name) \(cString(line))]"
+                }
             }
             nftnl_expr_iter_destroy(iterator)
         }
@@ -213,6 +254,25 @@ enum NftObjects {
         setData(e, u32(NFTNL_EXPR_BITWISE_MASK), mask)
         setData(e, u32(NFTNL_EXPR_BITWISE_XOR), xor)
         return e
+    }
+
+    /// An x_tables match through nft_compat (its data padded to XT_ALIGN, as the kernel lists it).
+    private static func xtMatch(_ name: String, revision: UInt32, _ data: [UInt8]) -> OpaquePointer {
+        let e = nftnl_expr_alloc("match")!
+        nftnl_expr_set_str(e, u16(NFTNL_EXPR_MT_NAME), name)
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_MT_REV), revision)
+        // Unlike every other attribute, libnftnl keeps the match's data pointer rather than copying
+        // it, and frees it with the expression: it must be malloc'd memory handed over for good.
+        let owned = malloc(data.count)!
+        data.withUnsafeBytes { owned.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        nftnl_expr_set(e, u16(NFTNL_EXPR_MT_INFO), owned, UInt32(data.count))
+        return e
+    }
+
+    private static func exprData(_ expr: OpaquePointer, _ attr: UInt32) -> [UInt8] {
+        var length: UInt32 = 0
+        guard let data = nftnl_expr_get(expr, UInt16(attr), &length) else { return [] }
+        return Array(UnsafeRawBufferPointer(start: data, count: Int(length)))
     }
 
     private static func acceptVerdict() -> OpaquePointer {

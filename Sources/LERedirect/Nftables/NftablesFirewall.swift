@@ -20,7 +20,13 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         }
     }
 
-    var backendName: String { "nftables" }
+    var system: FirewallSystem { .nftables }
+
+    /// nftables needs no lock: a batch planned against a generation is refused once it moved on.
+    func exclusively<T>(_ body: () throws(LERedirectError) -> T) throws(LERedirectError) -> T { try body() }
+
+    /// Owned tables (NFT_TABLE_F_OWNER) came with Linux 5.12.
+    static let kernelOwnsTables: Bool = ProcessFacts.kernelVersion.map { $0 >= (5, 12) } ?? true
 
     func close() {
         lock.withLock { _ in nl.close() }
@@ -40,7 +46,8 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
                     let tables = try Self.tables(nl)
                     let chains = try Self.chains(nl)
                     if try Self.generation(nl) == generation || attempt >= 10 {
-                        return FirewallSnapshot(generation: generation, tables: tables, chains: chains)
+                        return FirewallSnapshot(
+                            generation: generation, tables: tables, chains: chains, ownedTables: Self.kernelOwnsTables)
                     }
                 } catch where error.errno == EINTR && attempt < 10 {
                     continue
@@ -220,7 +227,7 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         let location = RuleLocation(chain, handle: nftnl_rule_get_u64(r, u16(NFTNL_RULE_HANDLE)))
         let observed = ObservedRule(
             location, fingerprint: NftObjects.fingerprint(of: r),
-            comment: NftObjects.comment(inUserdata: NftObjects.userdata(of: r)))
+            comment: NftObjects.comment(of: r))
         body(r, observed)
     }
 
@@ -228,6 +235,9 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
 
     func commit(_ changes: [FirewallChange], expecting generation: UInt32?) throws(FirewallError) -> [InsertedRule] {
         if changes.isEmpty { return [] }
+        if let change = changes.first(where: { if case .deleteMatching = $0 { true } else { false } }) {
+            throw FirewallError(.unsupported, doing: "\(change)", detail: "nftables rules are deleted by handle")
+        }
         return try lock.withLock { (_) throws(FirewallError) -> [InsertedRule] in
             var batch = NftBatch(firstSequence: nl.nextSequence(), generation: generation)
             var changeOf: [UInt32: Int] = [:]  // message sequence -> index in `changes`
@@ -263,7 +273,9 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
                         if code != 0, failure == nil { failure = (seq, code) }
                         return seq == lastMessage
                     }
-                    if changeOf[seq] != nil {
+                    // Only rule echoes: when a batch's first change asks for an echo, the kernel also
+                    // echoes its NEWGEN notice under that change's sequence number.
+                    if changeOf[seq] != nil, message.pointee.nlmsg_type == Self.newRuleType {
                         Self.parseRule(message) { _, observed in echoed[seq] = observed }
                     }
                     return false
@@ -299,6 +311,9 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
             return inserted
         }
     }
+
+    /// NFT_MSG_NEWRULE as a netlink message type: the nf_tables subsystem in the high byte.
+    private static let newRuleType = UInt16(NFNL_SUBSYS_NFTABLES) << 8 | u16(NFT_MSG_NEWRULE)
 
     private static func locate(_ spec: RuleSpec, in chain: ChainRef, nl: NetlinkSocket) throws(FirewallError)
         -> InsertedRule
@@ -412,6 +427,8 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
                 nftnl_rule_nlmsg_build_payload(nlh, r)
                 return nlh
             }]
+        case .deleteMatching:
+            return []  // refused by commit: nftables rules are deleted by handle
         }
     }
 
@@ -465,6 +482,8 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         case .deleteSetElement(let t, let name, let port): "disarming the redirect (port \(port) out of set \(t) \(name))"
         case .insertRule(let c, .redirect): "inserting the redirect into \(c)"
         case .insertRule(let c, .scopedAccept): "inserting the scoped accept into \(c)"
+        case .insertRule(let c, .expiringRedirect): "inserting the redirect into \(c)"
+        case .deleteMatching(let c, _, _): "deleting rules of \(c)"
         case .deleteTable(let t): "deleting table \(t)"
         case .deleteRule(let l): "deleting rule \(l)"
         }

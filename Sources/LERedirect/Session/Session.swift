@@ -16,23 +16,10 @@ package enum Session {
         }
     }
 
-    static func requireBackend(_ backend: BackendChoice) throws(LERedirectError) {
-        if backend == .iptablesLegacy {
-            throw LERedirectError(
-                .unsupported,
-                "the iptables-legacy backend is not part of this version yet; use --backend nftables (what auto picks). "
-                    + "Nothing was changed")
-        }
-    }
-
     private static func namespace() throws(LERedirectError) -> NamespaceIdentity {
         do { return try ProcessFacts.currentNamespace() } catch {
             throw LERedirectError(.failed, "reading this process's network namespace: \(error)", errno: error.errno)
         }
-    }
-
-    private static func openFirewall(_ doing: String) throws(LERedirectError) -> NftablesFirewall {
-        do { return try NftablesFirewall() } catch { throw SessionEngine.failure(doing, error) }
     }
 
     /// With the lock held: refuses if a live session exists, and recovers a dead one.
@@ -45,10 +32,10 @@ package enum Session {
                     + "expires \(RFC3339.format(unixMilliseconds: journal.expiresAt))); `le-redirect end` ends it. "
                     + "Nothing was changed")
         }
-        let firewall = try openFirewall("begin: recovering the previous session")
-        defer { firewall.close() }
+        let firewalls = try Firewalls.open("begin: recovering the previous session")
+        defer { firewalls.close() }
         let report = try SessionEngine(state: state, logger: logger)
-            .recover(sweep: false, firewall: firewall, namespace: try namespace())
+            .recover(sweep: false, firewalls: firewalls, namespace: try namespace())
         if report.changedAnything {
             logger.notice(
                 "recovered a previous session whose holder had died",
@@ -66,7 +53,6 @@ package enum Session {
 
     private static func prepareBegin(_ options: TakeoverOptions, logger: Logger) throws(LERedirectError) -> PreparedBegin {
         let valid = try options.validated()
-        try requireBackend(valid.backend)
         try requirePrivileges("begin")
         let state = StateDirectory.resolve(options.stateDirectory)
         try state.prepare()
@@ -132,14 +118,15 @@ package enum Session {
             try? cleanUpFailedStart(state, logger: logger)
             throw LERedirectError(kind, why)
         }
-        if line == nil && waitpid(pid, nil, WNOHANG) == 0 {
+        var status: Int32 = 0
+        let exited = waitpid(pid, &status, WNOHANG) == pid
+        if line == nil && !exited {
             kill(pid, SIGKILL)
             why = "the session daemon (pid \(pid)) was not ready within \(DurationText.format(readyTimeout)) and was killed"
         } else {
             why = "the session daemon (pid \(pid)) exited before it was ready"
         }
-        var status: Int32 = 0
-        _ = waitpid(pid, &status, 0)
+        if !exited { _ = waitpid(pid, &status, 0) }
         if status & 0x7f != 0 { why += " (signal \(status & 0x7f))" } else { why += " (exit status \((status >> 8) & 0xff))" }
         try cleanUpFailedStart(state, logger: logger)
         throw LERedirectError(.failed, "begin: \(why); its log is \(state.logPath). Nothing was left changed")
@@ -147,9 +134,9 @@ package enum Session {
 
     private static func cleanUpFailedStart(_ state: StateDirectory, logger: Logger) throws(LERedirectError) {
         guard try state.readJournal() != nil else { return }
-        let firewall = try openFirewall("begin: cleaning up")
-        defer { firewall.close() }
-        _ = try SessionEngine(state: state, logger: logger).recover(sweep: false, firewall: firewall, namespace: try namespace())
+        let firewalls = try Firewalls.open("begin: cleaning up")
+        defer { firewalls.close() }
+        _ = try SessionEngine(state: state, logger: logger).recover(sweep: false, firewalls: firewalls, namespace: try namespace())
     }
 
     /// The daemon's entry point (`le-redirect __session ...`): fd 3 is the readiness pipe, fd 4 the
@@ -266,15 +253,16 @@ package enum Session {
                         "end: the session is held by pid \(journal.holder.pid), a program embedding le-redirect, which "
                             + "does not answer; stop that program, then run `le-redirect recover`. Nothing was changed")
                 }
-                // Killing the daemon closes its netlink socket: the kernel deletes the redirect at once.
+                // Killing the daemon closes its netlink socket: the kernel deletes an nftables redirect
+                // at once; recovery below removes an x_tables one.
                 kill(journal.holder.pid, SIGKILL)
                 waitForExit(journal.holder)
                 warnings.append("the session daemon (pid \(journal.holder.pid)) was killed")
             }
         }
-        let firewall = try openFirewall("end: recovering the session")
-        defer { firewall.close() }
-        let report = try engine.recover(sweep: false, firewall: firewall, namespace: here)
+        let firewalls = try Firewalls.open("end: recovering the session")
+        defer { firewalls.close() }
+        let report = try engine.recover(sweep: false, firewalls: firewalls, namespace: here)
         return EndReport(reason: warnings.isEmpty ? .notActive : .requested, warnings: warnings + report.warnings, recovery: report)
     }
 
@@ -305,7 +293,7 @@ package enum Session {
         var status = SessionStatus(state: alive ? .active : .stale)
         status.pid = journal.holder.pid
         status.holder = journal.holder.kind.rawValue
-        status.backend = journal.backend
+        status.backend = journal.backend.rawValue
         status.port = Int(journal.port)
         status.proxyPort = Int(journal.proxyPort)
         status.proxy = journal.proxy
@@ -313,10 +301,19 @@ package enum Session {
         status.expiresAt = journal.expiresAt
         status.acceptRules = journal.accepts.count
         if !alive {
-            status.note =
-                "the session holder (pid \(journal.holder.pid)) is gone: port \(journal.port) is no longer redirected, "
-                + "but its \(journal.accepts.count) scoped accept rule(s) remain until `le-redirect recover` "
-                + "(or the next begin or end)"
+            switch journal.backend {
+            case .nftables:
+                status.note =
+                    "the session holder (pid \(journal.holder.pid)) is gone: port \(journal.port) is no longer redirected, "
+                    + "but its \(journal.accepts.count) scoped accept rule(s) remain until `le-redirect recover` "
+                    + "(or the next begin or end)"
+            case .iptablesLegacy:
+                status.note =
+                    "the session holder (pid \(journal.holder.pid)) is gone: its iptables-legacy redirect of port "
+                    + "\(journal.port) matches until \(RFC3339.format(unixMilliseconds: journal.expiresAt)) at most; "
+                    + "`le-redirect recover` (or the next begin or end) removes it and its \(journal.accepts.count) "
+                    + "scoped accept rule(s) now"
+            }
             return status
         }
         if let here = try? ProcessFacts.currentNamespace(), here != journal.namespace {
@@ -356,9 +353,9 @@ package enum Session {
         let lock = try state.lock()  // released when it goes out of scope
         _ = lock.fd
         if !sweep, try state.readJournal() == nil { return RecoveryReport() }
-        let firewall = try openFirewall("recover")
-        defer { firewall.close() }
-        return try SessionEngine(state: state, logger: logger).recover(sweep: sweep, firewall: firewall, namespace: try namespace())
+        let firewalls = try Firewalls.open("recover")
+        defer { firewalls.close() }
+        return try SessionEngine(state: state, logger: logger).recover(sweep: sweep, firewalls: firewalls, namespace: try namespace())
     }
 
     // MARK: Challenges

@@ -17,8 +17,13 @@ public struct RecoveryReport: Sendable, Hashable {
     public var changedAnything: Bool { removedRules > 0 || removedTable || recoveredJournal }
 }
 
-/// The session's decisions, over any `Firewall` and the state directory: what begin commits and
-/// records, what end removes, what recovery trusts. Nothing else touches the kernel or the journal.
+/// The session's decisions, over the firewall systems and the state directory: what begin commits
+/// and records, what end removes, what recovery trusts. Nothing else touches the kernel or the journal.
+///
+/// Begin's commits go in this order: the x_tables accepts (one commit per table), the nftables batch,
+/// the x_tables redirects; end takes them out the other way round (redirect first, so that nothing
+/// new is sent to the proxy port while an accept it needs is gone). The journal is rewritten before
+/// every commit, so a crash between two of them leaves a journal that covers what is in the kernel.
 struct SessionEngine {
     let state: StateDirectory
     let logger: Logger
@@ -26,132 +31,294 @@ struct SessionEngine {
     var isAlive: @Sendable (ProcessIdentity) -> Bool = { ProcessFacts.isAlive($0) }
     /// Attempts when another process keeps committing between our read and our commit.
     var maxAttempts = 8
+    /// Runs just before each of begin's commits, with its name ("iptables-legacy ip nat"); debug
+    /// builds can stop there (FaultPoint).
+    var beforeCommit: (String) -> Void = { FaultPoint.reach("before \($0)") }
 
     // MARK: Begin (run by the holder, with the lock held)
 
-    /// Plans, journals and commits begin's one batch, then records the kernel's handles. On any
-    /// failure nothing is left behind: the kernel refused the batch whole, or the rules it took are
-    /// removed again before this throws.
+    /// Reads both systems, plans, and commits begin's steps, journalling before each. On any
+    /// failure nothing is left behind: what the kernel took is removed again before this throws.
     func install(
-        _ options: ValidatedOptions, firewall: some Firewall, holder: ProcessIdentity, namespace: NamespaceIdentity,
+        _ options: ValidatedOptions, firewalls: Firewalls, holder: ProcessIdentity, namespace: NamespaceIdentity,
         now: Int64
     ) throws(LERedirectError) -> Journal {
-        var attempt = 0
-        while true {
-            attempt += 1
-            let snapshot = try map { () throws(FirewallError) in try firewall.snapshot() }
-            let plan = try RedirectPlan.make(options, from: snapshot)
-            var journal = Journal(
-                phase: .intent, holder: holder, namespace: namespace, backend: firewall.backendName, port: plan.port,
-                proxyPort: plan.proxyPort, proxy: options.proxy.name, createdAt: now, expiresAt: now + plan.ttl.milliseconds,
-                accepts: plan.acceptChains.map {
-                    Journal.Entry(chain: $0, fingerprint: firewall.fingerprint(of: plan.acceptRule, family: $0.table.family))
-                })
-            try state.writeJournal(journal)
+        var unavailable = firewalls.unavailable
+        var nftables = firewalls.nftables
+        let nftablesSnapshot: FirewallSnapshot?
+        do {
+            nftablesSnapshot = try nftables?.snapshot()
+        } catch where error.reason == .unsupported {
+            // nf_tables is missing from this kernel: plan without it.
+            unavailable[.nftables] = "\(error)"
+            nftablesSnapshot = nil
+            nftables = nil
+        } catch {
+            throw Self.failure("begin: reading the ruleset", error)
+        }
+        let legacySnapshot = try map { () throws(FirewallError) in try firewalls.iptablesLegacy?.snapshot() }
+        var plan = try RedirectPlan.make(
+            options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot, unavailable: unavailable, now: now)
+        logger.debug(
+            "plan", metadata: ["redirect": "\(plan.decision.redirect)", "steps": "\(plan.installSteps.map(\.description))"])
+        var journal = Journal(
+            phase: .intent, holder: holder, namespace: namespace, backend: plan.decision.redirect, port: plan.port,
+            proxyPort: plan.proxyPort, proxy: options.proxy.name, createdAt: now, expiresAt: plan.expiresAt,
+            rules: entries(of: plan, firewalls: firewalls))
 
-            let inserted: [InsertedRule]
-            do {
-                let started = ContinuousClock.now
-                inserted = try firewall.commit(plan.installChanges, expecting: plan.generation)
-                logger.debug("begin batch committed", metadata: ["commitMs": "\(milliseconds(since: started))"])
-            } catch where error.reason == .generationChanged && attempt < maxAttempts {
-                logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
-                continue
-            } catch where error.reason == .outcomeUnknown {
-                // The batch may have been applied: take back whatever of it is there.
-                undo(journal, firewall: firewall)
-                throw LERedirectError(.failed, "begin: \(error); anything it applied was removed again", errno: error.errno)
-            } catch {
-                // The kernel refused the batch as a whole: nothing changed.
-                try? state.deleteJournal()
-                throw Self.failure("begin", error, attempts: attempt)
+        // Whether the nftables batch may be in the kernel: only then does undoing touch nftables.
+        var nftablesApplied = false
+        do {
+            for step in plan.legacyAcceptSteps {
+                try commitLegacy(step, journal: &journal, firewalls: firewalls, commit: true)
             }
-
-            guard inserted.count == 1 + plan.acceptChains.count else {
-                undo(journal, firewall: firewall)
-                throw LERedirectError(
-                    .failed, "begin: the kernel reported \(inserted.count) inserted rules, expected "
-                        + "\(1 + plan.acceptChains.count); everything was removed again")
+            if let nftables, plan.nftablesStep != nil {
+                try commitNftables(
+                    &plan, options: options, journal: &journal, firewall: nftables, firewalls: firewalls,
+                    applied: &nftablesApplied)
+            }
+            // Counted even when not armed, so that arming later and recovery know how many identical
+            // rules were the host's.
+            for step in plan.legacyRedirectSteps {
+                try commitLegacy(step, journal: &journal, firewalls: firewalls, commit: plan.armed)
             }
             journal.phase = .installed
-            journal.accepts = zip(journal.accepts, inserted.dropFirst()).map { entry, rule in
-                if rule.fingerprint != entry.fingerprint {
-                    logger.warning(
-                        "the kernel lists the scoped accept differently than planned; recording the kernel's form",
-                        metadata: ["chain": "\(rule.location.chain)"])
-                }
-                return Journal.Entry(chain: rule.location.chain, fingerprint: rule.fingerprint, handle: rule.location.handle)
-            }
-            do {
-                try state.writeJournal(journal)
-            } catch {
-                undo(journal, firewall: firewall)
-                throw LERedirectError(error.kind, "\(error.message); the rules begin inserted were removed again")
-            }
-            logger.info(
-                "redirect installed",
-                metadata: ["port": "\(plan.port)", "proxyPort": "\(plan.proxyPort)", "accepts": "\(plan.acceptChains.count)"])
-            return journal
+            try state.writeJournal(journal)
+        } catch {
+            if !nftablesApplied { journal.rules.removeAll { $0.system == .nftables } }
+            let touched = nftablesApplied || journal.rules.contains { $0.preexisting != nil }
+            undo(journal, firewalls: firewalls, nftablesApplied: nftablesApplied)
+            throw LERedirectError(
+                error.kind, error.message + (touched ? "; anything begin had applied was removed again" : ""),
+                errno: error.errno)
+        }
+        logger.info(
+            "redirect installed",
+            metadata: [
+                "port": "\(plan.port)", "proxyPort": "\(plan.proxyPort)", "backend": "\(plan.decision.redirect)",
+                "rules": "\(journal.rules.count)",
+            ])
+        return journal
+    }
+
+    /// The journal's entries for a plan's rules, fingerprinted by the system that inserts each.
+    private func entries(of plan: RedirectPlan, firewalls: Firewalls) -> [Journal.Entry] {
+        plan.rules.map { rule in
+            Journal.Entry(
+                system: rule.system, kind: rule.spec.kind, chain: rule.chain,
+                fingerprint: firewalls[rule.system]!.fingerprint(of: rule.spec, family: rule.chain.table.family))
         }
     }
 
-    /// Best-effort removal of whatever begin's batch may have applied, then of the journal.
-    private func undo(_ journal: Journal, firewall: some Firewall) {
-        do {
-            _ = try firewall.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
-        } catch where error.reason == .notFound {
-        } catch {
-            logger.error("undoing begin: \(error)")
+    /// One x_tables commit of begin, under the xtables lock: counts the rules identical to each it
+    /// inserts, journals those counts, then (when `commit`) replaces the table.
+    private func commitLegacy(
+        _ step: RedirectPlan.Step, journal: inout Journal, firewalls: Firewalls, commit: Bool
+    ) throws(LERedirectError) {
+        guard let firewall = firewalls.iptablesLegacy else { return }
+        var updated = journal
+        try firewall.exclusively { () throws(LERedirectError) in
+            var observed: [ChainRef: [ObservedRule]] = [:]
+            for index in step.entries {
+                let chain = updated.rules[index].chain
+                if observed[chain] == nil {
+                    observed[chain] = try map { () throws(FirewallError) in try firewall.rules(in: chain) }
+                }
+                updated.rules[index].preexisting = observed[chain]!.filter { $0.fingerprint == updated.rules[index].fingerprint }.count
+            }
+            try state.writeJournal(updated)
+            guard commit else { return }
+            beforeCommit(step.description)
+            let started = ContinuousClock.now
+            do throws(FirewallError) {
+                _ = try firewall.commit(step.changes, expecting: nil)
+            } catch {
+                throw Self.failure("begin: \(step)", error)
+            }
+            logger.debug("begin commit", metadata: ["step": "\(step)", "commitMs": "\(milliseconds(since: started))"])
+        }
+        journal = updated
+    }
+
+    /// Begin's nftables batch, planned again from fresh state when another program committed
+    /// between our read and our batch. Records the kernel's handles in the journal.
+    private func commitNftables(
+        _ plan: inout RedirectPlan, options: ValidatedOptions, journal: inout Journal, firewall: any Firewall,
+        firewalls: Firewalls, applied: inout Bool
+    ) throws(LERedirectError) {
+        var attempt = 0
+        while true {
+            attempt += 1
+            guard let step = plan.nftablesStep else { return }
+            try state.writeJournal(journal)
+            beforeCommit(step.description)
+            let inserted: [InsertedRule]
+            do {
+                let started = ContinuousClock.now
+                inserted = try firewall.commit(step.changes, expecting: plan.nftables!.generation)
+                logger.debug("begin batch committed", metadata: ["commitMs": "\(milliseconds(since: started))"])
+            } catch where error.reason == .generationChanged && attempt < maxAttempts {
+                logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
+                let snapshot = try map { () throws(FirewallError) in try firewall.snapshot() }
+                plan.nftables = try RedirectPlan.nftablesPart(options, snapshot, holdsRedirect: plan.nftables!.holdsRedirect)
+                // Keep what the x_tables commits recorded; take the nftables entries of the new plan.
+                let previous = journal.rules
+                journal.rules = entries(of: plan, firewalls: firewalls).map { entry in
+                    previous.first { $0.system == entry.system && $0.kind == entry.kind && $0.chain == entry.chain } ?? entry
+                }
+                continue
+            } catch where error.reason == .outcomeUnknown {
+                // The batch may have been applied: the caller takes back whatever of it is there.
+                applied = true
+                throw LERedirectError(.failed, "begin: \(error)", errno: error.errno)
+            } catch {
+                // The kernel refused the batch as a whole: nothing of it is there.
+                throw Self.failure("begin", error, attempts: attempt)
+            }
+            applied = true
+            let redirects = plan.nftables!.holdsRedirect ? 1 : 0
+            guard inserted.count == redirects + step.entries.count else {
+                throw LERedirectError(
+                    .failed, "begin: the kernel reported \(inserted.count) inserted rules, expected "
+                        + "\(redirects + step.entries.count)")
+            }
+            for (index, rule) in zip(step.entries, inserted.dropFirst(redirects)) {
+                if rule.fingerprint != journal.rules[index].fingerprint {
+                    logger.warning(
+                        "the kernel lists the scoped accept differently than planned; recording the kernel's form",
+                        metadata: ["chain": "\(rule.chain)"])
+                }
+                journal.rules[index].fingerprint = rule.fingerprint
+                journal.rules[index].handle = rule.handle
+            }
+            return
+        }
+    }
+
+    /// Best-effort removal of whatever begin may have applied, then of the journal.
+    private func undo(_ journal: Journal, firewalls: Firewalls, nftablesApplied: Bool) {
+        if nftablesApplied, journal.backend == .nftables, let nftables = firewalls.nftables {
+            do {
+                _ = try nftables.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
+            } catch where error.reason == .notFound {
+            } catch {
+                logger.error("undoing begin: \(error)")
+            }
         }
         do {
-            _ = try removeAccepts(journal.accepts, firewall: firewall)
+            _ = try removeRules(journal.rules.filter { $0.kind == .redirect } + journal.accepts, firewalls: firewalls)
             try state.deleteJournal()
         } catch {
             logger.error("undoing begin: \(error); the journal is kept so that `le-redirect recover` can finish")
         }
     }
 
+    // MARK: Arming (sessions armed per challenge)
+
+    /// Starts redirecting: the port goes into the set (nftables) until `remaining` passes, or the
+    /// expiring redirects go into x_tables' nat tables.
+    func arm(_ journal: Journal, firewalls: Firewalls, remaining: Duration) throws(LERedirectError) {
+        switch journal.backend {
+        case .nftables:
+            do {
+                _ = try firewalls.nftables?.commit(
+                    RedirectPlan.armChanges(port: journal.port, remaining: remaining), expecting: nil)
+            } catch where error.reason == .alreadyExists {
+            } catch {
+                throw Self.failure("arming the redirect", error)
+            }
+        case .iptablesLegacy:
+            let firewall = try connection(.iptablesLegacy, firewalls)
+            let spec = RuleSpec.expiringRedirect(port: journal.port, proxyPort: journal.proxyPort, until: journal.expiresAt / 1000)
+            for entry in journal.rules where entry.kind == .redirect {
+                try firewall.exclusively { () throws(LERedirectError) in
+                    let present = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
+                        .filter { $0.fingerprint == entry.fingerprint }.count
+                    guard present <= entry.preexisting ?? 0 else { return }  // armed already
+                    do throws(FirewallError) { _ = try firewall.commit([.insertRule(entry.chain, spec)], expecting: nil) } catch {
+                        throw Self.failure("arming the redirect", error)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops redirecting new connections; connections already redirected keep their NAT.
+    func disarm(_ journal: Journal, firewalls: Firewalls) throws(LERedirectError) {
+        switch journal.backend {
+        case .nftables:
+            do {
+                let started = ContinuousClock.now
+                _ = try firewalls.nftables?.commit(RedirectPlan.disarmChanges(port: journal.port), expecting: nil)
+                logger.debug("redirect disarmed", metadata: ["commitMs": "\(milliseconds(since: started))"])
+            } catch where error.reason == .notFound {
+                // Not armed (armed per challenge, or the TTL passed), or the table is gone.
+            } catch {
+                throw Self.failure("removing the redirect", error)
+            }
+        case .iptablesLegacy:
+            _ = try removeRules(journal.rules.filter { $0.kind == .redirect }, firewalls: firewalls)
+        }
+    }
+
     // MARK: End (run by the holder)
 
-    /// Removes the redirect (one batch), then the accepts (one batch), then the journal.
-    /// End's sequence. `betweenSteps` runs once no new connection is redirected: the proxy drains
-    /// there. The redirect is disarmed (its port leaves the set) rather than deleted at first:
-    /// unregistering the namespace's last nat hook drops the NAT bindings of the connections in
-    /// flight, and the kernel would then reset every proxied connection instead of letting it finish.
-    func uninstall(_ journal: Journal, firewall: some Firewall, betweenSteps: () -> Void = {}) throws(LERedirectError)
+    /// End's sequence: stop redirecting, let `betweenSteps` drain the proxy, remove the redirect's
+    /// table (nftables), then the accepts, then the journal. Disarming rather than deleting the
+    /// table at first matters: unregistering the namespace's last nat hook drops the NAT bindings of
+    /// the connections in flight, and the kernel would then reset every proxied connection.
+    func uninstall(_ journal: Journal, firewalls: Firewalls, betweenSteps: () -> Void = {}) throws(LERedirectError)
         -> [String]
     {
         var warnings: [String] = []
-        do {
-            let started = ContinuousClock.now
-            _ = try firewall.commit(RedirectPlan.disarmChanges(port: journal.port), expecting: nil)
-            logger.debug("redirect disarmed", metadata: ["commitMs": "\(milliseconds(since: started))"])
-        } catch where error.reason == .notFound {
-            // Not armed (armed per challenge, or the TTL passed), or the table is gone: see below.
-        } catch {
-            throw Self.failure("end: removing the redirect", error)
+        do { try disarm(journal, firewalls: firewalls) } catch {
+            throw LERedirectError(error.kind, "end: \(error.message)", errno: error.errno)
         }
         betweenSteps()
-        do {
-            let started = ContinuousClock.now
-            _ = try firewall.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
-            logger.debug("redirect removed", metadata: ["commitMs": "\(milliseconds(since: started))"])
-        } catch where error.reason == .notFound {
-            warnings.append("table \(TableRef.own) was already gone")
-        } catch {
-            throw Self.failure("end: removing the redirect", error)
+        if journal.backend == .nftables, let nftables = firewalls.nftables {
+            do {
+                let started = ContinuousClock.now
+                _ = try nftables.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
+                logger.debug("redirect removed", metadata: ["commitMs": "\(milliseconds(since: started))"])
+            } catch where error.reason == .notFound {
+                warnings.append("table \(TableRef.own) was already gone")
+            } catch {
+                throw Self.failure("end: removing the redirect", error)
+            }
         }
-        warnings += try removeAccepts(journal.accepts, firewall: firewall).warnings
+        warnings += try removeRules(journal.accepts, firewalls: firewalls).warnings
         try state.deleteJournal()
         return warnings
     }
 
-    // MARK: Accepts
+    // MARK: Removing rules
 
-    /// Removes the scoped accepts a journal lists, each only after checking that the rule at its
-    /// handle is still exactly ours (a host that reloaded its ruleset may have put its own rule
-    /// there). Entries without a handle (an intent journal) are looked for by content in their chain.
-    func removeAccepts(_ entries: [Journal.Entry], firewall: some Firewall) throws(LERedirectError)
+    /// Removes the rules a journal lists: nftables ones by handle, each only after checking that the
+    /// rule there is still exactly ours (a host that reloaded its ruleset may have put its own rule
+    /// there), or by content where the handle is not known; x_tables ones by content, as many as
+    /// the chain holds above the count recorded before their commit.
+    func removeRules(_ entries: [Journal.Entry], firewalls: Firewalls) throws(LERedirectError)
+        -> (removed: Int, warnings: [String])
+    {
+        var removed = 0
+        var warnings: [String] = []
+        let nftables = entries.filter { $0.system == .nftables }
+        if !nftables.isEmpty {
+            let result = try removeNftables(nftables, firewall: try connection(.nftables, firewalls))
+            removed += result.removed
+            warnings += result.warnings
+        }
+        let legacy = entries.filter { $0.system == .iptablesLegacy && $0.preexisting != nil }
+        if !legacy.isEmpty {
+            let firewall = try connection(.iptablesLegacy, firewalls)
+            for table in Set(legacy.map(\.chain.table)).sorted() {
+                removed += try removeLegacy(legacy.filter { $0.chain.table == table }, table: table, firewall: firewall)
+            }
+        }
+        return (removed, warnings)
+    }
+
+    private func removeNftables(_ entries: [Journal.Entry], firewall: any Firewall) throws(LERedirectError)
         -> (removed: Int, warnings: [String])
     {
         var attempt = 0
@@ -194,17 +361,61 @@ struct SessionEngine {
         }
     }
 
+    /// One x_tables table's share of a journal's rules, removed in one commit under the xtables lock.
+    private func removeLegacy(_ entries: [Journal.Entry], table: TableRef, firewall: any Firewall)
+        throws(LERedirectError) -> Int
+    {
+        try firewall.exclusively { () throws(LERedirectError) -> Int in
+            var observed: [ChainRef: [ObservedRule]] = [:]
+            var changes: [FirewallChange] = []
+            for entry in entries {
+                if observed[entry.chain] == nil {
+                    observed[entry.chain] = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
+                }
+                let present = observed[entry.chain]!.filter { $0.fingerprint == entry.fingerprint }.count
+                let ours = present - (entry.preexisting ?? 0)
+                if ours > 0 {
+                    changes.append(.deleteMatching(entry.chain, entry.fingerprint, count: ours))
+                } else {
+                    logger.debug("rule already gone", metadata: ["chain": "\(entry.chain)", "kind": "\(entry.kind.rawValue)"])
+                }
+            }
+            if changes.isEmpty { return 0 }
+            let started = ContinuousClock.now
+            do throws(FirewallError) {
+                _ = try firewall.commit(changes, expecting: nil)
+            } catch {
+                throw Self.failure("removing le-redirect's rules from iptables-legacy \(table)", error)
+            }
+            logger.debug("rules removed", metadata: ["table": "iptables-legacy \(table)", "commitMs": "\(milliseconds(since: started))"])
+            return changes.reduce(0) { total, change in
+                if case .deleteMatching(_, _, let count) = change { return total + count }
+                return total
+            }
+        }
+    }
+
+    private func connection(_ system: FirewallSystem, _ firewalls: Firewalls) throws(LERedirectError) -> any Firewall {
+        guard let firewall = firewalls[system] else {
+            throw LERedirectError(
+                .unsupported,
+                "the journal lists \(system) rules, but \(system) cannot be read here"
+                    + (firewalls.unavailable[system].map { " (\($0))" } ?? "") + ". Nothing was changed")
+        }
+        return firewall
+    }
+
     // MARK: Recover (run by anyone but the holder, with the lock held)
 
-    /// Finishes a dead session: removes the rules its journal lists (and a leftover table), then the
-    /// journal. With `sweep` and no usable journal, removes every "LE"-tagged rule of the host's
-    /// input chains and our table instead.
-    func recover(sweep: Bool, firewall: some Firewall, namespace: NamespaceIdentity) throws(LERedirectError)
+    /// Finishes a dead session: removes the rules its journal lists (redirects first), a leftover
+    /// table, then the journal. With `sweep` and no usable journal, removes every "LE"-tagged rule
+    /// of the host's input chains (and x_tables' nat PREROUTING) and our table instead.
+    func recover(sweep: Bool, firewalls: Firewalls, namespace: NamespaceIdentity) throws(LERedirectError)
         -> RecoveryReport
     {
         var report = RecoveryReport()
         guard let text = try state.readJournal() else {
-            if sweep { try self.sweep(firewall: firewall, into: &report) }
+            if sweep { try self.sweep(firewalls: firewalls, into: &report) }
             return report
         }
         let journal: Journal
@@ -222,7 +433,7 @@ struct SessionEngine {
                         + "\"LE\"-tagged rule of the input chains and table \(TableRef.own) instead")
             }
             logger.warning("\(error); sweeping instead")
-            try self.sweep(firewall: firewall, into: &report)
+            try self.sweep(firewalls: firewalls, into: &report)
             try state.deleteJournal()
             return report
         }
@@ -239,40 +450,71 @@ struct SessionEngine {
                 "a session is active (pid \(journal.holder.pid), since "
                     + "\(RFC3339.format(unixMilliseconds: journal.createdAt))); `le-redirect end` ends it. Nothing was changed")
         }
-        guard journal.backend == firewall.backendName else {
-            throw LERedirectError(
-                .failed, "the journal was written by the \(journal.backend) backend; this build recovers "
-                    + "\(firewall.backendName) only. Nothing was changed")
+        for system in Set(journal.rules.map(\.system) + [journal.backend]).sorted() {
+            _ = try connection(system, firewalls)
         }
         logger.info("recovering a session whose holder is gone", metadata: ["pid": "\(journal.holder.pid)"])
         report.recoveredJournal = true
-        let before = try map { () throws(FirewallError) in try firewall.snapshot() }
-        let own = before.tables.first { $0.ref == TableRef.own }
-        let removal = try removeAccepts(journal.accepts, firewall: firewall)
+        let redirects = journal.rules.filter { $0.kind == .redirect }
+        let removal = try removeRules(redirects + journal.accepts, firewalls: firewalls)
         report.warnings += removal.warnings
         report.removedRules = removal.removed
         // The owned table died with its holder; a copy restored without the owner flag goes too.
-        if let own, !own.ownedByAnotherProcess {
-            do {
-                _ = try firewall.commit([.deleteTable(TableRef.own)], expecting: nil)
-                report.removedTable = true
-            } catch where error.reason == .notFound {
-            } catch {
-                throw Self.failure("recover: removing table \(TableRef.own)", error)
+        if let nftables = firewalls.nftables, let snapshot = try nftablesSnapshot(nftables) {
+            let own = snapshot.tables.first { $0.ref == TableRef.own }
+            if let own, !own.ownedByAnotherProcess {
+                do {
+                    _ = try nftables.commit([.deleteTable(TableRef.own)], expecting: nil)
+                    report.removedTable = true
+                } catch where error.reason == .notFound {
+                } catch {
+                    throw Self.failure("recover: removing table \(TableRef.own)", error)
+                }
             }
         }
-        if sweep { try self.sweep(firewall: firewall, into: &report) }
+        if sweep { try self.sweep(firewalls: firewalls, into: &report) }
         try state.deleteJournal()
         return report
     }
 
-    /// Removes every "LE"-tagged rule of the host's input base chains, and our table unless a live
-    /// process owns it, in one batch.
-    func sweep(firewall: some Firewall, into report: inout RecoveryReport) throws(LERedirectError) {
+    /// Removes every "LE"-tagged rule of the host's input base chains and our table unless a live
+    /// process owns it (one nftables batch), and every "LE"-tagged rule of x_tables' filter INPUT and
+    /// nat PREROUTING (a commit per table).
+    func sweep(firewalls: Firewalls, into report: inout RecoveryReport) throws(LERedirectError) {
+        if let nftables = firewalls.nftables { try sweepNftables(nftables, into: &report) }
+        if let legacy = firewalls.iptablesLegacy {
+            let snapshot = try map { () throws(FirewallError) in try legacy.snapshot() }
+            for table in snapshot.tables.map(\.ref).sorted() where table.name == "filter" || table.name == "nat" {
+                let chain = ChainRef(table, table.name == "filter" ? "INPUT" : "PREROUTING")
+                report.removedRules += try legacy.exclusively { () throws(LERedirectError) -> Int in
+                    let tagged = try map { () throws(FirewallError) in try legacy.rules(in: chain) }.filter { $0.comment == ruleTag }
+                    guard !tagged.isEmpty else { return 0 }
+                    let counts = Dictionary(tagged.map { ($0.fingerprint, 1) }, uniquingKeysWith: +)
+                    do throws(FirewallError) {
+                        _ = try legacy.commit(
+                            counts.sorted { $0.key.value < $1.key.value }.map { .deleteMatching(chain, $0.key, count: $0.value) },
+                            expecting: nil)
+                    } catch {
+                        throw Self.failure("recover --sweep: iptables-legacy \(table)", error)
+                    }
+                    return tagged.count
+                }
+            }
+        }
+    }
+
+    /// nftables' snapshot, or nil on a kernel without nf_tables.
+    private func nftablesSnapshot(_ firewall: any Firewall) throws(LERedirectError) -> FirewallSnapshot? {
+        do { return try firewall.snapshot() } catch where error.reason == .unsupported { return nil } catch {
+            throw Self.failure("reading the ruleset", error)
+        }
+    }
+
+    private func sweepNftables(_ firewall: any Firewall, into report: inout RecoveryReport) throws(LERedirectError) {
         var attempt = 0
         while true {
             attempt += 1
-            let snapshot = try map { () throws(FirewallError) in try firewall.snapshot() }
+            guard let snapshot = try nftablesSnapshot(firewall) else { return }
             let own = snapshot.tables.first { $0.ref == TableRef.own }
             if let own, own.ownedByAnotherProcess {
                 throw LERedirectError(

@@ -32,18 +32,19 @@ public struct EndReport: Sendable, Hashable {
     }
 }
 
-/// The process side of an active session: it owns the firewall connection (and with it the owned
-/// table), serves the control socket, and ends the session when asked, at the TTL, or on a signal.
+/// The process side of an active session: it owns the firewall connections (and with the nftables
+/// one the owned table), serves the control socket, and ends the session when asked, at the TTL, or
+/// on a signal.
 /// The daemon runs one; a program embedding the library runs one in-process.
 ///
-/// `@unchecked Sendable`: the descriptors and the firewall are set once in `start` and then used only
-/// by the holder's own thread (the firewall serialises itself); mutable state lives in `shared`.
+/// `@unchecked Sendable`: the descriptors and the firewalls are set once in `start` and then used only
+/// by the holder's own thread (each firewall serialises itself); mutable state lives in `shared`.
 final class SessionHolder: @unchecked Sendable {
     let state: StateDirectory
     let logger: Logger
     let journal: Journal
     private let engine: SessionEngine
-    private let firewall: any Firewall
+    private let firewalls: Firewalls
     private let listener: Int32
     private let wake: Int32
     private let stopSignals: Int32?
@@ -66,7 +67,7 @@ final class SessionHolder: @unchecked Sendable {
     private let shared = Mutex(Shared())
 
     private init(
-        state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewall: any Firewall,
+        state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewalls: Firewalls,
         listener: Int32, wake: Int32, stopSignals: Int32?, monotonicDeadline: Int64, proxy: ValidationProxy?,
         tokens: ChallengeStore, armsPerChallenge: Bool, endsWithLastToken: Bool
     ) {
@@ -79,41 +80,34 @@ final class SessionHolder: @unchecked Sendable {
         self.logger = logger
         self.journal = journal
         self.engine = engine
-        self.firewall = firewall
+        self.firewalls = firewalls
         self.listener = listener
         self.wake = wake
         self.stopSignals = stopSignals
         self.monotonicDeadline = monotonicDeadline
     }
 
-    /// Opens the firewall connection, binds the control socket, installs the redirect, and starts
+    /// Opens the firewall connections, binds the control socket, installs the redirect, and starts
     /// serving. The caller holds the state lock. On failure nothing is left installed.
     static func start(
         _ options: ValidatedOptions, state: StateDirectory, kind: ProcessIdentity.Kind, stopSignals: Int32? = nil,
-        endsWithLastToken: Bool = false, logger: Logger, firewall injected: (any Firewall)? = nil
+        endsWithLastToken: Bool = false, logger: Logger
     ) throws(LERedirectError) -> SessionHolder {
         let namespace: NamespaceIdentity
         do { namespace = try ProcessFacts.currentNamespace() } catch {
             throw LERedirectError(.failed, "reading this process's network namespace: \(error)", errno: error.errno)
         }
-        let firewall: any Firewall
-        if let injected {
-            firewall = injected
-        } else {
-            do { firewall = try NftablesFirewall() } catch {
-                throw SessionEngine.failure("begin", error)
-            }
-        }
+        let firewalls = try Firewalls.open("begin")
         let listener: Int32
         do { listener = try ControlChannel.listen(at: state.controlSocketPath) } catch {
-            firewall.close()
+            firewalls.close()
             throw error
         }
         let wake = le_eventfd_cloexec()
         guard wake >= 0 else {
             let code = errno
             closeDescriptor(listener)
-            firewall.close()
+            firewalls.close()
             throw LERedirectError(.failed, "creating an eventfd: \(errnoText(code))", errno: code)
         }
         let tokens = ChallengeStore()
@@ -127,7 +121,7 @@ final class SessionHolder: @unchecked Sendable {
                 closeDescriptor(wake)
                 closeDescriptor(listener)
                 _ = unlink(state.controlSocketPath)
-                firewall.close()
+                firewalls.close()
                 throw error
             }
             proxy = built
@@ -137,10 +131,10 @@ final class SessionHolder: @unchecked Sendable {
         do {
             let startedMonotonic = monotonicMilliseconds()
             journal = try engine.install(
-                options, firewall: firewall, holder: ProcessFacts.identity(kind: kind), namespace: namespace,
+                options, firewalls: firewalls, holder: ProcessFacts.identity(kind: kind), namespace: namespace,
                 now: unixMilliseconds())
             let holder = SessionHolder(
-                state: state, logger: logger, journal: journal, engine: engine, firewall: firewall, listener: listener,
+                state: state, logger: logger, journal: journal, engine: engine, firewalls: firewalls, listener: listener,
                 wake: wake, stopSignals: stopSignals, monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
                 proxy: proxy, tokens: tokens, armsPerChallenge: options.proxy.armsPerChallenge,
                 endsWithLastToken: endsWithLastToken)
@@ -151,7 +145,7 @@ final class SessionHolder: @unchecked Sendable {
             closeDescriptor(wake)
             closeDescriptor(listener)
             _ = unlink(state.controlSocketPath)
-            firewall.close()
+            firewalls.close()
             throw error
         }
     }
@@ -257,7 +251,7 @@ final class SessionHolder: @unchecked Sendable {
         for waiter in waiters { waiter.resume(returning: outcome) }
         // Only now: the kernel's teardown of a netlink socket takes tens of milliseconds, and
         // after a successful end there is nothing left for it to remove.
-        firewall.close()
+        firewalls.close()
     }
 
     /// End's sequence: redirect out, accepts out, journal deleted. The connection is closed by the
@@ -273,7 +267,7 @@ final class SessionHolder: @unchecked Sendable {
         let outcome: Result<EndReport, LERedirectError>
         do {
             var drained = false
-            let warnings = try engine.uninstall(journal, firewall: firewall) {
+            let warnings = try engine.uninstall(journal, firewalls: firewalls) {
                 // The redirect is gone: no new connection arrives; those in flight finish.
                 proxy?.drain(timeout: drainTimeout)
                 drained = true
@@ -290,7 +284,7 @@ final class SessionHolder: @unchecked Sendable {
             proxy?.stop()
             // Closing the connection deletes the owned table if the removal above could not;
             // that must have happened before anyone is told the session is over.
-            firewall.close()
+            firewalls.close()
         }
         closeDescriptor(listener)
         _ = unlink(state.controlSocketPath)
@@ -300,7 +294,9 @@ final class SessionHolder: @unchecked Sendable {
 
     private func statusLines() -> [(String, String)] {
         var lines: [(String, String)] = [("pid", "\(getpid())")]
-        if let packets = try? firewall.redirectedPackets() { lines.append(("redirected-packets", "\(packets)")) }
+        if let packets = try? firewalls[journal.backend]?.redirectedPackets() {
+            lines.append(("redirected-packets", "\(packets)"))
+        }
         lines.append(("armed", isArmed ? "yes" : "no"))
         if let proxy {
             lines.append(("challenge-source", proxy.options.challenge.description))
@@ -349,13 +345,11 @@ final class SessionHolder: @unchecked Sendable {
             let count = tokens.add(token, keyAuthorization)
             if armsPerChallenge && !armed {
                 let remaining = max(1000, journal.expiresAt - unixMilliseconds())
-                do throws(FirewallError) {
-                    _ = try firewall.commit(
-                        RedirectPlan.armChanges(port: journal.port, remaining: .milliseconds(remaining)), expecting: nil)
-                } catch where error.reason == .alreadyExists {
+                do throws(LERedirectError) {
+                    try engine.arm(journal, firewalls: firewalls, remaining: .milliseconds(remaining))
                 } catch {
                     tokens.remove(token)
-                    throw SessionEngine.failure("challenge add: arming the redirect", error)
+                    throw LERedirectError(error.kind, "challenge add: \(error.message)", errno: error.errno)
                 }
                 armed = true
                 logger.info("redirect armed", metadata: ["token": "\(token)"])
@@ -370,12 +364,8 @@ final class SessionHolder: @unchecked Sendable {
         try armed.withLock { (armed: inout Bool) throws(LERedirectError) -> Int in
             let (_, remaining) = tokens.remove(token)
             if armsPerChallenge && armed && remaining == 0 {
-                do throws(FirewallError) {
-                    _ = try firewall.commit(RedirectPlan.disarmChanges(port: journal.port), expecting: nil)
-                } catch where error.reason == .notFound {
-                    // The element timed out (the TTL passed): disarmed already.
-                } catch {
-                    throw SessionEngine.failure("challenge remove: disarming the redirect", error)
+                do throws(LERedirectError) { try engine.disarm(journal, firewalls: firewalls) } catch {
+                    throw LERedirectError(error.kind, "challenge remove: \(error.message)", errno: error.errno)
                 }
                 armed = false
                 logger.info("redirect disarmed")

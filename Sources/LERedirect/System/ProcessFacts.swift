@@ -50,6 +50,13 @@ enum ProcessFacts {
         return NamespaceIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
 
+    /// The running kernel's major and minor version (/proc/sys/kernel/osrelease), if readable.
+    static let kernelVersion: (Int, Int)? = {
+        guard let bytes = try? readFile("/proc/sys/kernel/osrelease") else { return nil }
+        let parts = String(decoding: bytes, as: UTF8.self).split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+        return parts.count == 2 ? (parts[0], parts[1]) : nil
+    }()
+
     /// Whether the effective capability set holds CAP_NET_ADMIN (bit 12).
     static func hasNetAdmin() -> Bool {
         if geteuid() == 0 { return true }

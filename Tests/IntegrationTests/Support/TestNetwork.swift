@@ -37,6 +37,10 @@ enum Paths {
     static let repository = support.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
     static func ruleset(_ name: String) -> String { rulesets.appendingPathComponent("\(name).nft").path }
+    /// An iptables-restore file of Rulesets/, for `v4` or `v6`.
+    static func xtablesRules(_ name: String, _ family: String) -> String {
+        rulesets.appendingPathComponent("\(name).\(family).rules").path
+    }
 }
 
 /// Runs a program to completion (killing it after `timeout` seconds) and returns its output.
@@ -119,7 +123,9 @@ final class TestNetwork: @unchecked Sendable {
     static let clientAddress4 = "10.99.0.2", clientAddress6 = "fd99::2"
     static let serverAddress4 = "10.98.0.2"
 
-    init(ruleset: String = "empty", router: Bool = false) throws {
+    /// `ruleset` is loaded with nft, `legacy` with iptables-legacy-restore and `iptablesNft` with
+    /// iptables-nft-restore (each an IPv4 and an IPv6 file of Rulesets/).
+    init(ruleset: String = "empty", legacy: String? = nil, iptablesNft: String? = nil, router: Bool = false) throws {
         id = "lrt\(getpid() % 100_000)n\(Self.counter.next())"
         host = id + "h"
         client = id + "c"
@@ -168,6 +174,16 @@ final class TestNetwork: @unchecked Sendable {
         if ruleset != "empty" {
             try check(run(["ip", "netns", "exec", host, "nft", "-f", Paths.ruleset(ruleset)]), "loading \(ruleset)")
         }
+        for (name, tools) in [(legacy, ["iptables-legacy-restore", "ip6tables-legacy-restore"]), (iptablesNft, ["iptables-nft-restore", "ip6tables-nft-restore"])] {
+            guard let name else { continue }
+            for (tool, family) in zip(tools, ["v4", "v6"]) {
+                try check(run(["ip", "netns", "exec", host, tool, Paths.xtablesRules(name, family)]), "loading \(name) with \(tool)")
+            }
+        }
+    }
+
+    convenience init(_ host: Host, router: Bool = false) throws {
+        try self.init(ruleset: host.nft, legacy: host.legacy, iptablesNft: host.iptablesNft, router: router)
     }
 
     deinit { close() }
@@ -219,6 +235,11 @@ final class TestNetwork: @unchecked Sendable {
     /// Runs le-redirect in the host namespace.
     @discardableResult
     func leRedirect(_ arguments: String..., timeout: Double = 60) throws -> Output {
+        try leRedirect(arguments, timeout: timeout)
+    }
+
+    @discardableResult
+    func leRedirect(_ arguments: [String], timeout: Double = 60) throws -> Output {
         try exec(host, [Paths.binary] + arguments, timeout: timeout)
     }
 
@@ -311,19 +332,42 @@ final class TestNetwork: @unchecked Sendable {
         return String(output.stdout.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: " ").last ?? "")
     }
 
-    /// `nft list ruleset` of the host, with counters and timer values normalised.
+    /// `nft list ruleset`, `iptables-legacy-save` and `ip6tables-legacy-save` of the host, with
+    /// counters, timer values and save dates normalised: what invariant 1 compares.
     func ruleset() throws -> String {
+        try nftRuleset() + "\n" + (try legacyRuleset())
+    }
+
+    /// `nft list ruleset`, normalised.
+    func nftRuleset() throws -> String {
         let output = try exec(host, ["nft", "list", "ruleset"])
         guard output.status == 0 else { throw TestFailure("nft list ruleset: \(output)") }
         return Normalise.listing(output.stdout)
     }
 
+    /// `iptables-legacy-save` and `ip6tables-legacy-save`, normalised (empty when the namespace has
+    /// no x_tables tables; saving never makes one).
+    func legacyRuleset(counters: Bool = false) throws -> String {
+        var text = ""
+        for tool in ["iptables-legacy-save", "ip6tables-legacy-save"] {
+            let output = try exec(host, [tool] + (counters ? ["-c"] : []))
+            guard output.status == 0 else { throw TestFailure("\(tool): \(output)") }
+            text += "# \(tool)\n" + Normalise.xtables(output.stdout, counters: counters)
+        }
+        return text
+    }
+
     /// Session daemons running in the host namespace (not those of other tests).
     func daemons() throws -> [Int32] {
+        try processes(matching: "__session")
+    }
+
+    /// Processes in the host namespace whose command line contains `text`.
+    func processes(matching text: String) throws -> [Int32] {
         let pids = try run(["ip", "netns", "pids", host]).stdout.split(separator: "\n").compactMap { Int32($0) }
         return pids.filter { pid in
             let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
-            return cmdline.contains("__session") && !processGone(pid)
+            return cmdline.contains(text) && !processGone(pid)
         }
     }
 
@@ -380,6 +424,15 @@ enum Normalise {
         ] {
             out = out.replacingOccurrences(of: pattern, with: replacement, options: .regularExpression)
         }
+        return out
+    }
+}
+
+extension Normalise {
+    /// iptables-save text without its dated comment lines, and without counters unless asked for.
+    static func xtables(_ text: String, counters: Bool) -> String {
+        var out = text.split(separator: "\n").filter { !$0.hasPrefix("#") }.joined(separator: "\n") + "\n"
+        if !counters { out = out.replacingOccurrences(of: #"\[\d+:\d+\]"#, with: "[]", options: .regularExpression) }
         return out
     }
 }

@@ -1,0 +1,226 @@
+import CIPTables
+import Glibc
+import LERedirectModel
+
+/// The x_tables encodings of le-redirect's rules: byte for byte the entries `iptables-legacy` and
+/// `ip6tables-legacy` make for the text in rules/iptables-legacy.rules (so `iptables -D` with that
+/// text removes them too), and the reading of entries the kernel hands back.
+///
+/// An entry is a header (`ipt_entry` / `ip6t_entry`), then each match (a 32-byte header: size, name,
+/// revision; then its data, 8-byte aligned), then the target in the same shape.
+enum XtablesEntry {
+    struct Layout {
+        let header: Int
+        let nfcache: Int
+        let targetOffset: Int
+        let nextOffset: Int
+        let comefrom: Int
+        let counters: Int
+    }
+
+    static func layout(_ family: Family) -> Layout {
+        family == .ip6
+            ? Layout(
+                header: MemoryLayout<ip6t_entry>.size, nfcache: MemoryLayout<ip6t_entry>.offset(of: \.nfcache)!,
+                targetOffset: MemoryLayout<ip6t_entry>.offset(of: \.target_offset)!,
+                nextOffset: MemoryLayout<ip6t_entry>.offset(of: \.next_offset)!,
+                comefrom: MemoryLayout<ip6t_entry>.offset(of: \.comefrom)!,
+                counters: MemoryLayout<ip6t_entry>.offset(of: \.counters)!)
+            : Layout(
+                header: MemoryLayout<ipt_entry>.size, nfcache: MemoryLayout<ipt_entry>.offset(of: \.nfcache)!,
+                targetOffset: MemoryLayout<ipt_entry>.offset(of: \.target_offset)!,
+                nextOffset: MemoryLayout<ipt_entry>.offset(of: \.next_offset)!,
+                comefrom: MemoryLayout<ipt_entry>.offset(of: \.comefrom)!,
+                counters: MemoryLayout<ipt_entry>.offset(of: \.counters)!)
+    }
+
+    /// XT_ALIGN: every match and target, and their data, start at a multiple of 8.
+    static func align(_ n: Int) -> Int { (n + 7) & ~7 }
+
+    static let objectHeader = 32  // XT_ALIGN(sizeof(struct xt_entry_match)) == that of xt_entry_target
+
+    /// The entry for `spec`. `forInsertion` names the standard target ACCEPT, as libiptc expects
+    /// from its callers; without it the name is empty, as the kernel lists it (the canonical form).
+    static func build(_ spec: RuleSpec, family: Family, forInsertion: Bool = false) -> [UInt8] {
+        var matches: [UInt8] = []
+        let target: [UInt8]
+        switch spec {
+        case .expiringRedirect(let port, let proxyPort, let until):
+            matches += tcp(destinationPort: port)
+            var addrtype = xt_addrtype_info_v1()
+            addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
+            matches += object("addrtype", revision: 1, raw(addrtype))
+            var time = xt_time_info()
+            time.date_start = 0
+            time.date_stop = UInt32(clamping: until)
+            time.daytime_start = UInt32(XT_TIME_MIN_DAYTIME)
+            time.daytime_stop = UInt32(XT_TIME_MAX_DAYTIME)
+            time.monthdays_match = UInt32(truncatingIfNeeded: XT_TIME_ALL_MONTHDAYS)
+            time.weekdays_match = UInt8(XT_TIME_ALL_WEEKDAYS)
+            time.flags = 0  // UTC, as iptables writes it without --kerneltz
+            matches += object("time", revision: 0, raw(time))
+            matches += object("comment", revision: 0, commentData(ruleTag))
+            target = redirectTarget(toPort: proxyPort, family: family)
+        case .scopedAccept(let proxyPort, let originalPort, _):
+            matches += tcp(destinationPort: proxyPort)
+            matches += object("conntrack", revision: 3, conntrackData(originalPort: originalPort))
+            matches += object("comment", revision: 0, commentData(ruleTag))
+            var verdict = Int32(-NF_ACCEPT - 1)  // a standard target's verdict: -(verdict) - 1
+            target = object(forInsertion ? "ACCEPT" : "", revision: 0, withUnsafeBytes(of: &verdict) { Array($0) })
+        case .redirect:
+            preconditionFailure("the nftables redirect has no x_tables form")
+        }
+        let l = layout(family)
+        var entry = [UInt8](repeating: 0, count: l.header)
+        if family == .ip6 {
+            var e = ip6t_entry()
+            e.ipv6.proto = UInt16(IPPROTO_TCP)
+            e.ipv6.flags = UInt8(IP6T_F_PROTO)  // ip6tables matches the protocol only with this flag
+            entry = raw(e)
+        } else {
+            var e = ipt_entry()
+            e.ip.proto = UInt16(IPPROTO_TCP)
+            entry = raw(e)
+        }
+        put(UInt16(l.header + matches.count), at: l.targetOffset, in: &entry)
+        put(UInt16(l.header + matches.count + target.count), at: l.nextOffset, in: &entry)
+        return entry + matches + target
+    }
+
+    /// `-p tcp -m tcp --dport PORT`: xt_tcp keeps its ports in host order.
+    private static func tcp(destinationPort port: UInt16) -> [UInt8] {
+        var info = xt_tcp()
+        info.spts = (0, 0xFFFF)
+        info.dpts = (port, port)
+        return object("tcp", revision: 0, raw(info))
+    }
+
+    /// The data of `-m conntrack --ctstate DNAT --ctorigdstport PORT` (revision 3, whose port ranges
+    /// are in host order), padded to XT_ALIGN; iptables-nft hands nft_compat the same bytes.
+    static func conntrackData(originalPort: UInt16) -> [UInt8] {
+        var info = xt_conntrack_mtinfo3()
+        info.match_flags = UInt16(XT_CONNTRACK_STATE | XT_CONNTRACK_ORIGDST_PORT)
+        info.state_mask = le_xt_conntrack_state_dnat
+        info.origdst_port = originalPort
+        info.origdst_port_high = originalPort
+        return padded(raw(info))
+    }
+
+    /// The data of `-m comment --comment TEXT`.
+    static func commentData(_ text: String) -> [UInt8] {
+        var data = [UInt8](repeating: 0, count: Int(XT_MAX_COMMENT_LEN))
+        data.replaceSubrange(0..<text.utf8.count, with: text.utf8)
+        return padded(data)
+    }
+
+    private static func padded(_ data: [UInt8]) -> [UInt8] {
+        data + [UInt8](repeating: 0, count: align(data.count) - data.count)
+    }
+
+    /// `-j REDIRECT --to-ports PORT`: IPv4 keeps the old multi-range layout, IPv6 `nf_nat_range`.
+    private static func redirectTarget(toPort port: UInt16, family: Family) -> [UInt8] {
+        if family == .ip6 {
+            var range = nf_nat_range()
+            range.flags = UInt32(NF_NAT_RANGE_PROTO_SPECIFIED)
+            range.min_proto.all = port.bigEndian
+            range.max_proto.all = port.bigEndian
+            return object("REDIRECT", revision: 0, raw(range))
+        }
+        var range = nf_nat_ipv4_multi_range_compat()
+        range.rangesize = 1
+        range.range.flags = UInt32(NF_NAT_RANGE_PROTO_SPECIFIED)
+        range.range.min.all = port.bigEndian
+        range.range.max.all = port.bigEndian
+        return object("REDIRECT", revision: 0, raw(range))
+    }
+
+    /// A match or target: size, NUL-padded name, revision, then the data padded to XT_ALIGN.
+    private static func object(_ name: String, revision: UInt8, _ data: [UInt8]) -> [UInt8] {
+        let size = objectHeader + align(data.count)
+        var bytes = [UInt8](repeating: 0, count: size)
+        put(UInt16(size), at: 0, in: &bytes)
+        bytes.replaceSubrange(2..<(2 + name.utf8.count), with: name.utf8)
+        bytes[objectHeader - 1] = revision
+        bytes.replaceSubrange(objectHeader..<(objectHeader + data.count), with: data)
+        return bytes
+    }
+
+    private static func raw<T>(_ value: T) -> [UInt8] {
+        withUnsafeBytes(of: value) { Array($0) }
+    }
+
+    private static func put<T: FixedWidthInteger>(_ value: T, at offset: Int, in bytes: inout [UInt8]) {
+        withUnsafeBytes(of: value) { bytes.replaceSubrange(offset..<(offset + $0.count), with: $0) }
+    }
+
+    private static func read<T: FixedWidthInteger>(_: T.Type, at offset: Int, in bytes: [UInt8]) -> T {
+        bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
+    }
+
+    // MARK: Reading entries back
+
+    /// The entry without what the kernel keeps for itself (counters, the hook bookkeeping in
+    /// `comefrom`) and without the bytes after each name's NUL, which the kernel leaves unwritten
+    /// when it hands entries out: equal for a rule we built and that rule as the kernel lists it.
+    static func canonical(_ entry: [UInt8], family: Family) -> [UInt8] {
+        let l = layout(family)
+        var bytes = entry
+        guard bytes.count >= l.header else { return bytes }
+        for offset in [l.nfcache, l.comefrom] { put(UInt32(0), at: offset, in: &bytes) }
+        for offset in stride(from: l.counters, to: l.counters + 16, by: 8) { put(UInt64(0), at: offset, in: &bytes) }
+        for (offset, _) in objects(bytes, family: family) {
+            var i = offset + 2
+            while i < offset + objectHeader - 1 && bytes[i] != 0 { i += 1 }
+            while i < offset + objectHeader - 1 {
+                bytes[i] = 0
+                i += 1
+            }
+        }
+        return bytes
+    }
+
+    /// Offsets and sizes of the matches, then the target.
+    static func objects(_ bytes: [UInt8], family: Family) -> [(offset: Int, size: Int)] {
+        let l = layout(family)
+        guard bytes.count >= l.header else { return [] }
+        let targetAt = Int(read(UInt16.self, at: l.targetOffset, in: bytes))
+        var result: [(Int, Int)] = []
+        var offset = l.header
+        while offset + objectHeader <= min(targetAt, bytes.count) {
+            let size = Int(read(UInt16.self, at: offset, in: bytes))
+            guard size >= objectHeader else { break }
+            result.append((offset, size))
+            offset += size
+        }
+        if targetAt + objectHeader <= bytes.count {
+            result.append((targetAt, Int(read(UInt16.self, at: targetAt, in: bytes))))
+        }
+        return result
+    }
+
+    static func name(at offset: Int, in bytes: [UInt8]) -> String {
+        let field = bytes[(offset + 2)..<(offset + objectHeader - 1)]
+        return String(decoding: field.prefix { $0 != 0 }, as: UTF8.self)
+    }
+
+    static func fingerprint(_ entry: [UInt8], family: Family) -> RuleFingerprint {
+        RuleFingerprint(hashing: Array("x_tables \(family) ".utf8) + canonical(entry, family: family))
+    }
+
+    /// The text of the entry's comment match, if it has one.
+    static func comment(of entry: [UInt8], family: Family) -> String? {
+        for (offset, size) in objects(entry, family: family).dropLast() where name(at: offset, in: entry) == "comment" {
+            let data = entry[(offset + objectHeader)..<min(offset + size, entry.count)]
+            return String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        return nil
+    }
+
+    static func targetName(of entry: [UInt8], family: Family) -> String {
+        objects(entry, family: family).last.map { name(at: $0.offset, in: entry) } ?? ""
+    }
+
+    static func packets(of entry: [UInt8], family: Family) -> UInt64 {
+        read(UInt64.self, at: layout(family).counters, in: entry)
+    }
+}

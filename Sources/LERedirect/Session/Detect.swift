@@ -1,0 +1,50 @@
+import LERedirectModel
+
+extension Firewalls {
+    /// Opens a connection to each firewall system that this kernel has. A missing system is noted
+    /// (detect says why, begin plans without it); a permission problem is an error.
+    static func open(_ doing: String) throws(LERedirectError) -> Firewalls {
+        var connections: [any Firewall] = []
+        var unavailable: [FirewallSystem: String] = [:]
+        do { connections.append(try NftablesFirewall()) } catch {
+            if error.reason == .notPermitted { throw SessionEngine.failure(doing, error) }
+            unavailable[.nftables] = error.detail
+        }
+        do { connections.append(try IptablesLegacyFirewall()) } catch {
+            unavailable[.iptablesLegacy] = error.detail
+        }
+        return Firewalls(connections, unavailable: unavailable)
+    }
+}
+
+extension Session {
+    /// `le-redirect detect`: reads both systems (counting the rules of nftables' base chains, for
+    /// the evidence), and works out what begin with `options` would do. Changes nothing.
+    package static func detect(_ options: TakeoverOptions) throws(LERedirectError) -> DetectionReport {
+        let valid = try options.validated()
+        try requirePrivileges("detect")
+        let firewalls = try Firewalls.open("detect")
+        defer { firewalls.close() }
+        var unavailable = firewalls.unavailable
+        var nftables: FirewallSnapshot?
+        do {
+            if let connection = firewalls.nftables {
+                var snapshot = try connection.snapshot()
+                for index in snapshot.chains.indices where snapshot.chains[index].hook != nil {
+                    snapshot.chains[index].rules = try connection.rules(in: snapshot.chains[index].ref).count
+                }
+                nftables = snapshot
+            }
+        } catch where error.reason == .unsupported {
+            unavailable[.nftables] = error.detail
+        } catch {
+            throw SessionEngine.failure("detect: reading nftables", error)
+        }
+        let legacy: FirewallSnapshot?
+        do { legacy = try firewalls.iptablesLegacy?.snapshot() } catch {
+            throw SessionEngine.failure("detect: reading iptables-legacy", error)
+        }
+        return DetectionReport(
+            valid, nftables: nftables, iptablesLegacy: legacy, unavailable: unavailable, now: unixMilliseconds())
+    }
+}

@@ -1,0 +1,36 @@
+import Testing
+
+/// The host firewalls the invariant suites run against, and the backend begin picks on each.
+struct Host: Sendable, CustomTestStringConvertible {
+    var name: String
+    /// Rulesets/NAME.nft, loaded with nft.
+    var nft = "empty"
+    /// Rulesets/NAME.v4.rules and .v6.rules, loaded with iptables-legacy-restore.
+    var legacy: String?
+    /// The same files, loaded with iptables-nft-restore.
+    var iptablesNft: String?
+    /// Extra arguments for begin.
+    var begin: [String] = []
+    /// The system status reports as holding the redirect.
+    var backend = "nftables"
+
+    var testDescription: String { name }
+
+    static let emptyHost = Host(name: "no tables")
+    static let nftablesPolicyAccept = Host(name: "nftables, policy accept", nft: "policy-accept")
+    static let nftablesPolicyDrop = Host(name: "nftables, policy drop", nft: "policy-drop")
+    static let nftablesSeveralChains = Host(name: "nftables, several input chains", nft: "several-chains")
+    static let legacyDrop = Host(name: "iptables-legacy, policy drop", legacy: "legacy-drop", backend: "iptables-legacy")
+    static let iptablesNftDrop = Host(name: "iptables-nft, policy drop", iptablesNft: "legacy-drop")
+    static let bothDrop = Host(name: "iptables-legacy and iptables-nft, both policy drop", legacy: "legacy-drop", iptablesNft: "legacy-drop")
+    static let bothDropForcedLegacy = Host(
+        name: "both, --backend iptables-legacy", legacy: "legacy-drop", iptablesNft: "legacy-drop",
+        begin: ["--backend", "iptables-legacy"], backend: "iptables-legacy")
+    /// x_tables holds the firewall but has no nat table: the redirect goes into nftables rather than
+    /// make one (x_tables tables cannot be deleted).
+    static let legacyFilterOnly = Host(name: "iptables-legacy without a nat table", legacy: "legacy-filter-only")
+
+    static let nftables = [emptyHost, nftablesPolicyAccept, nftablesPolicyDrop, nftablesSeveralChains]
+    static let xtables = [legacyDrop, iptablesNftDrop, bothDrop, bothDropForcedLegacy, legacyFilterOnly]
+    static let all = nftables + xtables
+}

@@ -1,0 +1,268 @@
+import Foundation
+import Glibc
+import Testing
+
+/// The x_tables side: detection on each host shape, rules the host's own tools can list and remove,
+/// counters left alone, the xtables lock, a crash between two tables' commits, and the time match
+/// that ends a legacy redirect with no process left.
+@Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
+struct XtablesTests {
+    static let acceptSpec = ["-p", "tcp", "--dport", "12347", "-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport", "80",
+                             "-m", "comment", "--comment", "LE", "-j", "ACCEPT"]
+
+    struct Detection: Sendable, CustomTestStringConvertible {
+        var host: Host
+        var firewall: [String]
+        var redirect: String
+        /// A phrase the reasons must contain.
+        var because: String
+        var testDescription: String { host.name }
+    }
+
+    static let detections = [
+        Detection(host: .emptyHost, firewall: [], redirect: "nftables", because: "owned by the session"),
+        // Its ip nat table has iptables' chain names: taken for iptables-nft's.
+        Detection(
+            host: .nftablesSeveralChains, firewall: ["nftables", "iptables-nft"], redirect: "nftables", because: "owned by the session"),
+        Detection(host: .legacyDrop, firewall: ["iptables-legacy"], redirect: "iptables-legacy", because: "iptables-legacy only"),
+        Detection(host: .iptablesNftDrop, firewall: ["iptables-nft"], redirect: "nftables", because: "owned by the session"),
+        Detection(host: .bothDrop, firewall: ["iptables-nft", "iptables-legacy"], redirect: "nftables", because: "runs before x_tables' nat"),
+        Detection(host: .legacyFilterOnly, firewall: ["iptables-legacy"], redirect: "nftables", because: "no nat table"),
+    ]
+
+    @Test(arguments: detections)
+    func detectPicksTheBackendAndSaysWhy(_ d: Detection) throws {
+        let net = try TestNetwork(d.host)
+        defer { net.close() }
+        let before = try net.ruleset()
+        let output = try net.leRedirect("detect", "--json")
+        #expect(output.status == 0, "\(output)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any])
+        #expect(json["firewall"] as? [String] == d.firewall)
+        #expect(json["redirect"] as? String == d.redirect)
+        let reasons = (json["reasons"] as? [String] ?? []).joined(separator: " ")
+        #expect(reasons.contains(d.because), "\(reasons)")
+        let plan = try #require(json["plan"] as? [[String: Any]])
+        #expect(!plan.isEmpty)
+        // Accepts first: the last step holds the redirect.
+        #expect(plan.last?["system"] as? String == d.redirect)
+        let text = try net.leRedirect("detect")
+        #expect(text.status == 0)
+        #expect(text.stdout.contains("redirect: \(d.redirect)"))
+        #expect(try net.ruleset() == before)  // detect changes nothing, and makes no x_tables table
+    }
+
+    /// Every rule begin writes is the entry iptables itself makes for the text in rules/: the
+    /// host's own tool removes it, and end then finds nothing to remove and still exits 0.
+    @Test func legacyRulesAreRemovableWithIptablesItself() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy", "--ttl", "5m").status == 0)
+        let datestop = try #require(
+            try net.legacyRuleset().firstMatch(of: #/--datestop (\S+)/#).map { String($0.output.1) })
+        let redirect = ["-p", "tcp", "--dport", "80", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "time", "--datestop", datestop,
+                        "-m", "comment", "--comment", "LE", "-j", "REDIRECT", "--to-ports", "12347"]
+        for tool in ["iptables-legacy", "ip6tables-legacy"] {
+            let nat = try net.exec(net.host, [tool, "-t", "nat", "-D", "PREROUTING"] + redirect)
+            #expect(nat.status == 0, "\(nat)")
+            let filter = try net.exec(net.host, [tool, "-D", "INPUT"] + Self.acceptSpec)
+            #expect(filter.status == 0, "\(filter)")
+        }
+        #expect(try net.ruleset() == before)
+        let end = try net.leRedirect("end")
+        #expect(end.status == 0, "\(end)")
+        #expect(try net.ruleset() == before)
+    }
+
+    /// On an iptables-nft host the accepts sit in iptables-nft's chains, written its way:
+    /// iptables-nft-save keeps listing the table during the window, and iptables-nft removes them.
+    @Test func iptablesNftKeepsWorkingDuringTheWindow() throws {
+        let net = try TestNetwork(.iptablesNftDrop)
+        defer { net.close() }
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        let line = "-A INPUT -p tcp -m tcp --dport 12347 -m conntrack --ctstate DNAT --ctorigdstport 80 -m comment --comment LE -j ACCEPT"
+        for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+            let save = try net.exec(net.host, [tool])
+            #expect(save.status == 0, "\(save)")
+            #expect(!save.stdout.contains("incompatible"), "\(save)")
+            #expect(save.stdout.contains(line), "\(save)")
+        }
+        for tool in ["iptables-nft", "ip6tables-nft"] {
+            let delete = try net.exec(net.host, [tool, "-D", "INPUT"] + Self.acceptSpec)
+            #expect(delete.status == 0, "\(delete)")
+        }
+        let end = try net.leRedirect("end")
+        #expect(end.status == 0, "\(end)")
+        #expect(try net.ruleset() == before)
+    }
+
+    /// libiptc replaces whole tables: the counters of the host's rules must survive begin and end.
+    @Test func theCountersOfTheHostsRulesAreUntouched() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        try net.startListeners()
+        for _ in 0..<3 { _ = try net.reach(TestNetwork.hostAddress4) }
+        // IPv4 only: IPv6 has neighbour discovery of its own going on, which counts too.
+        let counted = { () throws -> String in
+            try net.legacyRuleset(counters: true).components(separatedBy: "# ip6tables-legacy-save")[0]
+                .split(separator: "\n").filter { !$0.contains("--comment LE") }.joined(separator: "\n")
+        }
+        let before = try counted()
+        #expect(before.contains(#/\[[1-9]\d*:\d+\] -A INPUT -p tcp -m multiport/#), "\(before)")
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        #expect(try counted() == before)
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try counted() == before)
+    }
+
+    /// Invariant 3 across two tables' commits: the daemon dies after x_tables' filter commits and
+    /// before its nat ones (a debug build's fault point stops it there), with begin killed too;
+    /// `recover` then restores the ruleset exactly.
+    @Test func aCrashBetweenTheFilterAndTheNatCommitsIsRecovered() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        let before = try net.ruleset()
+        try net.start(
+            net.host,
+            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "LE_REDIRECT_FAULT_POINT=before iptables-legacy ip nat",
+             Paths.binary, "begin", "--external-proxy"])
+        let deadline = Date().addingTimeInterval(20)
+        var daemon: Int32?
+        while Date() < deadline {
+            if let pid = try net.daemons().first, isStopped(pid) {
+                daemon = pid
+                break
+            }
+            usleep(20_000)
+        }
+        let pid = try #require(daemon, "the daemon did not stop at the fault point")
+        let half = try net.legacyRuleset()
+        #expect(half.components(separatedBy: "--ctorigdstport 80 -m comment --comment LE -j ACCEPT").count - 1 == 2)
+        #expect(!half.contains("-j REDIRECT --to-ports 12347"))
+        // Kill begin and its daemon, as a crash of the whole renewal would.
+        for pid in try net.processes(matching: Paths.binary) { kill(pid, SIGKILL) }
+        waitUntilGone(pid)
+        #expect(try net.status()["state"] as? String == "stale")
+
+        let recover = try net.leRedirect("recover")
+        #expect(recover.status == 0, "\(recover)")
+        #expect(try net.ruleset() == before)
+        #expect(try net.status()["state"] as? String == "inactive")
+    }
+
+    /// x_tables has no table a process can own: with the daemon killed and nothing left to remove
+    /// it, the redirect's time match stops it at the TTL.
+    @Test func aDeadSessionsLegacyRedirectEndsAtTheTTL() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        try net.startListeners()
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--external-proxy", "--ttl", "10s").status == 0)
+        let begun = Date()
+        let pid = try #require(try net.daemonPID())
+        kill(pid, SIGKILL)
+        waitUntilGone(pid)
+        #expect(try net.daemons().isEmpty)
+        #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
+        #expect(try net.reach(TestNetwork.hostAddress6) == "proxy")
+        let status = try net.status()
+        #expect(status["state"] as? String == "stale")
+        #expect((status["note"] as? String)?.contains("matches until") == true)
+        // The time match compares whole seconds and matches through the deadline's second.
+        while Date().timeIntervalSince(begun) < 12 { usleep(100_000) }
+        #expect(try net.reach(TestNetwork.hostAddress4) == "app")
+        #expect(try net.reach(TestNetwork.hostAddress6) == "app")
+        #expect(try net.legacyRuleset().contains("-j REDIRECT --to-ports 12347"))  // still there, inert
+        #expect(try net.leRedirect("recover").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    @Test func theNextBeginRecoversADeadLegacySession() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        let before = try net.ruleset()
+        try net.crashSession()
+        let begin = try net.leRedirect("begin", "--external-proxy")
+        #expect(begin.status == 0, "\(begin)")
+        // Exactly one set of rules: the dead session's were removed first.
+        #expect(try net.legacyRuleset().components(separatedBy: "--comment LE").count - 1 == 4)
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    /// begin takes the xtables lock around its read-modify-commit, as iptables does: while another
+    /// holder keeps it, nothing is committed; once released, begin goes on.
+    @Test func beginWaitsForTheXtablesLock() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        let lock = net.stateDirectory + "-xtables.lock", release = net.stateDirectory + "-release"
+        defer {
+            unlink(lock)
+            unlink(release)
+        }
+        try net.start(net.host, ["flock", "-x", lock, "-c", "while [ ! -e \(release) ]; do sleep 0.02; done"])
+        let held = Date().addingTimeInterval(10)
+        while try net.exec(net.host, ["flock", "-n", lock, "true"]).status == 0 {
+            guard Date() < held else { throw TestFailure("the lock holder did not take \(lock)") }
+            usleep(20_000)
+        }
+        try net.start(
+            net.host,
+            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "XTABLES_LOCKFILE=\(lock)", Paths.binary, "begin", "--external-proxy"])
+        // Give begin ample time: it must be waiting, with nothing committed.
+        let waiting = Date().addingTimeInterval(2)
+        while Date() < waiting {
+            #expect(try !net.legacyRuleset().contains("--comment LE"))
+            usleep(100_000)
+        }
+        #expect(try !net.daemons().isEmpty)
+        FileManager.default.createFile(atPath: release, contents: nil)
+        let done = Date().addingTimeInterval(20)
+        while try net.status()["active"] as? Bool != true {
+            guard Date() < done else { throw TestFailure("begin did not finish once the lock was free") }
+            usleep(20_000)
+        }
+        #expect(try net.legacyRuleset().components(separatedBy: "--comment LE").count - 1 == 4)
+        #expect(try net.exec(net.host, [Paths.binary, "end"], environment: ["XTABLES_LOCKFILE": lock]).status == 0)
+    }
+
+    /// Armed per challenge: the x_tables redirects go in with the first token and out with the last.
+    @Test func aLegacyRedirectIsArmedPerChallenge() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--in-memory").status == 0)
+        let redirects = { try net.legacyRuleset().components(separatedBy: "-j REDIRECT --to-ports 12347").count - 1 }
+        #expect(try redirects() == 0)
+        #expect(try net.status()["armed"] as? Bool == false)
+        let token = "tok_en-1", key = "tok_en-1.thumbprint"
+        #expect(try net.leRedirect("challenge", "add", token, key).status == 0)
+        #expect(try redirects() == 2)
+        #expect(try net.status()["armed"] as? Bool == true)
+        #expect(try net.leRedirect("challenge", "remove", token).status == 0)
+        #expect(try redirects() == 0)
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    @Test func sweepRemovesLegacyRulesWithoutAJournal() throws {
+        let net = try TestNetwork(.legacyDrop)
+        defer { net.close() }
+        let before = try net.ruleset()
+        try net.crashSession()
+        try FileManager.default.removeItem(atPath: net.stateDirectory + "/journal")
+        #expect(try net.legacyRuleset().contains("--comment LE"))
+        let sweep = try net.leRedirect("recover", "--sweep")
+        #expect(sweep.status == 0, "\(sweep)")
+        #expect(try net.ruleset() == before)
+    }
+}
+
+/// Whether the process is stopped (state T), as a fault point leaves it.
+func isStopped(_ pid: Int32) -> Bool {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")")
+    else { return false }
+    return stat[stat.index(after: close)...].split(separator: " ").first == "T"
+}
