@@ -64,6 +64,18 @@ package final class FakeKernel: Sendable {
 
     package func loseNextReply() { loseReply.withLock { $0 = true } }
 
+    /// A kernel holding what this one holds now, as a crash at this moment would leave it (tables
+    /// owned by a connection die with it).
+    package func crashImage() -> FakeKernel {
+        let image = FakeKernel(system)
+        let now = state.withLock { $0 }
+        image.state.withLock { s in
+            s = now
+            s.tables.removeAll { $0.owner != nil }
+        }
+        return image
+    }
+
     package func injectFault(_ fault: Fault?) { self.fault.withLock { $0 = fault } }
 
     package func beforeNextCommit(_ body: @escaping @Sendable (FakeKernel) -> Void) {

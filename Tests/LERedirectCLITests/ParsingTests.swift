@@ -15,6 +15,17 @@ struct ParsingTests {
         #expect(options.proxy == .external)
     }
 
+    @Test func detectTakesBeginsPortsAndBackend() throws {
+        let detect = try #require(
+            try LERedirectCommand.parseAsRoot(["detect", "--json", "--backend", "iptables-legacy", "--port", "8080"]) as? Detect)
+        #expect(detect.json)
+        #expect(detect.backend == "iptables-legacy")
+        #expect(detect.port == 8080)
+        #expect(detect.proxyPort == 12347)
+        let backend = try #require(try LERedirectCommand.parseAsRoot(["begin", "--backend", "iptables-legacy"]) as? Begin)
+        #expect(try backend.options().backend == .iptablesLegacy)
+    }
+
     @Test func beginRunsTheBuiltInProxyByDefault() throws {
         let begin = try #require(try LERedirectCommand.parseAsRoot(["begin"]) as? Begin)
         let options = try begin.options()

@@ -152,3 +152,114 @@ struct FakeKernelTests {
         #expect(!kernel.tableExists(TableRef.own))
     }
 }
+
+/// Where the redirect goes on each shape of host, and why.
+struct BackendDecisionTests {
+    let options = try! TakeoverOptions(ttl: .seconds(600), proxy: .external).validated()
+
+    static func legacy(nat: Bool = true, rules: Bool = true, families: Set<Family> = [.ip, .ip6]) -> FirewallSnapshot {
+        var tables: [HostTable] = []
+        var chains: [HostChain] = []
+        for family in families.sorted() {
+            tables.append(HostTable(TableRef(family, "filter")))
+            chains.append(HostChain(ChainRef(family, "filter", "INPUT"), hook: .input, policy: rules ? .drop : .accept, rules: rules ? 3 : 0))
+            if nat {
+                tables.append(HostTable(TableRef(family, "nat")))
+                chains.append(HostChain(ChainRef(family, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100, rules: 0))
+            }
+        }
+        return FirewallSnapshot(generation: 0, tables: tables, chains: chains, families: families, ownedTables: false)
+    }
+
+    static func nftables(_ chains: [HostChain] = [], ownedTables: Bool = true) -> FirewallSnapshot {
+        FirewallSnapshot(
+            generation: 7, tables: Array(Set(chains.map(\.ref.table))).sorted().map { HostTable($0) }, chains: chains,
+            ownedTables: ownedTables)
+    }
+
+    func decide(_ choice: BackendChoice = .auto, nft: FirewallSnapshot?, legacy: FirewallSnapshot?) throws -> BackendDecision {
+        try BackendDecision.make(choice, nftables: nft, iptablesLegacy: legacy, unavailable: [.nftables: "no nf_tables"])
+    }
+
+    @Test func aFirewallInXtablesAloneGetsTheRedirectThere() throws {
+        let d = try decide(nft: Self.nftables(), legacy: Self.legacy())
+        #expect(d.redirect == .iptablesLegacy)
+        #expect(d.firewall == [.iptablesLegacy])
+        #expect(d.reasons.joined().contains("iptables-legacy only"))
+        let plan = try RedirectPlan.make(options, nftables: Self.nftables(), iptablesLegacy: Self.legacy(), now: 2_000)
+        #expect(plan.installSteps.map(\.description) == [
+            "iptables-legacy ip filter", "iptables-legacy ip6 filter", "iptables-legacy ip nat", "iptables-legacy ip6 nat",
+        ])
+        #expect(plan.iptablesLegacy!.redirects.map(\.spec) == Array(repeating: .expiringRedirect(port: 80, proxyPort: 12347, until: 602), count: 2))
+    }
+
+    /// x_tables tables cannot be deleted, so begin never makes one: without nat tables, the
+    /// redirect goes into nftables and the accepts still go into x_tables' filter INPUT.
+    @Test func noXtablesNatTableSendsTheRedirectToNftables() throws {
+        let plan = try RedirectPlan.make(options, nftables: Self.nftables(), iptablesLegacy: Self.legacy(nat: false), now: 0)
+        #expect(plan.decision.redirect == .nftables)
+        #expect(plan.decision.reasons.joined().contains("no nat table for IPv4 and IPv6"))
+        #expect(plan.iptablesLegacy!.accepts.map(\.chain) == [ChainRef(.ip, "filter", "INPUT"), ChainRef(.ip6, "filter", "INPUT")])
+        #expect(plan.installSteps.map(\.description) == ["iptables-legacy ip filter", "iptables-legacy ip6 filter", "nftables batch"])
+    }
+
+    @Test func withoutOwnedTablesXtablesHoldsTheRedirect() throws {
+        let d = try decide(nft: Self.nftables([HostChain(ChainRef(.inet, "fw", "input"), hook: .input)], ownedTables: false), legacy: Self.legacy())
+        #expect(d.redirect == .iptablesLegacy)
+        #expect(d.reasons.joined().contains("5.12"))
+    }
+
+    @Test func bothSystemsHoldingTheFirewallKeepTheRedirectInNftables() throws {
+        let nft = Self.nftables([HostChain(ChainRef(.ip, "filter", "INPUT"), hook: .input, policy: .drop)])
+        let d = try decide(nft: nft, legacy: Self.legacy())
+        #expect(d.redirect == .nftables)
+        #expect(d.firewall == [.iptablesNft, .iptablesLegacy])
+    }
+
+    /// Tables that exist only because something read them (empty, accepting) do not hold a firewall.
+    @Test func emptyXtablesTablesDoNotHoldTheFirewall() throws {
+        let d = try decide(nft: Self.nftables(), legacy: Self.legacy(rules: false))
+        #expect(d.redirect == .nftables)
+        #expect(d.firewall.isEmpty)
+    }
+
+    @Test func nothingCanHoldTheRedirect() throws {
+        #expect {
+            try decide(nft: nil, legacy: Self.legacy(nat: false))
+        } throws: { error in
+            let e = error as? LERedirectError
+            return e?.kind == .unsupported && e!.message.contains("no nf_tables") && e!.message.contains("no nat table")
+        }
+    }
+
+    @Test func aForcedBackendThatCannotHoldTheRedirectIsRefused() throws {
+        #expect {
+            try decide(.nftables, nft: Self.nftables(ownedTables: false), legacy: Self.legacy())
+        } throws: { ($0 as? LERedirectError)?.message.contains("--backend nftables") == true }
+        #expect {
+            try decide(.iptablesLegacy, nft: Self.nftables(), legacy: Self.legacy(nat: false))
+        } throws: { ($0 as? LERedirectError)?.message.contains("cannot be deleted once made") == true }
+        #expect(try decide(.iptablesLegacy, nft: Self.nftables(), legacy: Self.legacy()).redirect == .iptablesLegacy)
+        #expect(try decide(.nftables, nft: Self.nftables(), legacy: Self.legacy()).redirect == .nftables)
+    }
+
+    /// x_tables without IPv6 needs only the IPv4 nat table.
+    @Test func anXtablesWithoutIPv6NeedsOnlyItsIPv4NatTable() throws {
+        let plan = try RedirectPlan.make(options, nftables: nil, iptablesLegacy: Self.legacy(families: [.ip]), now: 0)
+        #expect(plan.decision.redirect == .iptablesLegacy)
+        #expect(plan.iptablesLegacy!.redirects.map(\.chain) == [ChainRef(.ip, "nat", "PREROUTING")])
+    }
+
+    @Test func iptablesNftTablesAreKnownByTheirNamesAndChains() {
+        let snapshot = Self.nftables([
+            HostChain(ChainRef(.ip, "filter", "INPUT"), hook: .input),
+            HostChain(ChainRef(.ip, "filter", "DOCKER-USER")),
+            HostChain(ChainRef(.ip6, "nat", "PREROUTING"), hook: .prerouting),
+            HostChain(ChainRef(.ip6, "nat", "INPUT"), hook: .input),
+            HostChain(ChainRef(.inet, "filter", "INPUT"), hook: .input),  // inet: not iptables'
+            HostChain(ChainRef(.ip, "mangle", "input"), hook: .input),  // not iptables' chain name
+            HostChain(ChainRef(.ip, "fw", "INPUT"), hook: .input),  // not iptables' table name
+        ])
+        #expect(snapshot.iptablesNftTables == [TableRef(.ip, "filter"), TableRef(.ip6, "nat")])
+    }
+}
