@@ -274,7 +274,16 @@ package struct RuleFingerprint: Hashable, Sendable, CustomStringConvertible {
 
     /// FNV-1a over the bytes of a canonical rendering of the rule.
     package init<S: Sequence>(hashing bytes: S) where S.Element == UInt8 {
+        self.init(hashing: EmptyCollection<UInt8>(), then: bytes)
+    }
+
+    /// FNV-1a over `prefix`, then `bytes`.
+    package init<P: Sequence, S: Sequence>(hashing prefix: P, then bytes: S) where P.Element == UInt8, S.Element == UInt8 {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in prefix {
+            hash ^= UInt64(byte)
+            hash = hash &* 0x0000_0100_0000_01b3
+        }
         for byte in bytes {
             hash ^= UInt64(byte)
             hash = hash &* 0x0000_0100_0000_01b3

@@ -7,14 +7,15 @@ import Testing
 struct ProxyTests {
     static let v4 = TestNetwork.hostAddress4, v6 = TestNetwork.hostAddress6
 
-    @Test(arguments: ["policy-drop", "empty"])
-    func relaysEveryHTTPShapeThroughNginx(host: String) throws {
-        let net = try TestNetwork(ruleset: host)
+    @Test(arguments: [Host.nftablesPolicyDrop, .emptyHost, .legacyDrop])
+    func relaysEveryHTTPShapeThroughNginx(host: Host) throws {
+        let net = try TestNetwork(host)
         defer { net.close() }
         try net.startNginx()
         let before = try net.ruleset()
-        let begin = try net.leRedirect("begin", "--ttl", "2m")
+        let begin = try net.leRedirect(["begin", "--ttl", "2m"] + host.begin)
         #expect(begin.status == 0, "\(begin)")
+        #expect(try net.status()["backend"] as? String == host.backend)
         for address in [Self.v4, Self.v6] {
             // Keep-alive, pipelining, HEAD, a 4 MiB answer, a 3 MB body, a chunked body.
             #expect(try net.httpClient("pipeline", address) == "ok pipeline", "\(address)")
@@ -105,12 +106,14 @@ struct ProxyTests {
 
     /// --in-memory: the redirect is armed only while a token is registered, so between challenges
     /// new connections reach the app directly.
-    @Test func inMemoryTokensArmTheRedirectPerChallenge() throws {
-        let net = try TestNetwork(ruleset: "policy-drop")
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
+    func inMemoryTokensArmTheRedirectPerChallenge(host: Host) throws {
+        let net = try TestNetwork(host)
         defer { net.close() }
         try net.startApp()
         let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--in-memory").status == 0)
+        #expect(try net.leRedirect(["begin", "--in-memory"] + host.begin).status == 0)
+        #expect(try net.status()["backend"] as? String == host.backend)
         #expect(try net.status()["armed"] as? Bool == false)
         // Not armed: the app answers even the challenge path.
         #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok") == "200 app challenge tok")

@@ -228,25 +228,6 @@ struct XtablesTests {
         #expect(try net.exec(net.host, [Paths.binary, "end"], environment: ["XTABLES_LOCKFILE": lock]).status == 0)
     }
 
-    /// Armed per challenge: the x_tables redirects go in with the first token and out with the last.
-    @Test func aLegacyRedirectIsArmedPerChallenge() throws {
-        let net = try TestNetwork(.legacyDrop)
-        defer { net.close() }
-        let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--in-memory").status == 0)
-        let redirects = { try net.legacyRuleset().components(separatedBy: "-j REDIRECT --to-ports 12347").count - 1 }
-        #expect(try redirects() == 0)
-        #expect(try net.status()["armed"] as? Bool == false)
-        let token = "tok_en-1", key = "tok_en-1.thumbprint"
-        #expect(try net.leRedirect("challenge", "add", token, key).status == 0)
-        #expect(try redirects() == 2)
-        #expect(try net.status()["armed"] as? Bool == true)
-        #expect(try net.leRedirect("challenge", "remove", token).status == 0)
-        #expect(try redirects() == 0)
-        #expect(try net.leRedirect("end").status == 0)
-        #expect(try net.ruleset() == before)
-    }
-
     @Test func sweepRemovesLegacyRulesWithoutAJournal() throws {
         let net = try TestNetwork(.legacyDrop)
         defer { net.close() }

@@ -11,13 +11,17 @@ import Synchronization
 /// It never reads a table that does not exist yet: reading instantiates an x_tables table in the
 /// network namespace for good, which would change what `iptables-legacy-save` lists ever after.
 ///
-/// `@unchecked Sendable`: libiptc keeps process-wide state, so every call into it is serialised
-/// behind one process-wide mutex; the lock state is behind its own.
+/// Reading a table costs the kernel copying all of it out (about 30 ms for 25,000 rules), so inside
+/// `exclusively`, where nobody who honours the lock can change it, each table is read once: reads
+/// and the commit share one libiptc handle, dropped once it is committed or the scope ends.
+///
+/// `@unchecked Sendable`: libiptc keeps process-wide state, so every call into it, and the cache of
+/// handles, is serialised behind one process-wide mutex; the lock state is behind its own.
 final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
     var system: FirewallSystem { .iptablesLegacy }
 
-    /// libiptc's calls, one process at a time.
-    private static let library = Mutex(())
+    /// libiptc's calls, one process at a time; the handles read inside `exclusively`.
+    private static let library = Mutex<[TableRef: XtablesTable]>([:])
     private let xtablesLock = Mutex(XtablesLock())
     /// Attempts when the kernel refuses a table because it changed since libiptc read it (EAGAIN:
     /// a writer that does not take the xtables lock).
@@ -72,12 +76,16 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
     func rules(in chain: ChainRef) throws(FirewallError) -> [ObservedRule] {
         guard Self.tableNames(chain.table.family).contains(chain.table.name) else { return [] }
         return try withTable(chain.table, doing: "listing iptables-legacy \(chain)") { table in
-            table.entries(of: chain.name).enumerated().map { position, entry in
-                ObservedRule(
-                    RuleLocation(chain, handle: UInt64(position + 1)),
-                    fingerprint: XtablesEntry.fingerprint(entry, family: chain.table.family),
-                    comment: XtablesEntry.comment(of: entry, family: chain.table.family))
+            let reader = XtablesEntry.Reader()
+            var rules: [ObservedRule] = []
+            table.forEachEntry(of: chain.name) { entry in
+                rules.append(
+                    ObservedRule(
+                        RuleLocation(chain, handle: UInt64(rules.count + 1)),
+                        fingerprint: reader.fingerprint(entry, family: chain.table.family),
+                        comment: XtablesEntry.comment(of: entry, family: chain.table.family)))
             }
+            return rules
         }
     }
 
@@ -90,10 +98,9 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
         for family in Self.families where Self.tableNames(family).contains("nat") {
             let chain = ChainRef(family, "nat", "PREROUTING")
             try withTable(chain.table, doing: "reading the redirect counter") { table in
-                for entry in table.entries(of: chain.name)
-                where XtablesEntry.comment(of: entry, family: family) == ruleTag
-                    && XtablesEntry.targetName(of: entry, family: family) == "REDIRECT"
-                {
+                table.forEachEntry(of: chain.name) { entry in
+                    guard XtablesEntry.isRedirect(entry, family: family), XtablesEntry.comment(of: entry, family: family) == ruleTag
+                    else { return }
                     packets = (packets ?? 0) + XtablesEntry.packets(of: entry, family: family)
                 }
             }
@@ -118,7 +125,9 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
             while true {
                 attempt += 1
                 do throws(FirewallError) {
-                    return try withTable(table, doing: "changing iptables-legacy \(table)") { (t) throws(FirewallError) in
+                    // The handle is spent either way: committed, or changed in part.
+                    return try withTable(table, doing: "changing iptables-legacy \(table)", spending: true) {
+                        (t) throws(FirewallError) in
                         var inserted: [InsertedRule] = []
                         for change in changes {
                             inserted += try t.apply(change)
@@ -166,24 +175,45 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
     }
 
     private func release() {
-        xtablesLock.withLock { lock in
+        let last = xtablesLock.withLock { lock -> Bool in
             lock.depth -= 1
-            if lock.depth == 0, lock.fd >= 0 {
+            return lock.depth == 0
+        }
+        guard last else { return }
+        // Handles read under the lock are worth nothing once it is released.
+        Self.library.withLock { cache in
+            for table in cache.values { table.free() }
+            cache = [:]
+        }
+        xtablesLock.withLock { lock in
+            if lock.fd >= 0 {
                 closeDescriptor(lock.fd)  // closing releases the flock
                 lock.fd = -1
             }
         }
     }
 
+    private var isExclusive: Bool { xtablesLock.withLock { $0.depth > 0 } }
+
     // MARK: Tables
 
-    /// Reads `ref` into a libiptc handle, runs `body` on it, and frees it, with libiptc to itself.
-    private func withTable<T>(_ ref: TableRef, doing: String, _ body: (XtablesTable) throws(FirewallError) -> T)
-        throws(FirewallError) -> T
-    {
-        try Self.library.withLock { (_) throws(FirewallError) -> T in
-            let table = try XtablesTable(ref, doing: doing)
-            defer { table.free() }
+    /// Runs `body` on a libiptc handle of `ref`, with libiptc to itself: the one read earlier in
+    /// this `exclusively` scope, or a fresh one. Outside the scope, or when `spending` (a commit),
+    /// the handle is freed afterwards.
+    private func withTable<T>(
+        _ ref: TableRef, doing: String, spending: Bool = false, _ body: (XtablesTable) throws(FirewallError) -> T
+    ) throws(FirewallError) -> T {
+        let exclusive = isExclusive
+        return try Self.library.withLock { (cache) throws(FirewallError) -> T in
+            let table: XtablesTable
+            if let cached = cache[ref] {
+                table = cached
+            } else {
+                table = try XtablesTable(ref, doing: doing)
+            }
+            let keep = exclusive && !spending
+            cache[ref] = keep ? table : nil
+            defer { if !keep { table.free() } }
             return try body(table)
         }
     }
@@ -228,7 +258,9 @@ struct XtablesLock {
 
 /// One x_tables table read by libiptc: its chains and entries, changed in memory, then committed
 /// whole. The same calls exist for IPv4 (iptc_*) and IPv6 (ip6tc_*); this picks by family.
-private struct XtablesTable {
+///
+/// `@unchecked Sendable`: a libiptc handle, only ever used with the library mutex held.
+private struct XtablesTable: @unchecked Sendable {
     let ref: TableRef
     let handle: OpaquePointer
     let doing: String
@@ -251,7 +283,9 @@ private struct XtablesTable {
         var name = v6 ? ip6tc_first_chain(handle) : iptc_first_chain(handle)
         while let current = name {
             let chain = cString(current)
-            var info = HostChain(ChainRef(ref, chain), rules: entries(of: chain).count)
+            var rules = 0
+            forEachEntry(of: chain) { _ in rules += 1 }
+            var info = HostChain(ChainRef(ref, chain), rules: rules)
             if (v6 ? ip6tc_builtin(chain, handle) : iptc_builtin(chain, handle)) != 0 {
                 var counters = xt_counters()
                 let policy = v6 ? ip6tc_get_policy(chain, &counters, handle) : iptc_get_policy(chain, &counters, handle)
@@ -277,25 +311,24 @@ private struct XtablesTable {
         }
     }
 
-    /// The entries of a chain, as bytes; empty when there is no such chain.
-    func entries(of chain: String) -> [[UInt8]] {
-        var result: [[UInt8]] = []
+    /// Calls `body` with each entry of a chain, in place (valid only during the call); nothing
+    /// when there is no such chain.
+    func forEachEntry(of chain: String, _ body: (UnsafeRawBufferPointer) -> Void) {
         if v6 {
-            guard ip6tc_is_chain(chain, handle) != 0 else { return [] }
+            guard ip6tc_is_chain(chain, handle) != 0 else { return }
             var entry = ip6tc_first_rule(chain, handle)
             while let e = entry {
-                result.append(Array(UnsafeRawBufferPointer(start: e, count: Int(e.pointee.next_offset))))
+                body(UnsafeRawBufferPointer(start: e, count: Int(e.pointee.next_offset)))
                 entry = ip6tc_next_rule(e, handle)
             }
         } else {
-            guard iptc_is_chain(chain, handle) != 0 else { return [] }
+            guard iptc_is_chain(chain, handle) != 0 else { return }
             var entry = iptc_first_rule(chain, handle)
             while let e = entry {
-                result.append(Array(UnsafeRawBufferPointer(start: e, count: Int(e.pointee.next_offset))))
+                body(UnsafeRawBufferPointer(start: e, count: Int(e.pointee.next_offset)))
                 entry = iptc_next_rule(e, handle)
             }
         }
-        return result
     }
 
     /// Applies one change to the table in memory.
@@ -312,8 +345,13 @@ private struct XtablesTable {
             guard ok != 0 else { throw Self.error(errno, v6: v6, doing: doing, change: change) }
             return [InsertedRule(chain, handle: nil, fingerprint: XtablesEntry.fingerprint(entry, family: ref.family))]
         case .deleteMatching(let chain, let fingerprint, let count):
-            let positions = entries(of: chain.name).enumerated()
-                .filter { XtablesEntry.fingerprint($0.element, family: ref.family) == fingerprint }.map(\.offset)
+            let reader = XtablesEntry.Reader()
+            var positions: [Int] = []
+            var position = 0
+            forEachEntry(of: chain.name) { entry in
+                if reader.fingerprint(entry, family: ref.family) == fingerprint { positions.append(position) }
+                position += 1
+            }
             guard positions.count >= count else {
                 throw FirewallError(
                     .notFound, doing: "deleting le-redirect's rule from iptables-legacy \(chain)",

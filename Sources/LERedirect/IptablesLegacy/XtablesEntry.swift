@@ -18,7 +18,12 @@ enum XtablesEntry {
         let counters: Int
     }
 
-    static func layout(_ family: Family) -> Layout {
+    static func layout(_ family: Family) -> Layout { family == .ip6 ? layout6 : layout4 }
+
+    private static let layout4 = computeLayout(.ip)
+    private static let layout6 = computeLayout(.ip6)
+
+    private static func computeLayout(_ family: Family) -> Layout {
         family == .ip6
             ? Layout(
                 header: MemoryLayout<ip6t_entry>.size, nfcache: MemoryLayout<ip6t_entry>.offset(of: \.nfcache)!,
@@ -153,67 +158,130 @@ enum XtablesEntry {
         withUnsafeBytes(of: value) { bytes.replaceSubrange(offset..<(offset + $0.count), with: $0) }
     }
 
-    private static func read<T: FixedWidthInteger>(_: T.Type, at offset: Int, in bytes: [UInt8]) -> T {
-        bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
-    }
-
     // MARK: Reading entries back
 
-    /// The entry without what the kernel keeps for itself (counters, the hook bookkeeping in
-    /// `comefrom`) and without the bytes after each name's NUL, which the kernel leaves unwritten
-    /// when it hands entries out: equal for a rule we built and that rule as the kernel lists it.
-    static func canonical(_ entry: [UInt8], family: Family) -> [UInt8] {
+    /// Calls `body` with the offset and size of each match, then of the target.
+    static func forEachObject(_ entry: UnsafeRawBufferPointer, family: Family, _ body: (_ offset: Int, _ size: Int) -> Void) {
         let l = layout(family)
-        var bytes = entry
-        guard bytes.count >= l.header else { return bytes }
-        for offset in [l.nfcache, l.comefrom] { put(UInt32(0), at: offset, in: &bytes) }
-        for offset in stride(from: l.counters, to: l.counters + 16, by: 8) { put(UInt64(0), at: offset, in: &bytes) }
-        for (offset, _) in objects(bytes, family: family) {
-            var i = offset + 2
-            while i < offset + objectHeader - 1 && bytes[i] != 0 { i += 1 }
-            while i < offset + objectHeader - 1 {
-                bytes[i] = 0
-                i += 1
-            }
-        }
-        return bytes
-    }
-
-    /// Offsets and sizes of the matches, then the target.
-    static func objects(_ bytes: [UInt8], family: Family) -> [(offset: Int, size: Int)] {
-        let l = layout(family)
-        guard bytes.count >= l.header else { return [] }
-        let targetAt = Int(read(UInt16.self, at: l.targetOffset, in: bytes))
-        var result: [(Int, Int)] = []
+        guard entry.count >= l.header else { return }
+        let targetAt = Int(entry.loadUnaligned(fromByteOffset: l.targetOffset, as: UInt16.self))
         var offset = l.header
-        while offset + objectHeader <= min(targetAt, bytes.count) {
-            let size = Int(read(UInt16.self, at: offset, in: bytes))
+        while offset + objectHeader <= min(targetAt, entry.count) {
+            let size = Int(entry.loadUnaligned(fromByteOffset: offset, as: UInt16.self))
             guard size >= objectHeader else { break }
-            result.append((offset, size))
+            body(offset, size)
             offset += size
         }
-        if targetAt + objectHeader <= bytes.count {
-            result.append((targetAt, Int(read(UInt16.self, at: targetAt, in: bytes))))
+        if targetAt + objectHeader <= entry.count {
+            body(targetAt, Int(entry.loadUnaligned(fromByteOffset: targetAt, as: UInt16.self)))
         }
+    }
+
+    /// Whether the object at `offset` is named `name` (compared in place).
+    static func hasName(_ name: StaticString, at offset: Int, in entry: UnsafeRawBufferPointer) -> Bool {
+        let count = name.utf8CodeUnitCount
+        guard offset + 2 + count < offset + objectHeader, offset + objectHeader <= entry.count else { return false }
+        for i in 0..<count where entry[offset + 2 + i] != name.utf8Start[i] { return false }
+        return entry[offset + 2 + count] == 0
+    }
+
+    /// Reads entries the kernel hands back, through one scratch buffer: fingerprints of tens of
+    /// thousands of host rules without an allocation each.
+    final class Reader {
+        private var scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+
+        deinit { scratch.deallocate() }
+
+        /// The entry without what the kernel keeps for itself (counters, the hook bookkeeping in
+        /// `comefrom`) and without the bytes after each name's NUL, which the kernel leaves unwritten
+        /// when it hands entries out: the same for a rule we built and that rule as the kernel lists it.
+        func canonical<R>(_ entry: UnsafeRawBufferPointer, family: Family, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+            if scratch.count < entry.count {
+                scratch.deallocate()
+                scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: entry.count, alignment: 8)
+            }
+            let bytes = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<entry.count])
+            bytes.copyMemory(from: entry)
+            let l = layout(family)
+            if entry.count >= l.header {
+                bytes.storeBytes(of: 0, toByteOffset: l.nfcache, as: UInt32.self)
+                bytes.storeBytes(of: 0, toByteOffset: l.comefrom, as: UInt32.self)
+                bytes.storeBytes(of: 0, toByteOffset: l.counters, as: UInt64.self)
+                bytes.storeBytes(of: 0, toByteOffset: l.counters + 8, as: UInt64.self)
+            }
+            forEachObject(entry, family: family) { offset, _ in
+                var i = offset + 2
+                while i < offset + objectHeader - 1 && bytes[i] != 0 { i += 1 }
+                while i < offset + objectHeader - 1 {
+                    bytes[i] = 0
+                    i += 1
+                }
+            }
+            return body(UnsafeRawBufferPointer(bytes))
+        }
+
+        func fingerprint(_ entry: UnsafeRawBufferPointer, family: Family) -> RuleFingerprint {
+            canonical(entry, family: family) { bytes in
+                // FNV-1a, as RuleFingerprint(hashing:) computes it, over the prefix and the bytes.
+                var hash: UInt64 = family == .ip6 ? XtablesEntry.prefixHash6 : XtablesEntry.prefixHash4
+                for byte in bytes {
+                    hash ^= UInt64(byte)
+                    hash = hash &* 0x0000_0100_0000_01b3
+                }
+                return RuleFingerprint(hash)
+            }
+        }
+    }
+
+    /// The FNV-1a state after the prefix that sets x_tables fingerprints apart from nftables'.
+    private static let prefixHash4 = RuleFingerprint(hashing: fingerprintPrefix(.ip)).value
+    private static let prefixHash6 = RuleFingerprint(hashing: fingerprintPrefix(.ip6)).value
+
+    static func fingerprintPrefix(_ family: Family) -> String.UTF8View { (family == .ip6 ? "x_tables ip6 " : "x_tables ip ").utf8 }
+
+    /// The text of the entry's comment match, if it has one.
+    static func comment(of entry: UnsafeRawBufferPointer, family: Family) -> String? {
+        var found: String?
+        forEachObject(entry, family: family) { offset, size in
+            guard found == nil, hasName("comment", at: offset, in: entry) else { return }
+            let data = UnsafeRawBufferPointer(rebasing: entry[(offset + objectHeader)..<min(offset + size, entry.count)])
+            found = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        return found
+    }
+
+    static func isRedirect(_ entry: UnsafeRawBufferPointer, family: Family) -> Bool {
+        var last = -1
+        forEachObject(entry, family: family) { offset, _ in last = offset }
+        return last >= 0 && hasName("REDIRECT", at: last, in: entry)
+    }
+
+    static func packets(of entry: UnsafeRawBufferPointer, family: Family) -> UInt64 {
+        entry.loadUnaligned(fromByteOffset: layout(family).counters, as: UInt64.self)
+    }
+
+    // MARK: The same over byte arrays (tests, and entries le-redirect builds)
+
+    static func canonical(_ entry: [UInt8], family: Family) -> [UInt8] {
+        entry.withUnsafeBytes { raw in Reader().canonical(raw, family: family) { Array($0) } }
+    }
+
+    static func fingerprint(_ entry: [UInt8], family: Family) -> RuleFingerprint {
+        entry.withUnsafeBytes { Reader().fingerprint($0, family: family) }
+    }
+
+    static func comment(of entry: [UInt8], family: Family) -> String? {
+        entry.withUnsafeBytes { comment(of: $0, family: family) }
+    }
+
+    static func objects(_ entry: [UInt8], family: Family) -> [(offset: Int, size: Int)] {
+        var result: [(Int, Int)] = []
+        entry.withUnsafeBytes { forEachObject($0, family: family) { result.append(($0, $1)) } }
         return result
     }
 
     static func name(at offset: Int, in bytes: [UInt8]) -> String {
-        let field = bytes[(offset + 2)..<(offset + objectHeader - 1)]
-        return String(decoding: field.prefix { $0 != 0 }, as: UTF8.self)
-    }
-
-    static func fingerprint(_ entry: [UInt8], family: Family) -> RuleFingerprint {
-        RuleFingerprint(hashing: Array("x_tables \(family) ".utf8) + canonical(entry, family: family))
-    }
-
-    /// The text of the entry's comment match, if it has one.
-    static func comment(of entry: [UInt8], family: Family) -> String? {
-        for (offset, size) in objects(entry, family: family).dropLast() where name(at: offset, in: entry) == "comment" {
-            let data = entry[(offset + objectHeader)..<min(offset + size, entry.count)]
-            return String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
-        }
-        return nil
+        String(decoding: bytes[(offset + 2)..<(offset + objectHeader - 1)].prefix { $0 != 0 }, as: UTF8.self)
     }
 
     static func targetName(of entry: [UInt8], family: Family) -> String {
@@ -221,6 +289,6 @@ enum XtablesEntry {
     }
 
     static func packets(of entry: [UInt8], family: Family) -> UInt64 {
-        read(UInt64.self, at: layout(family).counters, in: entry)
+        entry.withUnsafeBytes { packets(of: $0, family: family) }
     }
 }

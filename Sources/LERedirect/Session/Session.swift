@@ -104,7 +104,13 @@ package enum Session {
         }
 
         let line = readLine(pipeFDs[0], timeout: readyTimeout)
-        if line == "ok" { return status(state: state) }
+        if line == "ok" {
+            // From the journal: asking the daemon would have it read its counters, which on
+            // x_tables means reading whole nat tables again.
+            var begun = status(state: state, askingTheHolder: false)
+            begun.armed = !valid.proxy.armsPerChallenge
+            return begun
+        }
         // Not ready: make sure the daemon is gone, then undo whatever it left (we still hold the lock).
         var why: String
         if let line, line.hasPrefix("error ") {
@@ -281,7 +287,8 @@ package enum Session {
         return status(state: state)
     }
 
-    static func status(state: StateDirectory) -> SessionStatus {
+    /// The session as its journal records it, and, `askingTheHolder`, as its holder reports it.
+    static func status(state: StateDirectory, askingTheHolder: Bool = true) -> SessionStatus {
         let text: String?
         do { text = try state.readJournal() } catch { return SessionStatus(state: .stale, note: error.message) }
         guard let text else { return SessionStatus(state: .inactive) }
@@ -324,6 +331,7 @@ package enum Session {
             status.note = "the session holder is stopped; the kernel ends the redirect by itself at expiresAt"
             return status
         }
+        guard askingTheHolder else { return status }
         if let reply = try? ControlChannel.call(.status, path: state.controlSocketPath, timeout: .seconds(2)),
             reply.error == nil
         {

@@ -43,6 +43,20 @@ struct SessionEngine {
         _ options: ValidatedOptions, firewalls: Firewalls, holder: ProcessIdentity, namespace: NamespaceIdentity,
         now: Int64
     ) throws(LERedirectError) -> Journal {
+        // Under the xtables lock throughout: x_tables is read once, and what the plan was made
+        // from still holds at each of its commits.
+        guard let legacy = firewalls.iptablesLegacy else {
+            return try installLocked(options, firewalls: firewalls, holder: holder, namespace: namespace, now: now)
+        }
+        return try legacy.exclusively { () throws(LERedirectError) -> Journal in
+            try installLocked(options, firewalls: firewalls, holder: holder, namespace: namespace, now: now)
+        }
+    }
+
+    private func installLocked(
+        _ options: ValidatedOptions, firewalls: Firewalls, holder: ProcessIdentity, namespace: NamespaceIdentity,
+        now: Int64
+    ) throws(LERedirectError) -> Journal {
         var unavailable = firewalls.unavailable
         var nftables = firewalls.nftables
         let nftablesSnapshot: FirewallSnapshot?
