@@ -17,9 +17,11 @@ import Logging
 public enum Takeover {
     /// Installs the redirect, held by this process, and returns once it is live.
     ///
-    /// Takes the state lock, recovers what a dead session left, then commits one atomic batch: an
-    /// owned `inet le_redirect` table with the redirect (whose port expires after `options.ttl` even
-    /// if this process hangs) and a scoped accept at the head of every input chain of the host.
+    /// Takes the state lock, recovers what a dead session left, then commits: a scoped accept at the
+    /// head of every input filter chain of the host, in nftables and x_tables, and the redirect,
+    /// either in an owned `inet le_redirect` table (it dies with this process) or in x_tables' nat
+    /// PREROUTING, as `options.backend` and the host decide (`le-redirect detect` explains). Either
+    /// way the redirect ends after `options.ttl` even if this process hangs.
     ///
     /// - Throws: `LERedirectError` with kind `.invalidArgument` for bad options, `.notPermitted`
     ///   without root or CAP_NET_ADMIN, `.conflict` when a session is already active, and `.failed`
@@ -45,7 +47,8 @@ public enum Takeover {
     }
 
     /// Removes what a dead session left (by its journal). With `sweep` and no usable journal,
-    /// removes every "LE"-tagged rule of the host's input chains and table `inet le_redirect`.
+    /// removes every "LE"-tagged rule of the host's input chains, of x_tables' nat PREROUTING, and
+    /// table `inet le_redirect`.
     public static func recover(
         sweep: Bool = false, stateDirectory: String? = nil, logger: Logger = Logger(label: "le-redirect")
     ) async throws(LERedirectError) -> RecoveryReport {

@@ -1,6 +1,8 @@
-/// Which firewall system le-redirect changes.
+/// Which firewall system holds the redirect. The scoped accepts go into the input chains of both
+/// systems whichever it is.
 public enum BackendChoice: String, Sendable, Hashable, CaseIterable {
-    /// Follow the host: nftables for now (detection of iptables-legacy hosts comes with that backend).
+    /// Follow the host, as `le-redirect detect` explains: x_tables when it alone holds the firewall
+    /// and has its nat tables (or nftables cannot own tables), nftables otherwise.
     case auto
     case nftables
     case iptablesLegacy = "iptables-legacy"

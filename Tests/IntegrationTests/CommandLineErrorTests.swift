@@ -43,7 +43,7 @@ struct CommandLineErrorTests {
         #expect(!FileManager.default.fileExists(atPath: net.stateDirectory + "/journal"))
     }
 
-    @Test(arguments: [["begin", "--external-proxy"], ["end"], ["status"], ["recover"], ["recover", "--sweep"]])
+    @Test(arguments: [["begin", "--external-proxy"], ["end"], ["status"], ["recover"], ["recover", "--sweep"], ["detect"]])
     func withoutRootEveryCommandExitsThree(_ arguments: [String]) throws {
         let net = try TestNetwork(ruleset: "policy-drop")
         defer { net.close() }
