@@ -125,6 +125,7 @@ struct ParsingTests {
         #expect(LERedirectCommand.run(["begin", "--external-proxy", "--ttl", "1s"]) == 2)
         #expect(LERedirectCommand.run(["begin", "--webroot", "/x", "--in-memory"]) == 2)
         #expect(LERedirectCommand.run(["challenge", "add", "bad/token", "bad/token.x"]) == 2)
-        #expect(LERedirectCommand.run(["begin", "--external-proxy", "--backend", "iptables-legacy"]) == 1)
+        #expect(LERedirectCommand.run(["detect", "--backend", "pf"]) == 2)
+        #expect(LERedirectCommand.run(["detect", "--port", "0"]) == 2)
     }
 }
