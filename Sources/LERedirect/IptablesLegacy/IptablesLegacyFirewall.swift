@@ -15,13 +15,16 @@ import Synchronization
 /// `exclusively`, where nobody who honours the lock can change it, each table is read once: reads
 /// and the commit share one libiptc handle, dropped once it is committed or the scope ends.
 ///
-/// `@unchecked Sendable`: libiptc keeps process-wide state, so every call into it, and the cache of
-/// handles, is serialised behind one process-wide mutex; the lock state is behind its own.
+/// `@unchecked Sendable`: libiptc keeps process-wide state, so every call into it is serialised
+/// behind one process-wide mutex (taken before this connection's cache of handles, never after);
+/// the lock state is behind its own.
 final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
     var system: FirewallSystem { .iptablesLegacy }
 
-    /// libiptc's calls, one process at a time; the handles read inside `exclusively`.
-    private static let library = Mutex<[TableRef: XtablesTable]>([:])
+    /// libiptc's calls, one process at a time.
+    private static let library = Mutex(())
+    /// The handles read inside `exclusively`.
+    private let cache = Mutex<[TableRef: XtablesTable]>([:])
     private let xtablesLock = Mutex(XtablesLock())
     /// Attempts when the kernel refuses a table because it changed since libiptc read it (EAGAIN:
     /// a writer that does not take the xtables lock).
@@ -181,9 +184,11 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
         }
         guard last else { return }
         // Handles read under the lock are worth nothing once it is released.
-        Self.library.withLock { cache in
-            for table in cache.values { table.free() }
-            cache = [:]
+        Self.library.withLock { _ in
+            cache.withLock { cache in
+                for table in cache.values { table.free() }
+                cache = [:]
+            }
         }
         xtablesLock.withLock { lock in
             if lock.fd >= 0 {
@@ -204,16 +209,14 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
         _ ref: TableRef, doing: String, spending: Bool = false, _ body: (XtablesTable) throws(FirewallError) -> T
     ) throws(FirewallError) -> T {
         let exclusive = isExclusive
-        return try Self.library.withLock { (cache) throws(FirewallError) -> T in
-            let table: XtablesTable
-            if let cached = cache[ref] {
-                table = cached
-            } else {
-                table = try XtablesTable(ref, doing: doing)
+        return try Self.library.withLock { (_) throws(FirewallError) -> T in
+            let table = try cache.withLock { (cache) throws(FirewallError) -> XtablesTable in
+                let table: XtablesTable
+                if let cached = cache[ref] { table = cached } else { table = try XtablesTable(ref, doing: doing) }
+                cache[ref] = exclusive && !spending ? table : nil
+                return table
             }
-            let keep = exclusive && !spending
-            cache[ref] = keep ? table : nil
-            defer { if !keep { table.free() } }
+            defer { if !exclusive || spending { table.free() } }
             return try body(table)
         }
     }
