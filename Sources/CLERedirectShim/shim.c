@@ -5,6 +5,7 @@
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <string.h>
 #include <netinet/in.h>
@@ -63,6 +64,25 @@ int le_read_signalfd(int fd) {
     ssize_t n = read(fd, &info, sizeof info);
     if (n != (ssize_t)sizeof info) return -1;
     return (int)info.ssi_signo;
+}
+
+int le_spawn_foreground(pid_t *pid, const char *file, char *const argv[], char *const envp[]) {
+    posix_spawnattr_t attr;
+    int rc = posix_spawnattr_init(&attr);
+    if (rc != 0) return rc;
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &none);
+    if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
+    if (rc == 0) rc = posix_spawnp(pid, file, NULL, &attr, argv, envp);
+    posix_spawnattr_destroy(&attr);
+    return rc;
+}
+
+int le_pidfd_open(pid_t pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
 }
 
 int le_unix_stream_socket(void) {

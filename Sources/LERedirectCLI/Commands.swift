@@ -152,12 +152,15 @@ struct Begin: ParsableCommand {
 }
 
 func printBegun(_ status: SessionStatus) {
+    print(begunLine(status) + "; `le-redirect end` removes it")
+}
+
+func begunLine(_ status: SessionStatus) -> String {
     let expires = status.expiresAt.map { RFC3339.format(unixMilliseconds: $0) } ?? "?"
     let target = status.proxy == "built-in" ? "the built-in proxy on port" : "port"
     let armed = status.armed == false ? " (armed only while a challenge token is registered)" : ""
-    print(
-        "le-redirect: redirecting new connections to port \(status.port ?? 0) to \(target) \(status.proxyPort ?? 0)\(armed) "
-            + "until \(expires) (session pid \(status.pid.map(String.init) ?? "?")); `le-redirect end` removes it")
+    return "le-redirect: redirecting new connections to port \(status.port ?? 0) to \(target) \(status.proxyPort ?? 0)\(armed) "
+        + "until \(expires) through \(status.backend ?? "?") (session pid \(status.pid.map(String.init) ?? "?"))"
 }
 
 struct End: ParsableCommand {
@@ -273,7 +276,13 @@ struct Challenge: ParsableCommand {
 }
 
 struct ChallengeAdd: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "add", abstract: "Serve TOKEN with KEY_AUTHORIZATION.")
+    static let configuration = CommandConfiguration(
+        commandName: "add", abstract: "Serve TOKEN with KEY_AUTHORIZATION.",
+        discussion: """
+            With --begin, an --in-memory session is begun first if none is active (it takes begin's options), \
+            and `challenge remove` ends it once its last token is gone: the whole of what a hook protocol \
+            with deploy/clean steps (dehydrated's, certbot's manual hooks) needs.
+            """)
 
     @Argument(help: "The token (the last path segment of the challenge URL).")
     var token: String
@@ -281,17 +290,19 @@ struct ChallengeAdd: ParsableCommand {
     @Argument(help: "The key authorization (TOKEN.THUMBPRINT).", transform: { $0 })
     var keyAuthorization: String
 
-    @OptionGroup var state: StateOptions
+    @Flag(help: "Begin an --in-memory session first if none is active; it ends with its last token.")
+    var begin = false
+
+    @OptionGroup var options: BeginOptions
 
     func run() throws {
-        try checkToken(token, keyAuthorization)
-        let reply = try Session.challengeAdd(token: token, keyAuthorization: keyAuthorization, stateDirectory: state.stateDirectory)
-        print("le-redirect: serving token \(token) (\(reply.tokens) registered; redirect \(reply.armed ? "armed" : "not armed"))")
+        try addChallenge(token, keyAuthorization, beginning: begin ? options : nil, stateDirectory: options.state.stateDirectory)
     }
 }
 
 struct ChallengeRemove: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "remove", abstract: "Stop serving TOKEN.")
+    static let configuration = CommandConfiguration(
+        commandName: "remove", abstract: "Stop serving TOKEN; a session `challenge add --begin` began ends with its last token.")
 
     @Argument(help: "The token.")
     var token: String
@@ -299,13 +310,11 @@ struct ChallengeRemove: ParsableCommand {
     @OptionGroup var state: StateOptions
 
     func run() throws {
-        let reply = try Session.challengeRemove(token: token, stateDirectory: state.stateDirectory)
-        print("le-redirect: token \(token) removed (\(reply.tokens) left; redirect \(reply.armed ? "armed" : "not armed"))")
+        try removeChallenge(token, stateDirectory: state.stateDirectory)
     }
 }
 
-/// certbot --manual-auth-hook: begins an in-memory session if none is active, then adds
-/// CERTBOT_TOKEN / CERTBOT_VALIDATION.
+/// certbot --manual-auth-hook: `challenge add --begin $CERTBOT_TOKEN $CERTBOT_VALIDATION`.
 struct CertbotAuth: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "certbot-auth",
@@ -316,26 +325,11 @@ struct CertbotAuth: ParsableCommand {
 
     func run() throws {
         let (token, validation) = try certbotEnvironment(needValidation: true)
-        try checkToken(token, validation!)
-        let stateDirectory = begin.state.stateDirectory
-        var begun = false
-        if !(try Session.status(stateDirectory: stateDirectory).active) {
-            let options = try begin.options(forceInMemory: true)
-            _ = try Session.beginDetached(options, endsWithLastToken: true, logger: logger)
-            begun = true
-        }
-        do {
-            let reply = try Session.challengeAdd(token: token, keyAuthorization: validation!, stateDirectory: stateDirectory)
-            print("le-redirect: serving token \(token) (\(reply.tokens) registered; redirect \(reply.armed ? "armed" : "not armed"))")
-        } catch {
-            if begun { _ = try? Session.end(stateDirectory: stateDirectory, logger: logger) }
-            throw error
-        }
+        try addChallenge(token, validation!, beginning: begin, stateDirectory: begin.state.stateDirectory)
     }
 }
 
-/// certbot --manual-cleanup-hook: removes CERTBOT_TOKEN; ends the session certbot-auth began once
-/// its last token is gone.
+/// certbot --manual-cleanup-hook: `challenge remove $CERTBOT_TOKEN`.
 struct CertbotCleanup: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "certbot-cleanup",
@@ -345,19 +339,78 @@ struct CertbotCleanup: ParsableCommand {
 
     func run() throws {
         let (token, _) = try certbotEnvironment(needValidation: false)
-        let status = try Session.status(stateDirectory: state.stateDirectory)
-        guard status.active else {
-            print("le-redirect: no active session; nothing to clean up")
-            return
-        }
-        let reply = try Session.challengeRemove(token: token, stateDirectory: state.stateDirectory)
-        if reply.tokens == 0 && reply.endsWithLastToken {
-            let report = try Session.end(stateDirectory: state.stateDirectory, logger: logger)
-            for warning in report.warnings { printWarning(warning) }
-            print("le-redirect: last token removed; session ended, the ruleset is as it was before")
+        try removeChallenge(token, stateDirectory: state.stateDirectory)
+    }
+}
+
+/// Registers a token; with `beginning`, first begins an --in-memory session (that ends with its last
+/// token) if none is active, and ends it again if the token cannot be registered.
+private func addChallenge(_ token: String, _ keyAuthorization: String, beginning: BeginOptions?, stateDirectory: String?) throws {
+    try checkToken(token, keyAuthorization)
+    var begun = false
+    if let beginning, !(try Session.status(stateDirectory: stateDirectory).active) {
+        _ = try Session.beginDetached(try beginning.options(forceInMemory: true), endsWithLastToken: true, logger: logger)
+        begun = true
+    }
+    do {
+        let reply = try Session.challengeAdd(token: token, keyAuthorization: keyAuthorization, stateDirectory: stateDirectory)
+        print("le-redirect: serving token \(token) (\(reply.tokens) registered; redirect \(reply.armed ? "armed" : "not armed"))")
+    } catch {
+        if begun { _ = try? Session.end(stateDirectory: stateDirectory, logger: logger) }
+        throw error
+    }
+}
+
+/// Unregisters a token; ends the session once its last token is gone if a hook began it. Not an
+/// error when no session is active (a cleanup step runs after a failed deploy step too).
+private func removeChallenge(_ token: String, stateDirectory: String?) throws {
+    guard try Session.status(stateDirectory: stateDirectory).active else {
+        print("le-redirect: no active session; nothing to clean up")
+        return
+    }
+    let reply = try Session.challengeRemove(token: token, stateDirectory: stateDirectory)
+    if reply.tokens == 0 && reply.endsWithLastToken {
+        let report = try Session.end(stateDirectory: stateDirectory, logger: logger)
+        for warning in report.warnings { printWarning(warning) }
+        print("le-redirect: last token removed; session ended, the ruleset is as it was before")
+    } else {
+        print("le-redirect: token \(token) removed (\(reply.tokens) left)")
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Begin, run COMMAND, end: also when COMMAND fails or this process gets SIGINT, SIGTERM or SIGHUP.",
+        discussion: """
+            COMMAND runs in the foreground with this process's descriptors and environment once the redirect \
+            is live; signals this process gets are passed on to it. Exits with COMMAND's exit status (128 + \
+            the signal if a signal ended it, 127 if it could not start), or with end's exit code if COMMAND \
+            succeeded and end failed. If begin fails, COMMAND does not run. le-redirect's own messages go to \
+            stderr.
+            """)
+
+    @OptionGroup var begin: BeginOptions
+
+    @Argument(parsing: .postTerminator, help: ArgumentHelp("The command and its arguments, after --.", valueName: "command"))
+    var command: [String] = []
+
+    func validate() throws {
+        if command.isEmpty { throw ValidationError("no command given: le-redirect run [begin options] -- COMMAND [ARGS...]") }
+    }
+
+    func run() throws {
+        let outcome = try Session.run(try begin.options(), command: command, drainTimeout: nil, logger: logger)
+        var stderr = StandardError()
+        print(begunLine(outcome.begun), to: &stderr)
+        if let signal = outcome.signal { printWarning("signal \(signal) passed on to \(command[0])") }
+        if outcome.status == 127 { printError("could not start \(command[0])") }
+        if let error = outcome.endError {
+            printError(error.message)
+            if outcome.status == 0 { throw ExitCode(error.exitCode) }
         } else {
-            print("le-redirect: token \(token) removed (\(reply.tokens) left)")
+            print("le-redirect: session ended; the ruleset is as it was before begin", to: &stderr)
         }
+        throw ExitCode(outcome.status)
     }
 }
 

@@ -20,6 +20,14 @@ int le_termination_signalfd(void);
 /// Reads one signal number from a signalfd made by le_termination_signalfd; -1 on error.
 int le_read_signalfd(int fd);
 
+/// posix_spawnp of a command in the foreground: the caller's descriptors, process group and
+/// environment, but every signal unblocked and at its default action (the caller blocks the
+/// termination signals for its signalfd). Returns 0 or an errno value.
+int le_spawn_foreground(pid_t *pid, const char *file, char *const argv[], char *const envp[]);
+
+/// pidfd_open(pid, 0): a descriptor that polls readable once the process has exited; -1 with errno.
+int le_pidfd_open(pid_t pid);
+
 /// socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0); -1 with errno on failure.
 int le_unix_stream_socket(void);
 

@@ -415,7 +415,7 @@ package enum Session {
         return n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
     }
 
-    private static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
+    static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
         var pointers = strings.map { strdup($0) } + [nil]
         defer { for p in pointers { free(p) } }
         return pointers.withUnsafeMutableBufferPointer { body($0.baseAddress!) }
