@@ -53,6 +53,14 @@ struct BeginOptions: ParsableArguments {
     @Flag(name: .customLong("external-proxy"), help: "You run the proxy on --proxy-port yourself (IPv4 and IPv6).")
     var externalProxy = false
 
+    @Flag(
+        name: .customLong("until-parent-exits"),
+        help: "End the session when the program that ran this one exits (its nearest ancestor that is not a shell: the ACME client running a hook), so that a killed client does not leave the redirect up until the TTL.")
+    var untilParentExits = false
+
+    /// What the session follows, if anything.
+    var following: Session.Follow? { untilParentExits ? .parent : nil }
+
     @Flag(help: "Set X-Forwarded-For, X-Forwarded-Proto and Forwarded on relayed requests (replacing the client's).")
     var forwarded = false
 
@@ -146,7 +154,7 @@ struct Begin: ParsableCommand {
     func options() throws -> TakeoverOptions { try begin.options() }
 
     func run() throws {
-        let status = try Session.beginDetached(try options(), logger: logger)
+        let status = try Session.beginDetached(try options(), following: begin.following, logger: logger)
         printBegun(status)
     }
 }
@@ -209,6 +217,7 @@ struct Status: ParsableCommand {
         if let proxy = status.proxy { print("proxy: \(proxy)\(status.proxyPhase.map { " (\($0))" } ?? "")") }
         if let source = status.challengeSource { print("challenge source: \(source)") }
         if let armed = status.armed { print("armed: \(armed ? "yes" : "no")") }
+        if let pid = status.clientPid { print("follows: pid \(pid) (the session ends when it exits)") }
         for (name, value) in status.counters { print("\(name): \(value)") }
         if let note = status.note { print("note: \(note)") }
     }
@@ -314,18 +323,20 @@ struct ChallengeRemove: ParsableCommand {
     }
 }
 
-/// certbot --manual-auth-hook: `challenge add --begin $CERTBOT_TOKEN $CERTBOT_VALIDATION`.
+/// certbot --manual-auth-hook: `challenge add --begin --until-parent-exits $CERTBOT_TOKEN $CERTBOT_VALIDATION`.
 struct CertbotAuth: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "certbot-auth",
         abstract: "certbot --manual-auth-hook: serve $CERTBOT_TOKEN (begins an --in-memory session if none is active).",
-        discussion: "The session it begins ends when certbot-cleanup removes its last token.")
+        discussion: "The session it begins ends when certbot-cleanup removes its last token, or when certbot exits.")
 
     @OptionGroup var begin: BeginOptions
 
     func run() throws {
         let (token, validation) = try certbotEnvironment(needValidation: true)
-        try addChallenge(token, validation!, beginning: begin, stateDirectory: begin.state.stateDirectory)
+        var options = begin
+        options.untilParentExits = true
+        try addChallenge(token, validation!, beginning: options, stateDirectory: begin.state.stateDirectory)
     }
 }
 
@@ -349,7 +360,8 @@ private func addChallenge(_ token: String, _ keyAuthorization: String, beginning
     try checkToken(token, keyAuthorization)
     var begun = false
     if let beginning, !(try Session.status(stateDirectory: stateDirectory).active) {
-        _ = try Session.beginDetached(try beginning.options(forceInMemory: true), endsWithLastToken: true, logger: logger)
+        _ = try Session.beginDetached(
+            try beginning.options(forceInMemory: true), endsWithLastToken: true, following: beginning.following, logger: logger)
         begun = true
     }
     do {

@@ -34,6 +34,8 @@ public struct SessionStatus: Sendable, Hashable {
     public var challengeSource: String?
     /// The built-in proxy: serving, draining or done.
     public var proxyPhase: String?
+    /// The program the session follows (`begin --until-parent-exits`): it ends when that exits.
+    public var clientPid: Int32?
     /// The proxy's counters; empty with an external proxy.
     public var counters: [(String, UInt64)]
     /// Anything the operator should know: a stale session, an unreadable journal.
@@ -67,6 +69,7 @@ public struct SessionStatus: Sendable, Hashable {
             ("armed", opt(armed) { .bool($0) }),
             ("challengeSource", opt(challengeSource) { .string($0) }),
             ("proxyPhase", opt(proxyPhase) { .string($0) }),
+            ("clientPid", opt(clientPid) { .int(Int64($0)) }),
             ("counters", .object(counters.map { ($0.0, .int(Int64(clamping: $0.1))) })),
             ("note", opt(note) { .string($0) }),
         ])

@@ -68,6 +68,39 @@ struct RunTests {
         #expect(try net.status()["state"] as? String == "inactive")
     }
 
+    /// A hook's session follows the ACME client that ran the hook (past the `sh -c` in between):
+    /// when the client is killed, the session ends at once instead of at the TTL.
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
+    func aSessionThatFollowsItsParentEndsWhenTheParentDies(host: Host) throws {
+        let net = try TestNetwork(host)
+        defer { net.close() }
+        let before = try net.ruleset()
+        let devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)
+        defer { close(devnull) }
+        let hook = "\(Paths.binary) begin --external-proxy --until-parent-exits \(host.begin.joined(separator: " "))"
+        let client = try spawn(
+            ["ip", "netns", "exec", net.host, "env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "python3", "-c",
+             "import subprocess, time; subprocess.run(['sh', '-c', '\(hook)']); time.sleep(120)"],
+            stdout: devnull, stderr: devnull)
+        let deadline = Date().addingTimeInterval(15)
+        while (try? net.status()["active"] as? Bool) != true {
+            guard Date() < deadline else { throw TestFailure("the session did not become active") }
+            usleep(20_000)
+        }
+        let status = try net.status()
+        #expect((status["clientPid"] as? NSNumber)?.int32Value == client)
+        #expect(status["backend"] as? String == host.backend)
+        kill(client, SIGKILL)
+        waitpid(client, nil, 0)
+        let ended = Date().addingTimeInterval(15)
+        while try net.status()["state"] as? String != "inactive" {
+            guard Date() < ended else { throw TestFailure("the session outlived the program it follows") }
+            usleep(20_000)
+        }
+        #expect(try net.ruleset() == before)
+        #expect(try net.daemons().isEmpty)
+    }
+
     /// dehydrated's deploy_challenge / clean_challenge (and certbot's manual hooks) in two commands.
     @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
     func challengeAddBeginsAndTheLastRemoveEnds(host: Host) throws {

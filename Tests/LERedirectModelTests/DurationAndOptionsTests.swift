@@ -85,6 +85,15 @@ struct FormattingTests {
         #expect(RFC3339.format(unixMilliseconds: ms) == text)
     }
 
+    @Test(arguments: [
+        (Int64(0), "1970-01-01T00:00:00.000Z"), (1_795_430_918_365, "2026-11-23T10:48:38.365Z"),
+        (1_795_430_918_005, "2026-11-23T10:48:38.005Z"), (1_795_430_918_050, "2026-11-23T10:48:38.050Z"),
+        (-1, "1969-12-31T23:59:59.999Z"),
+    ])
+    func rfc3339WithMilliseconds(_ ms: Int64, _ text: String) {
+        #expect(RFC3339.formatWithMilliseconds(unixMilliseconds: ms) == text)
+    }
+
     @Test func jsonEscapesAndKeepsOrder() {
         let value = JSONValue.object([
             ("b", .string("quote \" backslash \\ newline \n tab \t bell \u{7}")), ("a", .int(-3)),

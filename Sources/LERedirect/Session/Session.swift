@@ -70,20 +70,42 @@ package enum Session {
 
     // MARK: Begin, with a detached daemon (CLI)
 
+    /// The program a session follows: it ends when that process exits.
+    package enum Follow {
+        /// The nearest ancestor of this process that is not a shell (what ran the hook).
+        case parent
+    }
+
     /// Starts the session daemon and returns once the redirect is live. The daemon keeps none of
-    /// this process's descriptors, so a hook runner that waits for EOF returns at once.
+    /// this process's descriptors, so a hook runner that waits for EOF returns at once. With
+    /// `following`, the daemon ends the session when that program exits (a killed ACME client does
+    /// not leave the redirect up until the TTL).
     package static func beginDetached(
-        _ options: TakeoverOptions, endsWithLastToken: Bool = false, logger: Logger, readyTimeout: Duration = .seconds(30)
+        _ options: TakeoverOptions, endsWithLastToken: Bool = false, following: Follow? = nil, logger: Logger,
+        readyTimeout: Duration = .seconds(30)
     )
         throws(LERedirectError) -> SessionStatus
     {
+        var client: (pid: Int32, name: String, fd: Int32)?
+        if following != nil {
+            guard let (pid, name) = ProcessFacts.nearestNonShellAncestor() else {
+                throw LERedirectError(.invalidArgument, "--until-parent-exits: no program other than a shell runs this one")
+            }
+            let fd = le_pidfd_open(pid)
+            guard fd >= 0 else {
+                throw LERedirectError(.failed, "--until-parent-exits: following \(name) (pid \(pid)): \(errnoText(errno))", errno: errno)
+            }
+            client = (pid, name, fd)
+        }
+        defer { if let client { closeDescriptor(client.fd) } }
         let begin = try prepareBegin(options, logger: logger)
         let (valid, state, lock) = (begin.options, begin.state, begin.lock.fd)
 
-        let arguments = [
+        var arguments = [
             executablePath(), "__session", "--state-dir", state.path, "--port", "\(valid.port)", "--proxy-port",
             "\(valid.proxyPort)", "--ttl", "\(valid.ttl.milliseconds / 1000)s", "--backend", valid.backend.rawValue,
         ] + DaemonArguments.encode(valid.proxy) + (endsWithLastToken ? ["--ends-with-last-token", "1"] : [])
+        if let client { arguments += ["--client-pid", "\(client.pid)", "--client-name", client.name] }
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0 else {
             throw LERedirectError(.failed, "begin: creating the readiness pipe: \(errnoText(errno))", errno: errno)
@@ -92,7 +114,7 @@ package enum Session {
         let devnull = open("/dev/null", O_RDWR | O_CLOEXEC)
         var pid: pid_t = 0
         let rc = withCStrings(arguments) { argv in
-            [pipeFDs[1], lock].withUnsafeBufferPointer { passed in
+            ([pipeFDs[1], lock] + (client.map { [$0.fd] } ?? [])).withUnsafeBufferPointer { passed in
                 le_spawn_detached(&pid, arguments[0], argv, environ, devnull, passed.baseAddress, Int32(passed.count))
             }
         }
@@ -146,10 +168,12 @@ package enum Session {
     }
 
     /// The daemon's entry point (`le-redirect __session ...`): fd 3 is the readiness pipe, fd 4 the
-    /// state lock that begin holds on its behalf until it reports ready.
+    /// state lock that begin holds on its behalf until it reports ready, and with --client-pid fd 5
+    /// a pidfd of the program the session follows.
     package static func runDaemon(_ arguments: [String]) -> Never {
         let readyFD: Int32 = 3
         let lockFD: Int32 = 4
+        let clientFD: Int32 = 5
         func report(_ line: String) {
             let bytes = Array((line + "\n").utf8)
             _ = bytes.withUnsafeBytes { write(readyFD, $0.baseAddress, $0.count) }
@@ -183,9 +207,12 @@ package enum Session {
             let options = try TakeoverOptions(
                 port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: proxy, stateDirectory: statePath
             ).validated()
+            let followed = values["--client-pid"].flatMap(Int32.init).map {
+                SessionHolder.Followed(fd: clientFD, pid: $0, name: values["--client-name"] ?? "?")
+            }
             let holder = try SessionHolder.start(
                 options, state: state, kind: .daemon, stopSignals: stopSignals >= 0 ? stopSignals : nil,
-                endsWithLastToken: values["--ends-with-last-token"] == "1", logger: logger)
+                endsWithLastToken: values["--ends-with-last-token"] == "1", following: followed, logger: logger)
             logger.info("session started", metadata: ["expires": "\(RFC3339.format(unixMilliseconds: holder.journal.expiresAt))"])
             report("ok")
             closeDescriptor(lockFD)
@@ -339,6 +366,7 @@ package enum Session {
             status.redirectedPackets = reply.values("redirected-packets").first.flatMap { UInt64($0) }
             status.armed = reply.values("armed").first.map { $0 == "yes" }
             status.challengeSource = reply.values("challenge-source").first
+            status.clientPid = reply.values("client-pid").first.flatMap { Int32($0) }
             for (key, value) in reply.lines where key.hasPrefix("proxy-") || key == "tokens" {
                 let name = String(key.dropFirst(key.hasPrefix("proxy-") ? 6 : 0))
                 if let number = UInt64(value) { status.counters.append((name, number)) } else if name == "phase" {

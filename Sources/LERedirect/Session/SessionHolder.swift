@@ -13,6 +13,8 @@ public struct EndReport: Sendable, Hashable {
         case expired
         /// The daemon got SIGTERM, SIGINT or SIGHUP.
         case signal
+        /// The program the session followed (`begin --until-parent-exits`) exited.
+        case clientExited = "client-exited"
         /// There was no active session.
         case notActive
     }
@@ -48,6 +50,13 @@ final class SessionHolder: @unchecked Sendable {
     private let listener: Int32
     private let wake: Int32
     private let stopSignals: Int32?
+    /// The program the session follows, if any: a pidfd, readable once it has exited.
+    struct Followed {
+        let fd: Int32
+        let pid: Int32
+        let name: String
+    }
+    private let followed: Followed?
     private let monotonicDeadline: Int64
     private var thread = pthread_t()
     /// The built-in validation proxy; nil with an external proxy.
@@ -68,9 +77,10 @@ final class SessionHolder: @unchecked Sendable {
 
     private init(
         state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewalls: Firewalls,
-        listener: Int32, wake: Int32, stopSignals: Int32?, monotonicDeadline: Int64, proxy: ValidationProxy?,
-        tokens: ChallengeStore, armsPerChallenge: Bool, endsWithLastToken: Bool
+        listener: Int32, wake: Int32, stopSignals: Int32?, followed: Followed?, monotonicDeadline: Int64,
+        proxy: ValidationProxy?, tokens: ChallengeStore, armsPerChallenge: Bool, endsWithLastToken: Bool
     ) {
+        self.followed = followed
         self.endsWithLastToken = endsWithLastToken
         self.proxy = proxy
         self.tokens = tokens
@@ -91,7 +101,7 @@ final class SessionHolder: @unchecked Sendable {
     /// serving. The caller holds the state lock. On failure nothing is left installed.
     static func start(
         _ options: ValidatedOptions, state: StateDirectory, kind: ProcessIdentity.Kind, stopSignals: Int32? = nil,
-        endsWithLastToken: Bool = false, logger: Logger
+        endsWithLastToken: Bool = false, following followed: Followed? = nil, logger: Logger
     ) throws(LERedirectError) -> SessionHolder {
         let namespace: NamespaceIdentity
         do { namespace = try ProcessFacts.currentNamespace() } catch {
@@ -135,7 +145,8 @@ final class SessionHolder: @unchecked Sendable {
                 now: unixMilliseconds())
             let holder = SessionHolder(
                 state: state, logger: logger, journal: journal, engine: engine, firewalls: firewalls, listener: listener,
-                wake: wake, stopSignals: stopSignals, monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
+                wake: wake, stopSignals: stopSignals, followed: followed,
+                monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
                 proxy: proxy, tokens: tokens, armsPerChallenge: options.proxy.armsPerChallenge,
                 endsWithLastToken: endsWithLastToken)
             holder.thread = startThread { holder.run() }
@@ -196,8 +207,11 @@ final class SessionHolder: @unchecked Sendable {
                 reason = .expired
                 break
             }
-            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
-            if let stopSignals { fds.append(pollfd(fd: stopSignals, events: Int16(POLLIN), revents: 0)) }
+            var fds = [
+                pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: stopSignals ?? -1, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: followed?.fd ?? -1, events: Int16(POLLIN), revents: 0),
+            ]
             let n = poll(&fds, nfds_t(fds.count), Int32(min(remaining, 60_000)))
             if n < 0 {
                 if errno == EINTR { continue }
@@ -210,9 +224,14 @@ final class SessionHolder: @unchecked Sendable {
                 reason = .requested
                 break
             }
-            if fds.count > 2, fds[2].revents != 0 {
+            if fds[2].revents != 0 {
                 logger.notice("signal \(le_read_signalfd(fds[2].fd)) received; ending the session")
                 reason = .signal
+                break
+            }
+            if fds[3].revents != 0, let followed {
+                logger.notice("\(followed.name) (pid \(followed.pid)), which the session follows, has exited; ending the session")
+                reason = .clientExited
                 break
             }
             if fds[0].revents != 0, let client = ControlChannel.accept(listener) {
@@ -274,7 +293,10 @@ final class SessionHolder: @unchecked Sendable {
             }
             if !drained { proxy?.stop() }
             for warning in warnings { logger.warning("\(warning)") }
-            logger.info("session ended", metadata: ["reason": "\(reason.rawValue)"])
+            // With the proxy's counters: what the window served, for whoever reads the log.
+            var metadata: Logger.Metadata = ["reason": "\(reason.rawValue)"]
+            for (key, value) in proxy?.counters.lines ?? [] { metadata[String(key.dropFirst("proxy-".count))] = "\(value)" }
+            logger.info("session ended", metadata: metadata)
             outcome = .success(EndReport(reason: reason, warnings: warnings))
         } catch {
             logger.error("ending the session: \(error); the journal is kept for `le-redirect recover`")
@@ -294,6 +316,7 @@ final class SessionHolder: @unchecked Sendable {
 
     private func statusLines() -> [(String, String)] {
         var lines: [(String, String)] = [("pid", "\(getpid())")]
+        if let followed { lines.append(("client-pid", "\(followed.pid)")) }
         if let packets = try? firewalls[journal.backend]?.redirectedPackets() {
             lines.append(("redirected-packets", "\(packets)"))
         }

@@ -36,7 +36,7 @@ package struct LineLogHandler: LogHandler {
     package func log(event: LogEvent) {
         var all = metadata
         if let extra = event.metadata { all.merge(extra) { $1 } }
-        var line = "\(RFC3339.format(unixMilliseconds: unixMilliseconds())) \(event.level) \(label): \(event.message)"
+        var line = "\(RFC3339.formatWithMilliseconds(unixMilliseconds: unixMilliseconds())) \(event.level) \(label): \(event.message)"
         if !all.isEmpty {
             line += " " + all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         }

@@ -16,6 +16,33 @@ enum ProcessFacts {
         return (state, ticks)
     }
 
+    /// The parent pid and command name of a process (/proc/PID/stat fields 4 and 2).
+    private static func parentAndName(of pid: Int32) -> (parent: Int32, name: String)? {
+        guard let bytes = try? readFile("/proc/\(pid)/stat") else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let open = text.firstIndex(of: "("), let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        guard fields.count > 1, let parent = Int32(fields[1]) else { return nil }
+        return (parent, String(text[text.index(after: open)..<close]))
+    }
+
+    /// The nearest ancestor of this process that is not a shell: the program that ran a hook
+    /// (certbot, dehydrated), past the `sh -c` it runs hooks through and the hook script itself (a
+    /// script's name is its own, its executable the shell's). Nil past init.
+    static func nearestNonShellAncestor() -> (pid: Int32, name: String)? {
+        let shells: Set<String> = ["sh", "dash", "bash", "zsh", "ash", "ksh", "mksh", "busybox", "env", "sudo", "timeout"]
+        var pid = getppid()
+        while pid > 1, let (parent, name) = parentAndName(of: pid) {
+            var exe = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+            let n = readlink("/proc/\(pid)/exe", &exe, exe.count - 1)
+            let program = n > 0 ? String(decoding: exe[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+            let base = String(program.split(separator: "/").last ?? "")
+            if !shells.contains(name) && !shells.contains(base) { return (pid, name) }
+            pid = parent
+        }
+        return nil
+    }
+
     /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
     static func startTicks(of pid: Int32) -> UInt64? { procStat(of: pid)?.startTicks }
 
