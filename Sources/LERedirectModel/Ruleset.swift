@@ -145,11 +145,11 @@ package struct FirewallSnapshot: Hashable, Sendable {
 
 /// The rules le-redirect inserts, all tagged with the comment "LE".
 package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
-    /// In our own nftables nat prerouting chain: new TCP connections to local addresses whose
-    /// destination port is in `set` go to `proxyPort`.
+    /// In our own nftables nat prerouting chain: new TCP connections (SYN only) to local addresses
+    /// whose destination port is in `set` go to `proxyPort`.
     case redirect(set: String, proxyPort: UInt16)
-    /// In an x_tables nat PREROUTING chain (which no process can own): new TCP connections to
-    /// local addresses on `port` go to `proxyPort` until `until` (Unix seconds, UTC), after which
+    /// In an x_tables nat PREROUTING chain (which no process can own): new TCP connections (SYN
+    /// only) to local addresses on `port` go to `proxyPort` until `until` (Unix seconds, UTC), after which
     /// the kernel's time match stops matching, whether or not anyone is left to remove the rule.
     case expiringRedirect(port: UInt16, proxyPort: UInt16, until: Int64)
     /// At the head of a host input chain: accept what our redirect sent to the proxy port, and
@@ -159,10 +159,10 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
     package var description: String {
         switch self {
         case .redirect(let set, let proxyPort):
-            "fib daddr type local tcp dport @\(set) counter redirect to :\(proxyPort) comment \"LE\""
+            "fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack counter redirect to :\(proxyPort) comment \"LE\""
         case .expiringRedirect(let port, let proxyPort, let until):
             // --datestop as iptables-save prints it: UTC, without the "Z".
-            "-p tcp -m tcp --dport \(port) -m addrtype --dst-type LOCAL -m time --datestop "
+            "-p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
                 + "\(RFC3339.format(unixMilliseconds: until * 1000).dropLast()) "
                 + "-m comment --comment LE -j REDIRECT --to-ports \(proxyPort)"
         case .scopedAccept(let proxyPort, let originalPort, .native):

@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Testing
 
 /// While a session is active, new connections to port 80 of the host's addresses reach the proxy
@@ -33,6 +34,91 @@ struct TrafficTests {
 
         #expect(try net.reach(v4) == "app")
         #expect(try net.reach(v6) == "app")
+    }
+
+    /// A keep-alive connection opened before begin goes on reaching the app through begin and end.
+    /// On a host with no tables, conntrack starts with our nat chain and first sees such a
+    /// connection mid-stream, as a new flow: only a SYN may be redirected, or it would be reset.
+    @Test(arguments: [Host.emptyHost, .nftablesPolicyDrop, .legacyDrop])
+    func aConnectionOpenedBeforeBeginKeepsReachingTheApp(host: Host) throws {
+        let net = try TestNetwork(host)
+        defer { net.close() }
+        try net.startApp()
+        try net.start(net.host, ["python3", Paths.peer, "serve", "12347", "proxy"])
+        try net.waitForListener(net.host, 12347)
+        let step = net.stateDirectory + "-step"
+        defer { for n in 1...3 { unlink("\(step)\(n)") } }
+        // One connection, three requests: before begin, during the session, after end.
+        let script = """
+            import os, socket, sys, time
+            s = socket.create_connection((sys.argv[1], 80), timeout=10)
+            for n in (1, 2, 3):
+                while not os.path.exists(sys.argv[2] + str(n)): time.sleep(0.02)
+                s.sendall(b"GET / HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
+                data = b""
+                while b"\\r\\n\\r\\n" not in data:
+                    chunk = s.recv(4096)
+                    if not chunk: sys.exit(f"closed at request {n}")
+                    data += chunk
+                head, _, rest = data.partition(b"\\r\\n\\r\\n")
+                length = int([l.split(b":")[1] for l in head.split(b"\\r\\n") if l.lower().startswith(b"content-length")][0])
+                while len(rest) < length: rest += s.recv(4096)
+                print(n, head.split(b" ")[1].decode(), rest[:3].decode(), flush=True)
+            """
+        let scriptPath = net.stateDirectory + "-client.py"
+        try script.write(toFile: scriptPath, atomically: true, encoding: .utf8)
+        defer { unlink(scriptPath) }
+        let out = net.stateDirectory + "-client.out"
+        defer { unlink(out) }
+        let outFD = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        defer { close(outFD) }
+        let client = try spawn(
+            ["ip", "netns", "exec", net.client, "python3", scriptPath, TestNetwork.hostAddress4, step], stdout: outFD, stderr: outFD)
+        _ = FileManager.default.createFile(atPath: step + "1", contents: nil)
+        usleep(300_000)
+        #expect(try net.leRedirect(["begin", "--external-proxy"] + host.begin).status == 0)
+        _ = FileManager.default.createFile(atPath: step + "2", contents: nil)
+        usleep(300_000)
+        #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")  // new connections are redirected
+        #expect(try net.leRedirect("end").status == 0)
+        _ = FileManager.default.createFile(atPath: step + "3", contents: nil)
+        var status: Int32 = 0
+        waitpid(client, &status, 0)
+        let lines = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+        #expect(status == 0, "\(lines)")
+        #expect(lines == "1 200 app\n2 200 app\n3 200 app\n", "\(lines)")
+    }
+
+    /// Conntrack's entries of redirected connections carry the translation to the proxy port; once
+    /// conntrack stops (on a host with no tables it runs only with our nat chain) and starts again,
+    /// they would reset clients that reuse their ports. end, and recover after a crash, remove them.
+    @Test func noConntrackEntryOfARedirectedConnectionOutlivesTheSession() throws {
+        let net = try TestNetwork(ruleset: "empty")
+        defer { net.close() }
+        try net.startListeners()
+        let ours = { () throws -> Int in
+            try net.exec(net.host, ["conntrack", "-L"]).stdout.split(separator: "\n").filter { $0.contains("sport=12347 dport=") }.count
+        }
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        for _ in 0..<3 {
+            #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
+            #expect(try net.reach(TestNetwork.hostAddress6) == "proxy")
+        }
+        #expect(try ours() == 6)
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try ours() == 0)
+
+        let pid = try net.crashSession()
+        #expect(processGone(pid))
+        #expect(try net.reach(TestNetwork.hostAddress4) == "app")
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)  // recovers the dead one first
+        #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
+        let daemon = try #require(try net.daemonPID())
+        kill(daemon, SIGKILL)
+        waitUntilGone(daemon)
+        #expect(try ours() == 1)
+        #expect(try net.leRedirect("recover").status == 0)
+        #expect(try ours() == 0)
     }
 
     @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])

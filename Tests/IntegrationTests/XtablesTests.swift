@@ -61,7 +61,7 @@ struct XtablesTests {
         #expect(try net.leRedirect("begin", "--external-proxy", "--ttl", "5m").status == 0)
         let datestop = try #require(
             try net.legacyRuleset().firstMatch(of: #/--datestop (\S+)/#).map { String($0.output.1) })
-        let redirect = ["-p", "tcp", "--dport", "80", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "time", "--datestop", datestop,
+        let redirect = ["-p", "tcp", "--dport", "80", "--syn", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "time", "--datestop", datestop,
                         "-m", "comment", "--comment", "LE", "-j", "REDIRECT", "--to-ports", "12347"]
         for tool in ["iptables-legacy", "ip6tables-legacy"] {
             let nat = try net.exec(net.host, [tool, "-t", "nat", "-D", "PREROUTING"] + redirect)

@@ -79,6 +79,25 @@ struct SessionEngineTests {
         #expect(try state.readJournal() == nil)
     }
 
+    /// Once nothing is redirected, conntrack's entries of what was go too: after end, and after
+    /// recovering a dead session.
+    @Test func endAndRecoverForgetTheRedirectedConnections() throws {
+        let kernel = Self.typicalHost()
+        var (engine, _) = try engine(dead: true)
+        let calls = Locked<[String]>([])
+        engine.forgetRedirectedConnections = { port, proxyPort in
+            calls.mutate { $0.append("\(port)->\(proxyPort) \(kernel.tableExists(TableRef.own) ? "while redirecting" : "after")") }
+            return 0
+        }
+        let fw = kernel.connect()
+        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
+        _ = try engine.uninstall(journal, firewalls: Firewalls([fw]))
+        #expect(calls.value == ["80->12347 after"])
+        try crash(engine, on: kernel)
+        _ = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
+        #expect(calls.value == ["80->12347 after", "80->12347 after"])
+    }
+
     @Test func theJournalIsWrittenBeforeTheCommit() throws {
         let kernel = Self.typicalHost()
         let (engine, state) = try engine()

@@ -51,7 +51,7 @@ enum XtablesEntry {
         let target: [UInt8]
         switch spec {
         case .expiringRedirect(let port, let proxyPort, let until):
-            matches += tcp(destinationPort: port)
+            matches += tcp(destinationPort: port, synOnly: true)
             var addrtype = xt_addrtype_info_v1()
             addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
             matches += object("addrtype", revision: 1, raw(addrtype))
@@ -92,11 +92,16 @@ enum XtablesEntry {
         return entry + matches + target
     }
 
-    /// `-p tcp -m tcp --dport PORT`: xt_tcp keeps its ports in host order.
-    private static func tcp(destinationPort port: UInt16) -> [UInt8] {
+    /// `-p tcp -m tcp --dport PORT`, with `synOnly` also `--syn` (`--tcp-flags FIN,SYN,RST,ACK SYN`):
+    /// connection openings only. xt_tcp keeps its ports in host order.
+    private static func tcp(destinationPort port: UInt16, synOnly: Bool = false) -> [UInt8] {
         var info = xt_tcp()
         info.spts = (0, 0xFFFF)
         info.dpts = (port, port)
+        if synOnly {
+            info.flg_mask = 0x17  // FIN | SYN | RST | ACK
+            info.flg_cmp = 0x02  // SYN
+        }
         return object("tcp", revision: 0, raw(info))
     }
 

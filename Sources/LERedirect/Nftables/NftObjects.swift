@@ -100,6 +100,12 @@ enum NftObjects {
             add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
             add(rule, transportPort(destination: true, into: r1))
             add(rule, lookup(r1, set: set, setID: setID))
+            // `tcp flags syn / fin,syn,rst,ack`: only connection openings. Where conntrack starts
+            // with our nat chain (a host with no tables), a connection opened before begin is first
+            // seen mid-stream, as a new flow; redirecting that packet would reset the connection.
+            add(rule, tcpFlags(into: r1))
+            add(rule, bitwise(r1, mask: [0x17], xor: [0x00]))
+            add(rule, cmp(r1, .eq, [0x02]))
             add(rule, nftnl_expr_alloc("counter")!)
             add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
             add(rule, redirect(portRegister: r1))
@@ -212,6 +218,16 @@ enum NftObjects {
         nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_BASE), u32(NFT_PAYLOAD_TRANSPORT_HEADER))
         nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_OFFSET), destination ? 2 : 0)
         nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_LEN), 2)
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_DREG), reg)
+        return e
+    }
+
+    /// The TCP header's flags byte (offset 13).
+    private static func tcpFlags(into reg: UInt32) -> OpaquePointer {
+        let e = nftnl_expr_alloc("payload")!
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_BASE), u32(NFT_PAYLOAD_TRANSPORT_HEADER))
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_OFFSET), 13)
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_LEN), 1)
         nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_DREG), reg)
         return e
     }

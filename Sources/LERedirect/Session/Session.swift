@@ -34,7 +34,7 @@ package enum Session {
         }
         let firewalls = try Firewalls.open("begin: recovering the previous session")
         defer { firewalls.close() }
-        let report = try SessionEngine(state: state, logger: logger)
+        let report = try SessionEngine.live(state: state, logger: logger)
             .recover(sweep: false, firewalls: firewalls, namespace: try namespace())
         if report.changedAnything {
             logger.notice(
@@ -164,7 +164,7 @@ package enum Session {
         guard try state.readJournal() != nil else { return }
         let firewalls = try Firewalls.open("begin: cleaning up")
         defer { firewalls.close() }
-        _ = try SessionEngine(state: state, logger: logger).recover(sweep: false, firewalls: firewalls, namespace: try namespace())
+        _ = try SessionEngine.live(state: state, logger: logger).recover(sweep: false, firewalls: firewalls, namespace: try namespace())
     }
 
     /// The daemon's entry point (`le-redirect __session ...`): fd 3 is the readiness pipe, fd 4 the
@@ -245,7 +245,7 @@ package enum Session {
                 "end: \(state.journalPath): \(error). Nothing was changed; `le-redirect recover --sweep` removes every "
                     + "\"LE\"-tagged rule of the input chains and table \(TableRef.own) instead")
         }
-        let engine = SessionEngine(state: state, logger: logger)
+        let engine = SessionEngine.live(state: state, logger: logger)
         let here = try namespace()
         guard journal.namespace == here else {
             throw LERedirectError(
@@ -391,7 +391,7 @@ package enum Session {
         if !sweep, try state.readJournal() == nil { return RecoveryReport() }
         let firewalls = try Firewalls.open("recover")
         defer { firewalls.close() }
-        return try SessionEngine(state: state, logger: logger).recover(sweep: sweep, firewalls: firewalls, namespace: try namespace())
+        return try SessionEngine.live(state: state, logger: logger).recover(sweep: sweep, firewalls: firewalls, namespace: try namespace())
     }
 
     // MARK: Challenges

@@ -34,6 +34,29 @@ struct SessionEngine {
     /// Runs just before each of begin's commits, with its name ("iptables-legacy ip nat"); debug
     /// builds can stop there (FaultPoint).
     var beforeCommit: (String) -> Void = { FaultPoint.reach("before \($0)") }
+    /// Removes conntrack's entries of connections redirected from a port to a proxy port, once
+    /// nothing is redirected any more; returns how many. A no-op here: `live` plugs in the kernel's.
+    var forgetRedirectedConnections: (_ port: UInt16, _ proxyPort: UInt16) throws(FirewallError) -> Int = { _, _ in 0 }
+
+    /// The engine the CLI and the library run: conntrack included.
+    static func live(state: StateDirectory, logger: Logger) -> SessionEngine {
+        var engine = SessionEngine(state: state, logger: logger)
+        engine.forgetRedirectedConnections = { (port, proxyPort) throws(FirewallError) in
+            try RedirectedConnections.forget(port: port, proxyPort: proxyPort)
+        }
+        return engine
+    }
+
+    /// After the redirect is gone: conntrack's entries of what it redirected go too (a failure is
+    /// only logged: the ruleset is what end promises, and the entries time out by themselves).
+    private func forgetConnections(_ journal: Journal) {
+        do {
+            let count = try forgetRedirectedConnections(journal.port, journal.proxyPort)
+            logger.debug("conntrack entries of redirected connections removed", metadata: ["count": "\(count)"])
+        } catch {
+            logger.warning("removing conntrack's entries of redirected connections: \(error)")
+        }
+    }
 
     // MARK: Begin (run by the holder, with the lock held)
 
@@ -289,6 +312,7 @@ struct SessionEngine {
             throw LERedirectError(error.kind, "end: \(error.message)", errno: error.errno)
         }
         betweenSteps()
+        defer { forgetConnections(journal) }
         if journal.backend == .nftables, let nftables = firewalls.nftables {
             do {
                 let started = ContinuousClock.now
@@ -486,6 +510,7 @@ struct SessionEngine {
                 }
             }
         }
+        forgetConnections(journal)
         if sweep { try self.sweep(firewalls: firewalls, into: &report) }
         try state.deleteJournal()
         return report

@@ -136,7 +136,7 @@ final class SessionHolder: @unchecked Sendable {
             }
             proxy = built
         }
-        let engine = SessionEngine(state: state, logger: logger)
+        let engine = SessionEngine.live(state: state, logger: logger)
         let journal: Journal
         do {
             let startedMonotonic = monotonicMilliseconds()

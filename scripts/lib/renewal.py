@@ -1,0 +1,228 @@
+"""Real renewals on the testbed (scripts/lib/testbed.py), each under load, with what they leave behind.
+
+Each client obtains a certificate for web.test from Pebble on the acme host while wrk loads the app
+(keep-alive and connection-close, IPv4 and IPv6) from the acme host, for the whole renewal. `renew`
+returns the figures and the checks: certificate issued, socket errors and non-2xx answers of the
+load, le-redirect rules left, and whether the ruleset came back byte for byte (counters aside).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import testbed
+
+HOOKS = os.path.join(testbed.ROOT, "scripts", "hooks")
+SOURCE_APPROACH = os.path.join(testbed.ROOT, "scripts", "lib", "source-approach")
+
+
+def certbot_args(bed, workdir, domain=True):
+    # --force-renewal: a lineage from an earlier run here is renewed, not kept.
+    return ["certbot", "--server", testbed.DIRECTORY, "--agree-tos", "--register-unsafely-without-email",
+            "--non-interactive", "--force-renewal", "--config-dir", f"{workdir}/config", "--work-dir", f"{workdir}/work",
+            "--logs-dir", f"{workdir}/logs"] + (["-d", testbed.DOMAIN] if domain else [])
+
+
+def certbot(bed, workdir):
+    """certbot --standalone on 12348, le-redirect through its pre and post hooks."""
+    argv = certbot_args(bed, workdir) + ["certonly", "--standalone", "--http-01-port", "12348",
+                                         "--pre-hook", f"{HOOKS}/certbot-pre.sh", "--post-hook", f"{HOOKS}/certbot-post.sh"]
+    return argv, f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"
+
+
+def certbot_renew(bed, workdir):
+    """`certbot renew` with le-redirect's hooks installed in renewal-hooks/ (as scripts/install
+    does): the certificate is first obtained without load, the renewal is what is measured."""
+    for stage in ("pre", "post"):
+        os.makedirs(f"{workdir}/config/renewal-hooks/{stage}", exist_ok=True)
+        target = f"{workdir}/config/renewal-hooks/{stage}/le-redirect"
+        if not os.path.exists(target):
+            os.symlink(f"{HOOKS}/certbot-{stage}.sh", target)
+    if not os.path.exists(f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"):
+        first = bed.web_exec(certbot(bed, workdir)[0])  # renewal-hooks/ are run by `renew` only
+        if first.returncode != 0:
+            raise RuntimeError(f"certbot certonly before renew failed: {first.stdout[-2000:]}")
+    # No random delay: certbot waits up to 8 minutes before a non-interactive renew otherwise.
+    return (certbot_args(bed, workdir, domain=False) + ["renew", "--no-random-sleep-on-renew"],
+            f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem")
+
+
+def certbot_manual(bed, workdir):
+    """certbot --manual: tokens from memory, the redirect armed only for the challenge."""
+    argv = certbot_args(bed, workdir) + ["certonly", "--manual", "--preferred-challenges", "http",
+                                         "--manual-auth-hook", "le-redirect challenge certbot-auth",
+                                         "--manual-cleanup-hook", "le-redirect challenge certbot-cleanup"]
+    return argv, f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"
+
+
+def lego(bed, workdir, server=testbed.DIRECTORY):
+    """lego has no pre/post hooks: `le-redirect run -- lego ... run`."""
+    argv = ["le-redirect", "run", "--", "lego", "--server", server, "--email", f"admin@{testbed.DOMAIN}", "--accept-tos",
+            "--domains", testbed.DOMAIN, "--http", "--http.port", ":12348", "--path", workdir, "run"]
+    return argv, f"{workdir}/certificates/{testbed.DOMAIN}.crt"
+
+
+def dehydrated(bed, workdir):
+    """dehydrated through its hook.sh protocol (deploy_challenge / clean_challenge)."""
+    os.makedirs(f"{workdir}/wellknown", exist_ok=True)
+    with open(f"{workdir}/config", "w") as f:
+        f.write(f'CA="{testbed.DIRECTORY}"\nCHALLENGETYPE="http-01"\nBASEDIR="{workdir}"\nWELLKNOWN="{workdir}/wellknown"\n'
+                f'HOOK="{HOOKS}/dehydrated-hook.sh"\nCURL_OPTS="--cacert {bed.ca}"\n')
+    if not os.path.isdir(f"{workdir}/accounts"):
+        reg = bed.web_exec(["dehydrated", "--register", "--accept-terms", "-f", f"{workdir}/config"])
+        if reg.returncode != 0:
+            raise RuntimeError(f"dehydrated --register failed: {reg.stdout[-2000:]}")
+    return ["dehydrated", "-c", "--force", "-d", testbed.DOMAIN, "-f", f"{workdir}/config"], f"{workdir}/certs/{testbed.DOMAIN}/cert.pem"
+
+
+def certbot_source_approach(bed, workdir):
+    """For comparison only: certbot --standalone with the hooks DESIGN.md's source approach uses
+    (tinyproxy on 12347 and six nft CLI rules, removed one by one afterwards)."""
+    argv = certbot_args(bed, workdir) + ["certonly", "--standalone", "--http-01-port", "12348",
+                                         "--pre-hook", f"{SOURCE_APPROACH}/pre.sh", "--post-hook", f"{SOURCE_APPROACH}/post.sh"]
+    return argv, f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"
+
+
+CLIENTS = {
+    "certbot": certbot,
+    "certbot-renew": certbot_renew,
+    "certbot-manual": certbot_manual,
+    "lego": lego,
+    "dehydrated": dehydrated,
+}
+
+
+def session_log_since(bed, offset):
+    path = os.path.join(bed.le_state, "session.log")
+    try:
+        with open(path) as f:
+            f.seek(offset)
+            return f.read()
+    except OSError:
+        return ""
+
+
+def log_size(bed):
+    try:
+        return os.path.getsize(os.path.join(bed.le_state, "session.log"))
+    except OSError:
+        return 0
+
+
+def stamp(line):
+    """Seconds since the epoch of a session.log line's millisecond timestamp."""
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z", line)
+    if not m:
+        return None
+    return time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) - time.timezone + int(m.group(2)) / 1000
+
+
+def session_active(bed):
+    out = bed.web_exec(["le-redirect", "status", "--json"]).stdout
+    try:
+        return json.loads(out).get("active") is True
+    except ValueError:
+        raise RuntimeError(f"le-redirect status --json: {out[-500:]}")
+
+
+def renew(bed, name, client=None, load=True, expect_success=True, extra_env=None):
+    """One renewal with `client` (a function of CLIENTS, or another), under load unless `load` is
+    False. Returns a dict of figures and of failed checks ('problems', empty when all hold)."""
+    client = client or CLIENTS[name]
+    workdir = bed.path("clients", name)
+    os.makedirs(workdir, exist_ok=True)
+    argv, cert = client(bed, workdir)
+    before = bed.ruleset()
+    offset = log_size(bed)
+    cert_before = os.path.getmtime(cert) if os.path.exists(cert) else 0
+    wrk = testbed.Load(bed, seconds=120) if load else None
+    if wrk:
+        time.sleep(1)  # the load is steady before the renewal starts
+    started = time.monotonic()
+    done = bed.web_exec(argv, timeout=300, **(extra_env or {}))
+    wall = time.monotonic() - started
+    if wrk:
+        time.sleep(1)
+        wrk.stop()
+    loads = wrk.results() if wrk else []
+    after = bed.ruleset()
+    log = session_log_since(bed, offset)
+    result = {"client": name, "firewall": bed.firewall, "exit": done.returncode, "wall": wall, "loads": loads,
+              "output": done.stdout[-4000:], "log": log}
+    starts = [stamp(l) for l in log.splitlines() if "session started" in l]
+    ends = [(stamp(l), l) for l in log.splitlines() if "session ended" in l]
+    if starts and ends:
+        result["window"] = ends[-1][0] - starts[0]
+        counters = dict(re.findall(r" (\w[\w-]*)=(\S+)", ends[-1][1]))
+        result["window_requests"] = int(counters.get("requests", 0))
+        result["window_errors"] = int(counters.get("errors", 0))
+    issued = os.path.exists(cert) and os.path.getmtime(cert) > cert_before
+    problems = []
+    if expect_success:
+        if done.returncode != 0:
+            problems.append(f"{name} exited {done.returncode}")
+        if not issued:
+            problems.append("no certificate was issued")
+    else:
+        if done.returncode == 0:
+            problems.append(f"{name} succeeded where it should have failed")
+        if issued:
+            problems.append("a certificate was issued where validation should have failed")
+    for l in loads:
+        if l["requests"] == 0:
+            problems.append(f"the {l['load']} load made no request")
+        if l["errors"]:
+            problems.append(f"the {l['load']} load saw {l['errors']} socket errors")
+        if l["non2xx"]:
+            problems.append(f"the {l['load']} load saw {l['non2xx']} non-2xx answers")
+    left = after.count('comment "LE"') + after.count("--comment LE") + after.count("le_redirect")
+    if left:
+        problems.append(f"{left} le-redirect rule(s) left")
+    if after != before:
+        problems.append("the ruleset differs from before the renewal")
+    if session_active(bed):
+        problems.append("a session is still active")
+    result.update(issued=issued, rules_left=left, restored=after == before, problems=problems)
+    return result
+
+
+def killed_between_hooks(bed):
+    """certbot SIGKILLed while its session is active (between its pre and post hooks): port 80 keeps
+    serving the app, the session ends with certbot (the hook follows it), the ruleset comes back,
+    and the next renewal goes through."""
+    workdir = bed.path("clients", "certbot-killed")
+    os.makedirs(workdir, exist_ok=True)
+    argv, _ = certbot(bed, workdir)
+    before = bed.ruleset()
+    problems = []
+    proc = subprocess.Popen(["ip", "netns", "exec", bed.web] + argv, env=bed.client_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not session_active(bed):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            return {"problems": ["the session did not become active before certbot was to be killed"]}
+        time.sleep(0.05)
+    certbot_pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"certbot.*{workdir}"], stdout=subprocess.PIPE,
+                                                    text=True).stdout.split()]
+    for pid in certbot_pids:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    for family, url in (("IPv4", f"http://{testbed.WEB4}/"), ("IPv6", f"http://[{testbed.WEB6}]/")):
+        got = subprocess.run(["ip", "netns", "exec", bed.acme, "curl", "-s", "--max-time", "5", url], stdout=subprocess.PIPE,
+                             text=True).stdout
+        if "keeps serving" not in got:
+            problems.append(f"port 80 did not serve the app over {family} after certbot was killed")
+    deadline = time.monotonic() + 30
+    while session_active(bed):
+        if time.monotonic() > deadline:
+            problems.append("the session outlived the certbot it followed")
+            break
+        time.sleep(0.1)
+    if bed.ruleset() != before:
+        problems.append("the ruleset did not come back after certbot was killed")
+    again = renew(bed, "certbot", load=False)
+    problems += [f"the next renewal: {p}" for p in again["problems"]]
+    return {"killed": certbot_pids, "problems": problems}
