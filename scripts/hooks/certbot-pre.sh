@@ -7,5 +7,7 @@
 # (scripts/install does that). le-redirect's begin options can be given in
 # LE_REDIRECT_BEGIN_OPTIONS (e.g. "--ttl 5m --challenge-port 12348").
 set -euo pipefail
+# Where scripts/install puts le-redirect, for runners (cron) whose PATH lacks it.
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 # shellcheck disable=SC2086 # the options are words on purpose
 exec le-redirect begin --until-parent-exits ${LE_REDIRECT_BEGIN_OPTIONS:-}

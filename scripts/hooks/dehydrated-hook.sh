@@ -10,6 +10,8 @@
 # first). Both take one DOMAIN TOKEN_FILENAME
 # TOKEN_VALUE triple, or several with HOOK_CHAIN=yes. Every other event is left alone.
 set -euo pipefail
+# Where scripts/install puts le-redirect, for runners (cron) whose PATH lacks it.
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
 deploy_challenge() {
     while [ $# -ge 3 ]; do

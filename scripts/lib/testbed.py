@@ -34,6 +34,10 @@ FIREWALLS = {
     "nft-drop": [["nft", "-f", os.path.join(RULESETS, "policy-drop.nft")]],
     "legacy-drop": [["iptables-legacy-restore", os.path.join(RULESETS, "legacy-drop.v4.rules")],
                     ["ip6tables-legacy-restore", os.path.join(RULESETS, "legacy-drop.v6.rules")]],
+    # The same rules through iptables-nft: ip/ip6 filter and nat tables in nftables (Debian's and
+    # Ubuntu's default iptables), the layout DESIGN.md's source approach assumes.
+    "iptables-nft-drop": [["iptables-nft-restore", os.path.join(RULESETS, "legacy-drop.v4.rules")],
+                          ["ip6tables-nft-restore", os.path.join(RULESETS, "legacy-drop.v6.rules")]],
 }
 
 PAGE = "<!doctype html><title>app</title>" + "<p>The app on port 80 keeps serving while a certificate renews.</p>" * 8
