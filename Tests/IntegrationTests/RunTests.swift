@@ -68,19 +68,32 @@ struct RunTests {
         #expect(try net.status()["state"] as? String == "inactive")
     }
 
-    /// A hook's session follows the ACME client that ran the hook (past the `sh -c` in between):
-    /// when the client is killed, the session ends at once instead of at the TTL.
-    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
-    func aSessionThatFollowsItsParentEndsWhenTheParentDies(host: Host) throws {
+    /// How an ACME client runs a hook: a program through `sh -c` (certbot), or a script running a
+    /// hook script (dehydrated, acme.sh: scripts themselves, whose executable is a shell).
+    enum HookRunner: String, CaseIterable, Sendable {
+        case programThroughShell = "a program through sh -c"
+        case scriptRunningAScript = "a script running a hook script"
+    }
+
+    /// A hook's session follows the ACME client that ran the hook (past the `sh -c` or hook script
+    /// in between): when the client is killed, the session ends at once instead of at the TTL.
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop], HookRunner.allCases)
+    func aSessionThatFollowsItsParentEndsWhenTheParentDies(host: Host, runner: HookRunner) throws {
         let net = try TestNetwork(host)
         defer { net.close() }
         let before = try net.ruleset()
         let devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)
         defer { close(devnull) }
         let hook = "\(Paths.binary) begin --external-proxy --until-parent-exits \(host.begin.joined(separator: " "))"
+        let argv: [String]
+        switch runner {
+        case .programThroughShell:
+            argv = ["python3", "-c", "import subprocess, time; subprocess.run(['sh', '-c', '\(hook)']); time.sleep(120)"]
+        case .scriptRunningAScript:
+            argv = ["HOOK_COMMAND=\(hook)", Paths.support.appendingPathComponent("acme-client.sh").path]
+        }
         let client = try spawn(
-            ["ip", "netns", "exec", net.host, "env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "python3", "-c",
-             "import subprocess, time; subprocess.run(['sh', '-c', '\(hook)']); time.sleep(120)"],
+            ["ip", "netns", "exec", net.host, "env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)"] + argv,
             stdout: devnull, stderr: devnull)
         let deadline = Date().addingTimeInterval(15)
         while (try? net.status()["active"] as? Bool) != true {

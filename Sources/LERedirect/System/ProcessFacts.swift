@@ -26,18 +26,21 @@ enum ProcessFacts {
         return (parent, String(text[text.index(after: open)..<close]))
     }
 
-    /// The nearest ancestor of this process that is not a shell: the program that ran a hook
-    /// (certbot, dehydrated), past the `sh -c` it runs hooks through and the hook script itself (a
-    /// script's name is its own, its executable the shell's). Nil past init.
+    /// The program that ran the hook this process runs in: past the hook script (our parent, when
+    /// it is a script: its name is its own, its executable a shell) and the `sh -c` wrappers hook
+    /// runners use (shells by name), the first ancestor that is neither: certbot, or dehydrated and
+    /// acme.sh, which are scripts themselves. Nil past init.
     static func nearestNonShellAncestor() -> (pid: Int32, name: String)? {
         let shells: Set<String> = ["sh", "dash", "bash", "zsh", "ash", "ksh", "mksh", "busybox", "env", "sudo", "timeout"]
         var pid = getppid()
+        var first = true
         while pid > 1, let (parent, name) = parentAndName(of: pid) {
             var exe = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
             let n = readlink("/proc/\(pid)/exe", &exe, exe.count - 1)
             let program = n > 0 ? String(decoding: exe[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
-            let base = String(program.split(separator: "/").last ?? "")
-            if !shells.contains(name) && !shells.contains(base) { return (pid, name) }
+            let script = shells.contains(String(program.split(separator: "/").last ?? ""))
+            if !shells.contains(name) && !(first && script) { return (pid, name) }
+            first = false
             pid = parent
         }
         return nil
