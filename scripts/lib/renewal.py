@@ -64,6 +64,27 @@ def lego(bed, workdir, server=testbed.DIRECTORY):
     return argv, f"{workdir}/certificates/{testbed.DOMAIN}.crt"
 
 
+def lego_renew(bed, workdir):
+    """`lego renew` through `le-redirect run`, with lego's --renew-hook (run after the renewal, with
+    the new certificate: where an app is reloaded). The certificate is first obtained without load;
+    --days beyond its lifetime makes lego renew it now; --no-random-sleep, or lego first sleeps up to
+    8 minutes, inside the takeover."""
+    common = ["lego", "--server", testbed.DIRECTORY, "--email", f"admin@{testbed.DOMAIN}", "--accept-tos",
+              "--domains", testbed.DOMAIN, "--http", "--http.port", ":12348", "--path", workdir]
+    if not os.path.exists(f"{workdir}/certificates/{testbed.DOMAIN}.crt"):
+        first = bed.web_exec(["le-redirect", "run", "--"] + common + ["run"])
+        if first.returncode != 0:
+            raise RuntimeError(f"lego run before renew failed: {first.stdout[-2000:]}")
+    marker = f"{workdir}/{lego_renew.hook_marker}"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    return (["le-redirect", "run", "--"] + common + ["renew", "--days", "100000", "--no-random-sleep", "--renew-hook", f"touch {marker}"],
+            f"{workdir}/certificates/{testbed.DOMAIN}.crt")
+
+
+lego_renew.hook_marker = "renew-hook-ran"
+
+
 def dehydrated(bed, workdir):
     """dehydrated through its hook.sh protocol (deploy_challenge / clean_challenge)."""
     os.makedirs(f"{workdir}/wellknown", exist_ok=True)
@@ -90,6 +111,7 @@ CLIENTS = {
     "certbot-renew": certbot_renew,
     "certbot-manual": certbot_manual,
     "lego": lego,
+    "lego-renew": lego_renew,
     "dehydrated": dehydrated,
 }
 
@@ -177,6 +199,9 @@ def renew(bed, name, client=None, load=True, expect_success=True, extra_env=None
             problems.append(f"the {l['load']} load saw {l['errors']} socket errors")
         if l["non2xx"]:
             problems.append(f"the {l['load']} load saw {l['non2xx']} non-2xx answers")
+    marker = getattr(client, "hook_marker", None)
+    if expect_success and marker and not os.path.exists(os.path.join(workdir, marker)):
+        problems.append(f"{name}'s own hook did not run")
     left = after.count('comment "LE"') + after.count("--comment LE") + after.count("le_redirect")
     if left:
         problems.append(f"{left} le-redirect rule(s) left")
