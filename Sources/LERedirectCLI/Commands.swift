@@ -55,7 +55,7 @@ struct BeginOptions: ParsableArguments {
 
     @Flag(
         name: .customLong("until-parent-exits"),
-        help: "End the session when the program that ran this one exits (its nearest ancestor that is not a shell: the ACME client running a hook), so that a killed client does not leave the redirect up until the TTL.")
+        help: "End the session when the program that ran this one exits (the ACME client running the hook: the first ancestor past the hook script and any shells), so that a killed client does not leave the redirect up until the TTL.")
     var untilParentExits = false
 
     /// What the session follows, if anything.

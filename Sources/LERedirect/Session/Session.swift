@@ -72,7 +72,7 @@ package enum Session {
 
     /// The program a session follows: it ends when that process exits.
     package enum Follow {
-        /// The nearest ancestor of this process that is not a shell (what ran the hook).
+        /// The program that ran the hook: the first ancestor past the hook script and any shells.
         case parent
     }
 
