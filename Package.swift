@@ -58,7 +58,10 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["le-redirect", "embedded-renewer-example"],
-            exclude: ["Rulesets", "Support/peer.py", "Support/app.py", "Support/client.py"]
+            exclude: [
+                "Rulesets", "Support/peer.py", "Support/app.py", "Support/client.py", "Support/acme-client.sh",
+                "Support/hook.sh",
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]

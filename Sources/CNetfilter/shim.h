@@ -1,4 +1,4 @@
-// libnftnl and libmnl, and the kernel's nf_tables uapi they speak.
+// libnftnl and libmnl, and the kernel's nf_tables uapi they speak (with ctnetlink's and sock_diag's).
 #include <stdint.h>
 #include <sys/socket.h>
 // glibc first: linux/libc-compat.h then skips the uapi copies of in_addr and friends.
@@ -12,6 +12,8 @@
 #include <linux/netfilter/nf_conntrack_common.h>
 #include <linux/netfilter/nf_conntrack_tuple_common.h>
 #include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/inet_diag.h>
 #include <libmnl/libmnl.h>
 #include <libnftnl/batch.h>
 #include <libnftnl/chain.h>

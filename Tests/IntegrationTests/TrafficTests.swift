@@ -121,6 +121,91 @@ struct TrafficTests {
         #expect(try ours() == 0)
     }
 
+    /// On a host with no tables, conntrack stops with our nat chain and keeps the entries of the
+    /// connections it picked up (opened before begin, not redirected) as they were at end: one
+    /// closed since still says "established", and conntrack lets a new SYN with its addresses and
+    /// ports through as part of it, past the next session's redirect, to the app (the CA's
+    /// validation, reusing a visitor's source port). begin removes such entries first, and keeps
+    /// those of connections that are still open.
+    @Test(arguments: [TestNetwork.hostAddress4, TestNetwork.hostAddress6])
+    func aStaleConntrackEntryDoesNotTakeANewConnectionPastTheRedirect(address: String) throws {
+        let net = try TestNetwork(ruleset: "empty")
+        defer { net.close() }
+        try net.startApp()
+        try net.start(net.host, ["python3", Paths.peer, "serve", "12347", "proxy"])
+        try net.waitForListener(net.host, 12347)
+        let step = net.stateDirectory + "-step"
+        defer { for n in 1...4 { unlink("\(step)\(n)") } }
+        // Two connections from fixed ports, opened before the first session and used during it;
+        // after its end one closes (a reset nobody tracks), the other stays open. Then, in the
+        // second session, a new connection from the closed one's port, and the open one again.
+        let script = """
+            import os, socket, struct, sys, time
+            def step(n):
+                while not os.path.exists(sys.argv[2] + str(n)): time.sleep(0.02)
+            def connect(port):
+                v6 = ":" in sys.argv[1]
+                s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("::" if v6 else "0.0.0.0", port))
+                s.settimeout(10)
+                s.connect((sys.argv[1], 80))
+                return s
+            def ask(s):
+                s.sendall(b"GET / HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
+                data = s.recv(4096)
+                return "proxy" if data.startswith(b"proxy") else "app" if data.startswith(b"HTTP/1.1 200") else repr(data[:20])
+            closing, staying = connect(41000), connect(41001)
+            print(1, ask(closing), ask(staying), flush=True)
+            step(2)
+            print(2, ask(closing), ask(staying), flush=True)
+            step(3)
+            closing.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            closing.close()
+            print(3, flush=True)
+            step(4)
+            print(4, ask(connect(41000)), ask(staying), flush=True)
+            """
+        let scriptPath = net.stateDirectory + "-client.py"
+        try script.write(toFile: scriptPath, atomically: true, encoding: .utf8)
+        defer { unlink(scriptPath) }
+        let out = net.stateDirectory + "-client.out"
+        defer { unlink(out) }
+        let outFD = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        defer { close(outFD) }
+        let client = try spawn(
+            ["ip", "netns", "exec", net.client, "python3", scriptPath, address, step], stdout: outFD, stderr: outFD)
+        let printed = { (line: String) -> Bool in ((try? String(contentsOfFile: out, encoding: .utf8)) ?? "").contains(line) }
+        func waitFor(_ line: String) throws {
+            let deadline = Date().addingTimeInterval(10)
+            while !printed(line) {
+                guard Date() < deadline else { throw TestFailure("the client did not print \(line)") }
+                usleep(20_000)
+            }
+        }
+        let entries = { (port: Int) throws -> [Substring] in
+            try net.exec(net.host, ["conntrack", "-L"]).stdout.split(separator: "\n").filter { $0.contains(" sport=\(port) dport=80 ") }
+        }
+        try waitFor("1 ")
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        _ = FileManager.default.createFile(atPath: step + "2", contents: nil)
+        try waitFor("2 ")
+        #expect(try net.leRedirect("end").status == 0)
+        _ = FileManager.default.createFile(atPath: step + "3", contents: nil)
+        try waitFor("3\n")
+        #expect(try entries(41000).first?.contains("ESTABLISHED") == true, "the closed connection's entry is stale")
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        #expect(try entries(41000).isEmpty, "begin removed the stale entry")
+        #expect(try entries(41001).count == 1, "begin kept the open connection's entry")
+        _ = FileManager.default.createFile(atPath: step + "4", contents: nil)
+        var status: Int32 = 0
+        waitpid(client, &status, 0)
+        #expect(try net.leRedirect("end").status == 0)
+        let lines = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+        #expect(status == 0, "\(lines)")
+        #expect(lines == "1 app app\n2 app app\n3\n4 proxy app\n", "\(lines)")
+    }
+
     @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
     func theHostsOwnConnectionsAreNeverRedirected(host: Host) throws {
         let net = try TestNetwork(host)

@@ -15,11 +15,49 @@ enum RedirectedConnections {
     /// Deletes the entries of TCP connections to `port` translated to `proxyPort`; returns how many
     /// it deleted. Entries gone meanwhile are not an error.
     static func forget(port: UInt16, proxyPort: UInt16) throws(FirewallError) -> Int {
+        try withConntrack { (nl) throws(FirewallError) in
+            try delete(try entries(nl).filter { $0.isRedirected(port: port, proxyPort: proxyPort) }, nl)
+        }
+    }
+
+    /// Deletes the stale entries of connections to `port` of this host that were not redirected:
+    /// entries that still say a connection is open (so that conntrack lets a SYN with the same
+    /// addresses and ports through as part of it, never to our nat chain) while the host has no
+    /// such connection. Run by begin before the redirect goes in; returns how many it deleted.
+    ///
+    /// Why: on a host whose firewall keeps no conntrack state of its own, conntrack runs only while
+    /// our nat chain exists, and picks up the connections it sees then (those opened before begin,
+    /// which are not redirected). Those still open when the session ends keep entries that nothing
+    /// updates any more: established, for five days. In a later session, a client reusing such a
+    /// connection's source port (the CA's validation server, from an address that was a visitor
+    /// too) reaches the app instead of the proxy. An entry of a live connection (the host has its
+    /// socket, open) is left alone, as are entries of forwarded connections and of any translation.
+    static func forgetStale(port: UInt16) throws(FirewallError) -> Int {
+        let local = localAddresses()
+        return try withConntrack { (nl) throws(FirewallError) in
+            let candidates = try entries(nl).filter { $0.ignoresNewSYN(port: port) && local.contains($0.destination) }
+            guard !candidates.isEmpty else { return 0 }
+            let diag: NetlinkSocket
+            do throws(NetlinkError) { diag = try NetlinkSocket(bus: NETLINK_SOCK_DIAG) } catch {
+                throw NftablesFirewall.error(error, doing: "opening a sock_diag netlink socket", change: nil)
+            }
+            defer { diag.close() }
+            var stale: [Entry] = []
+            for entry in candidates where try !hasOpenSocket(entry, diag) { stale.append(entry) }
+            return try delete(stale, nl)
+        }
+    }
+
+    private static func withConntrack<T>(_ body: (NetlinkSocket) throws(FirewallError) -> T) throws(FirewallError) -> T {
         let nl: NetlinkSocket
-        do { nl = try NetlinkSocket() } catch {
+        do throws(NetlinkError) { nl = try NetlinkSocket() } catch {
             throw NftablesFirewall.error(error, doing: "opening a netfilter netlink socket for conntrack", change: nil)
         }
         defer { nl.close() }
+        return try body(nl)
+    }
+
+    private static func entries(_ nl: NetlinkSocket) throws(FirewallError) -> [Entry] {
         var found: [Entry] = []
         do throws(NetlinkError) {
             try nl.request(
@@ -27,13 +65,17 @@ enum RedirectedConnections {
                     message(buf, seq, type: IPCTNL_MSG_CT_GET, flags: NLM_F_REQUEST | NLM_F_DUMP, family: UInt8(AF_UNSPEC))
                 },
                 each: { reply in
-                    if let entry = Entry(reply), entry.isRedirected(port: port, proxyPort: proxyPort) { found.append(entry) }
+                    if let entry = Entry(reply), entry.protocolNumber == ipprotoTCP { found.append(entry) }
                 })
         } catch {
             throw NftablesFirewall.error(error, doing: "listing conntrack's entries", change: nil)
         }
+        return found
+    }
+
+    private static func delete(_ entries: [Entry], _ nl: NetlinkSocket) throws(FirewallError) -> Int {
         var deleted = 0
-        for entry in found {
+        for entry in entries {
             do throws(NetlinkError) {
                 try nl.request(
                     build: { buf, seq in
@@ -49,10 +91,74 @@ enum RedirectedConnections {
             } catch where error.errno == ENOENT {
                 // Gone already (it timed out, or its connection was reopened).
             } catch {
-                throw NftablesFirewall.error(error, doing: "deleting a redirected connection's conntrack entry", change: nil)
+                throw NftablesFirewall.error(error, doing: "deleting a conntrack entry", change: nil)
             }
         }
         return deleted
+    }
+
+    /// Whether the host holds an open socket for the entry's connection (its local end is the
+    /// entry's original destination). A listener is what the lookup falls back to when there is
+    /// none; a socket in TIME_WAIT or CLOSE is a connection that is over.
+    private static func hasOpenSocket(_ entry: Entry, _ diag: NetlinkSocket) throws(FirewallError) -> Bool {
+        var open = false
+        do throws(NetlinkError) {
+            try diag.request(
+                build: { buf, seq in
+                    let nlh = mnl_nlmsg_put_header(buf)!
+                    nlh.pointee.nlmsg_type = UInt16(SOCK_DIAG_BY_FAMILY)
+                    nlh.pointee.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_ACK)
+                    nlh.pointee.nlmsg_seq = seq
+                    let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
+                        .assumingMemoryBound(to: inet_diag_req_v2.self)
+                    req.pointee.sdiag_family = entry.family
+                    req.pointee.sdiag_protocol = ipprotoTCP
+                    req.pointee.idiag_states = ~0
+                    req.pointee.id.idiag_sport = entry.destinationPort.bigEndian
+                    req.pointee.id.idiag_dport = entry.sourcePort.bigEndian
+                    withUnsafeMutableBytes(of: &req.pointee.id.idiag_src) { $0.copyBytes(from: entry.destination) }
+                    withUnsafeMutableBytes(of: &req.pointee.id.idiag_dst) { $0.copyBytes(from: entry.source) }
+                    req.pointee.id.idiag_cookie = (UInt32.max, UInt32.max)  // INET_DIAG_NOCOOKIE
+                    return nlh
+                },
+                each: { reply in
+                    guard reply.pointee.nlmsg_type == UInt16(SOCK_DIAG_BY_FAMILY) else { return }
+                    let state = mnl_nlmsg_get_payload(reply).load(fromByteOffset: 1, as: UInt8.self)
+                    // TCP_TIME_WAIT 6, TCP_CLOSE 7, TCP_LISTEN 10 (include/net/tcp_states.h)
+                    open = ![6, 7, 10].contains(state)
+                })
+        } catch where error.errno == ENOENT {
+            return false
+        } catch {
+            throw NftablesFirewall.error(error, doing: "looking up the socket of a conntrack entry", change: nil)
+        }
+        return open
+    }
+
+    /// The addresses of this network namespace's interfaces (4 or 16 bytes each).
+    private static func localAddresses() -> Set<[UInt8]> {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0 else { return [] }
+        defer { freeifaddrs(list) }
+        var result: Set<[UInt8]> = []
+        var item = list
+        while let current = item {
+            if let address = current.pointee.ifa_addr {
+                switch Int32(address.pointee.sa_family) {
+                case AF_INET:
+                    address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) {
+                        _ = result.insert(withUnsafeBytes(of: $0.pointee.sin_addr) { Array($0) })
+                    }
+                case AF_INET6:
+                    address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) {
+                        _ = result.insert(withUnsafeBytes(of: $0.pointee.sin6_addr) { Array($0) })
+                    }
+                default: break
+                }
+            }
+            item = current.pointee.ifa_next
+        }
+        return result
     }
 
     private static func message(
@@ -69,14 +175,18 @@ enum RedirectedConnections {
         return nlh
     }
 
-    /// What one conntrack entry says about itself, as far as telling ours apart needs.
+    /// What one conntrack entry says about itself, as far as telling ours (and stale ones) apart needs.
     private struct Entry {
         let family: UInt8
         let id: UInt32  // network order, as the kernel sent it
         let status: UInt32
         let protocolNumber: UInt8
-        let originalDestinationPort: UInt16
+        /// The original direction's addresses (4 or 16 bytes) and ports (host order).
+        let source: [UInt8], destination: [UInt8]
+        let sourcePort: UInt16, destinationPort: UInt16
         let replySourcePort: UInt16
+        /// TCP's state as conntrack tracks it (enum tcp_conntrack), nil for other protocols.
+        let tcpState: UInt8?
         /// CTA_TUPLE_ORIG's payload, to name the entry in the delete request.
         let originalTuple: [UInt8]
 
@@ -86,7 +196,7 @@ enum RedirectedConnections {
             }
             let header = mnl_nlmsg_get_payload(message).assumingMemoryBound(to: nfgenmsg.self)
             family = header.pointee.nfgen_family
-            var id: UInt32?, status: UInt32?, proto: UInt8?, dport: UInt16?, sport: UInt16?, tuple: [UInt8]?
+            var id: UInt32?, status: UInt32?, original: Tuple?, replySource: UInt16?, tuple: [UInt8]?, state: UInt8?
             for (type, payload) in Self.attributes(mnl_nlmsg_get_payload_offset(message, MemoryLayout<nfgenmsg>.size),
                                                    Int(message.pointee.nlmsg_len) - MemoryLayout<nlmsghdr>.size - MemoryLayout<nfgenmsg>.size) {
                 switch Int(type) {
@@ -94,42 +204,74 @@ enum RedirectedConnections {
                 case Int(CTA_STATUS.rawValue): status = payload.count >= 4 ? UInt32(bigEndian: payload.loadUnaligned(as: UInt32.self)) : nil
                 case Int(CTA_TUPLE_ORIG.rawValue):
                     tuple = Array(payload)
-                    if let transport = Self.transport(of: payload) { (proto, dport) = (transport.number, transport.destination) }
+                    original = Tuple(payload)
                 case Int(CTA_TUPLE_REPLY.rawValue):
-                    sport = Self.transport(of: payload)?.source
+                    replySource = Tuple(payload)?.sourcePort
+                case Int(CTA_PROTOINFO.rawValue):
+                    for (t, p) in Self.attributes(payload.baseAddress!, payload.count) where Int(t) == Int(CTA_PROTOINFO_TCP.rawValue) {
+                        for (u, q) in Self.attributes(p.baseAddress!, p.count) where Int(u) == Int(CTA_PROTOINFO_TCP_STATE.rawValue) {
+                            state = q.first
+                        }
+                    }
                 default: break
                 }
             }
-            guard let id, let status, let proto, let dport, let sport, let tuple else { return nil }
-            (self.id, self.status, protocolNumber, originalDestinationPort, replySourcePort, originalTuple) =
-                (id, status, proto, dport, sport, tuple)
+            guard let id, let status, let original, let replySource, let tuple else { return nil }
+            (self.id, self.status, protocolNumber, source, destination, sourcePort, destinationPort) =
+                (id, status, original.protocolNumber, original.source, original.destination, original.sourcePort,
+                 original.destinationPort)
+            (replySourcePort, tcpState, originalTuple) = (replySource, state, tuple)
         }
 
         func isRedirected(port: UInt16, proxyPort: UInt16) -> Bool {
-            protocolNumber == ipprotoTCP && status & UInt32(IPS_DST_NAT.rawValue) != 0 && originalDestinationPort == port
+            protocolNumber == ipprotoTCP && status & UInt32(IPS_DST_NAT.rawValue) != 0 && destinationPort == port
                 && replySourcePort == proxyPort
         }
 
-        /// A tuple's protocol number and ports (host order).
-        private static func transport(of tuple: UnsafeRawBufferPointer) -> (number: UInt8, source: UInt16, destination: UInt16)? {
-            guard let base = tuple.baseAddress else { return nil }
-            for (type, payload) in attributes(base, tuple.count) where Int(type) == Int(CTA_TUPLE_PROTO.rawValue) {
-                var num: UInt8?, source: UInt16?, destination: UInt16?
-                for (t, p) in attributes(payload.baseAddress!, payload.count) {
-                    switch Int(t) {
-                    case Int(CTA_PROTO_NUM.rawValue): num = p.first
-                    case Int(CTA_PROTO_SRC_PORT.rawValue): source = p.count >= 2 ? UInt16(bigEndian: p.loadUnaligned(as: UInt16.self)) : nil
-                    case Int(CTA_PROTO_DST_PORT.rawValue): destination = p.count >= 2 ? UInt16(bigEndian: p.loadUnaligned(as: UInt16.self)) : nil
+        /// An untranslated TCP connection to `port` in a state where conntrack lets a new SYN with
+        /// the same tuple through as part of it (SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT,
+        /// LAST_ACK: the kernel's tcp_conntracks table) instead of starting a new connection.
+        func ignoresNewSYN(port: UInt16) -> Bool {
+            guard protocolNumber == ipprotoTCP, destinationPort == port, let tcpState else { return false }
+            return status & UInt32(IPS_NAT_MASK.rawValue) == 0 && (2...6).contains(tcpState)
+        }
+
+        /// One CTA_TUPLE_* payload: addresses, protocol number and ports.
+        private struct Tuple {
+            var source: [UInt8] = [], destination: [UInt8] = []
+            var protocolNumber: UInt8 = 0, sourcePort: UInt16 = 0, destinationPort: UInt16 = 0
+
+            init?(_ tuple: UnsafeRawBufferPointer) {
+                guard let base = tuple.baseAddress else { return nil }
+                var sawProtocol = false
+                for (type, payload) in Entry.attributes(base, tuple.count) {
+                    switch Int(type) {
+                    case Int(CTA_TUPLE_IP.rawValue):
+                        for (t, p) in Entry.attributes(payload.baseAddress!, payload.count) {
+                            switch Int(t) {
+                            case Int(CTA_IP_V4_SRC.rawValue), Int(CTA_IP_V6_SRC.rawValue): source = Array(p)
+                            case Int(CTA_IP_V4_DST.rawValue), Int(CTA_IP_V6_DST.rawValue): destination = Array(p)
+                            default: break
+                            }
+                        }
+                    case Int(CTA_TUPLE_PROTO.rawValue):
+                        for (t, p) in Entry.attributes(payload.baseAddress!, payload.count) {
+                            switch Int(t) {
+                            case Int(CTA_PROTO_NUM.rawValue): if let n = p.first { (protocolNumber, sawProtocol) = (n, true) }
+                            case Int(CTA_PROTO_SRC_PORT.rawValue): if p.count >= 2 { sourcePort = UInt16(bigEndian: p.loadUnaligned(as: UInt16.self)) }
+                            case Int(CTA_PROTO_DST_PORT.rawValue): if p.count >= 2 { destinationPort = UInt16(bigEndian: p.loadUnaligned(as: UInt16.self)) }
+                            default: break
+                            }
+                        }
                     default: break
                     }
                 }
-                if let num { return (num, source ?? 0, destination ?? 0) }
+                guard sawProtocol else { return nil }
             }
-            return nil
         }
 
         /// The netlink attributes in `length` bytes at `start`: type (without its flags) and payload.
-        private static func attributes(_ start: UnsafeRawPointer, _ length: Int) -> [(UInt16, UnsafeRawBufferPointer)] {
+        fileprivate static func attributes(_ start: UnsafeRawPointer, _ length: Int) -> [(UInt16, UnsafeRawBufferPointer)] {
             var result: [(UInt16, UnsafeRawBufferPointer)] = []
             var offset = 0
             while offset + 4 <= length {

@@ -22,8 +22,9 @@ final class NetlinkSocket {
     /// Large enough for a dump datagram (the kernel sends at most 32 KiB per part by default).
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 * 1024, alignment: 16)
 
-    init() throws(NetlinkError) {
-        guard let nl = mnl_socket_open2(NETLINK_NETFILTER, Int32(SOCK_CLOEXEC.rawValue)) else {
+    /// `bus` is NETLINK_NETFILTER unless another is named (NETLINK_SOCK_DIAG, to look up sockets).
+    init(bus: Int32 = NETLINK_NETFILTER) throws(NetlinkError) {
+        guard let nl = mnl_socket_open2(bus, Int32(SOCK_CLOEXEC.rawValue)) else {
             buffer.deallocate()
             throw NetlinkError(stage: .open, errno: Glibc.errno)
         }

@@ -37,6 +37,9 @@ struct SessionEngine {
     /// Removes conntrack's entries of connections redirected from a port to a proxy port, once
     /// nothing is redirected any more; returns how many. A no-op here: `live` plugs in the kernel's.
     var forgetRedirectedConnections: (_ port: UInt16, _ proxyPort: UInt16) throws(FirewallError) -> Int = { _, _ in 0 }
+    /// Removes conntrack's stale entries of connections to a port that would let a new connection
+    /// past the redirect (see `RedirectedConnections.forgetStale`); returns how many. A no-op here.
+    var forgetStaleConnections: (_ port: UInt16) throws(FirewallError) -> Int = { _ in 0 }
 
     /// The engine the CLI and the library run: conntrack included.
     static func live(state: StateDirectory, logger: Logger) -> SessionEngine {
@@ -44,6 +47,7 @@ struct SessionEngine {
         engine.forgetRedirectedConnections = { (port, proxyPort) throws(FirewallError) in
             try RedirectedConnections.forget(port: port, proxyPort: proxyPort)
         }
+        engine.forgetStaleConnections = { (port) throws(FirewallError) in try RedirectedConnections.forgetStale(port: port) }
         return engine
     }
 
@@ -102,6 +106,15 @@ struct SessionEngine {
             phase: .intent, holder: holder, namespace: namespace, backend: plan.decision.redirect, port: plan.port,
             proxyPort: plan.proxyPort, proxy: options.proxy.name, createdAt: now, expiresAt: plan.expiresAt,
             rules: entries(of: plan, firewalls: firewalls))
+
+        // Before anything is redirected: no stale conntrack entry may take a new connection past it
+        // (a failure is only logged: such a collision is rare, and begin does not depend on it).
+        do {
+            let count = try forgetStaleConnections(plan.port)
+            if count > 0 { logger.info("stale conntrack entries removed", metadata: ["count": "\(count)", "port": "\(plan.port)"]) }
+        } catch {
+            logger.warning("removing conntrack's stale entries: \(error)")
+        }
 
         // Whether the nftables batch may be in the kernel: only then does undoing touch nftables.
         var nftablesApplied = false
