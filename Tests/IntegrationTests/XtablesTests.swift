@@ -126,7 +126,7 @@ struct XtablesTests {
         let before = try net.ruleset()
         try net.start(
             net.host,
-            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "LE_REDIRECT_FAULT_POINT=before iptables-legacy ip nat",
+            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "LE_REDIRECT_FAULT=journal-intent-written iptables-legacy ip nat=stop",
              Paths.binary, "begin", "--external-proxy"])
         let deadline = Date().addingTimeInterval(20)
         var daemon: Int32?

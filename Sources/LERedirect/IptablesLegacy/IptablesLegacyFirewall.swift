@@ -391,6 +391,9 @@ private struct XtablesTable: @unchecked Sendable {
             }
             name = v6 ? ip6tc_next_chain(handle) : iptc_next_chain(handle)
         }
+        if let code = Fault.injectedErrno("xtables-commit") {
+            throw Self.error(code, v6: v6, doing: "\(doing): committing", change: nil)
+        }
         guard (v6 ? ip6tc_commit(handle) : iptc_commit(handle)) != 0 else {
             throw Self.error(errno, v6: v6, doing: "\(doing): committing", change: nil)
         }

@@ -78,6 +78,7 @@ final class NetlinkSocket {
 
     func send(_ bytes: UnsafeRawBufferPointer) throws(NetlinkError) {
         guard let socket else { throw NetlinkError(stage: .send, errno: EBADF) }
+        if let code = Fault.injectedErrno("netlink-send") { throw NetlinkError(stage: .send, errno: code) }
         while true {
             let n = mnl_socket_sendto(socket, bytes.baseAddress, bytes.count)
             if n >= 0 { return }
@@ -90,6 +91,7 @@ final class NetlinkSocket {
     func receive(_ handle: (UnsafePointer<nlmsghdr>) throws(NetlinkError) -> Bool) throws(NetlinkError) {
         guard let socket else { throw NetlinkError(stage: .receive, errno: EBADF) }
         while true {
+            if let code = Fault.injectedErrno("netlink-receive") { throw NetlinkError(stage: .receive, errno: code) }
             let n = mnl_socket_recvfrom(socket, buffer.baseAddress, buffer.count)
             if n < 0 {
                 if Glibc.errno == EINTR { continue }

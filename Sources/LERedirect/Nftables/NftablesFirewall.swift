@@ -256,6 +256,7 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
             } catch {
                 throw Self.error(error, doing: "sending the batch (\(Self.summary(changes)))", change: nil)
             }
+            Fault.reach("batch-sent")
 
             let lastMessage = batch.sequences.last!
             var failure: (sequence: UInt32, errno: Int32)?

@@ -77,9 +77,10 @@ final class ValidationProxy: @unchecked Sendable {
             throw LERedirectError(.failed, "starting the validation proxy: \(errnoText(code))", errno: code)
         }
         for family in [AF_INET, AF_INET6] {
-            let fd = le_tcp_listen(family, proxyPort, 4096)
+            let injected = Fault.injectedErrno("bind")
+            let fd = injected == nil ? le_tcp_listen(family, proxyPort, 4096) : -1
             if fd < 0 {
-                let code = errno
+                let code = injected ?? errno
                 if family == AF_INET6 && (code == EAFNOSUPPORT || code == EADDRNOTAVAIL) {
                     logger.warning("no IPv6 on this host; the proxy listens on IPv4 only")
                     continue
@@ -222,6 +223,7 @@ final class ValidationProxy: @unchecked Sendable {
         listenersCloseAt = now + min(1000, timeout.milliseconds)
         logger.info("draining", metadata: ["connections": "\(counters.connections.load(ordering: .relaxed))"])
         for case let relay? in slots { applyDrain(relay) }
+        Fault.reach("drain-started")
     }
 
     private func closeListeners() {

@@ -73,11 +73,12 @@ enum ControlChannel {
             throw LERedirectError(.failed, "creating the control socket: \(errnoText(errno))", errno: errno)
         }
         _ = unlink(path)
-        let bound = withUnsafePointer(to: &address) {
+        let injected = Fault.injectedErrno("bind")
+        let bound = injected != nil ? -1 : withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         guard bound == 0, chmod(path, 0o600) == 0, Glibc.listen(fd, 16) == 0 else {
-            let code = errno
+            let code = injected ?? errno
             closeDescriptor(fd)
             throw LERedirectError(.failed, "binding the control socket \(path): \(errnoText(code))", errno: code)
         }

@@ -57,6 +57,7 @@ package enum Session {
         let state = StateDirectory.resolve(options.stateDirectory)
         try state.prepare()
         let lock = try state.lock()
+        Fault.reach("lock-taken")
         try recoverBeforeBegin(state, logger: logger)
         return PreparedBegin(options: valid, state: state, lock: lock)
     }
@@ -124,6 +125,7 @@ package enum Session {
         guard rc == 0 else {
             throw LERedirectError(.failed, "begin: starting the session daemon \(arguments[0]): \(errnoText(rc))", errno: rc)
         }
+        Fault.reach("daemon-spawned")
 
         let line = readLine(pipeFDs[0], timeout: readyTimeout)
         if line == "ok" {
@@ -174,11 +176,15 @@ package enum Session {
         let readyFD: Int32 = 3
         let lockFD: Int32 = 4
         let clientFD: Int32 = 5
-        func report(_ line: String) {
+        /// Whether `begin` got the line (it is gone if not: killed, or its hook runner timed out).
+        func report(_ line: String) -> Bool {
             let bytes = Array((line + "\n").utf8)
-            _ = bytes.withUnsafeBytes { write(readyFD, $0.baseAddress, $0.count) }
+            let written = bytes.withUnsafeBytes { write(readyFD, $0.baseAddress, $0.count) }
             closeDescriptor(readyFD)
+            return written == bytes.count
         }
+        // A begin that died must not kill the daemon with SIGPIPE before it has taken its rules out.
+        signal(SIGPIPE, SIG_IGN)
         umask(0o077)
         _ = chdir("/")
         var values: [String: String] = [:]
@@ -193,7 +199,7 @@ package enum Session {
             let backend = values["--backend"].flatMap(BackendChoice.init(rawValue:)),
             let proxy = DaemonArguments.decode(values)
         else {
-            report("error 2 the session daemon was started with malformed arguments")
+            _ = report("error 2 the session daemon was started with malformed arguments")
             exit(2)
         }
         let state = StateDirectory(path: statePath)
@@ -210,19 +216,26 @@ package enum Session {
             let followed = values["--client-pid"].flatMap(Int32.init).map {
                 SessionHolder.Followed(fd: clientFD, pid: $0, name: values["--client-name"] ?? "?")
             }
+            Fault.reach("daemon-started")
             let holder = try SessionHolder.start(
                 options, state: state, kind: .daemon, stopSignals: stopSignals >= 0 ? stopSignals : nil,
                 endsWithLastToken: values["--ends-with-last-token"] == "1", following: followed, logger: logger)
             logger.info("session started", metadata: ["expires": "\(RFC3339.format(unixMilliseconds: holder.journal.expiresAt))"])
-            report("ok")
+            let told = report("ok")
+            Fault.reach("ready-reported")
             closeDescriptor(lockFD)
+            if !told {
+                // Nobody was told the redirect is live, so nobody will end it: end it now.
+                logger.error("begin exited before the session was ready (killed?); ending the session")
+                holder.requestEnd()
+            }
             switch holder.join() {
             case .success: exit(0)
             case .failure(let error): exit(error.exitCode)
             }
         } catch {
             logger.error("begin failed: \(error)")
-            report("error \(error.exitCode) \(error.message.replacingNewlines())")
+            _ = report("error \(error.exitCode) \(error.message.replacingNewlines())")
             exit(error.exitCode)
         }
     }
@@ -276,8 +289,9 @@ package enum Session {
                 warnings.append("the session holder (pid \(journal.holder.pid)) is stopped")
             }
             if try state.readJournal() == nil {
-                // The session ended by itself (its TTL) while we were asking.
-                return EndReport(reason: .expired, warnings: [])
+                // The session ended while we were asking: by itself (its TTL), or its holder died
+                // after removing everything (then the warning above says it did not answer).
+                return EndReport(reason: .expired, warnings: warnings)
             }
             if ProcessFacts.isAlive(journal.holder) {
                 guard journal.holder.kind == .daemon else {

@@ -31,9 +31,9 @@ struct SessionEngine {
     var isAlive: @Sendable (ProcessIdentity) -> Bool = { ProcessFacts.isAlive($0) }
     /// Attempts when another process keeps committing between our read and our commit.
     var maxAttempts = 8
-    /// Runs just before each of begin's commits, with its name ("iptables-legacy ip nat"); debug
-    /// builds can stop there (FaultPoint).
-    var beforeCommit: (String) -> Void = { FaultPoint.reach("before \($0)") }
+    /// Runs just before each of begin's commits, once the journal covers it, with the commit's name
+    /// ("iptables-legacy ip nat"); debug builds can be killed there (Fault).
+    var beforeCommit: (String) -> Void = { Fault.reach("journal-intent-written", detail: $0) }
     /// Removes conntrack's entries of connections redirected from a port to a proxy port, once
     /// nothing is redirected any more; returns how many. A no-op here: `live` plugs in the kernel's.
     var forgetRedirectedConnections: (_ port: UInt16, _ proxyPort: UInt16) throws(FirewallError) -> Int = { _, _ in 0 }
@@ -134,6 +134,7 @@ struct SessionEngine {
             }
             journal.phase = .installed
             try state.writeJournal(journal)
+            Fault.reach("handles-recorded")
         } catch {
             if !nftablesApplied { journal.rules.removeAll { $0.system == .nftables } }
             let touched = nftablesApplied || journal.rules.contains { $0.preexisting != nil }
@@ -185,6 +186,7 @@ struct SessionEngine {
             } catch {
                 throw Self.failure("begin: \(step)", error)
             }
+            Fault.reach("commit-acknowledged", detail: step.description)
             logger.debug("begin commit", metadata: ["step": "\(step)", "commitMs": "\(milliseconds(since: started))"])
         }
         journal = updated
@@ -226,6 +228,7 @@ struct SessionEngine {
                 throw Self.failure("begin", error, attempts: attempt)
             }
             applied = true
+            Fault.reach("commit-acknowledged", detail: step.description)
             let redirects = plan.nftables!.holdsRedirect ? 1 : 0
             guard inserted.count == redirects + step.entries.count else {
                 throw LERedirectError(
@@ -324,6 +327,7 @@ struct SessionEngine {
         do { try disarm(journal, firewalls: firewalls) } catch {
             throw LERedirectError(error.kind, "end: \(error.message)", errno: error.errno)
         }
+        Fault.reach("redirect-removed")
         betweenSteps()
         defer { forgetConnections(journal) }
         if journal.backend == .nftables, let nftables = firewalls.nftables {
@@ -336,9 +340,12 @@ struct SessionEngine {
             } catch {
                 throw Self.failure("end: removing the redirect", error)
             }
+            Fault.reach("table-removed")
         }
         warnings += try removeRules(journal.accepts, firewalls: firewalls).warnings
+        Fault.reach("accepts-removed")
         try state.deleteJournal()
+        Fault.reach("journal-deleted")
         return warnings
     }
 
@@ -510,6 +517,7 @@ struct SessionEngine {
         let removal = try removeRules(redirects + journal.accepts, firewalls: firewalls)
         report.warnings += removal.warnings
         report.removedRules = removal.removed
+        Fault.reach("recovery-rules-removed")
         // The owned table died with its holder; a copy restored without the owner flag goes too.
         if let nftables = firewalls.nftables, let snapshot = try nftablesSnapshot(nftables) {
             let own = snapshot.tables.first { $0.ref == TableRef.own }

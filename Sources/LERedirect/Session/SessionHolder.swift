@@ -136,6 +136,7 @@ final class SessionHolder: @unchecked Sendable {
             }
             proxy = built
         }
+        Fault.reach("listeners-bound")
         let engine = SessionEngine.live(state: state, logger: logger)
         let journal: Journal
         do {
@@ -172,9 +173,14 @@ final class SessionHolder: @unchecked Sendable {
     /// Asks the holder to end (as `le-redirect end` would, but from this process) and waits.
     func end() async -> Result<EndReport, LERedirectError> {
         if let outcome = shared.withLock({ $0.outcome }) { return outcome }
+        requestEnd()
+        return await ended()
+    }
+
+    /// Asks the holder's thread to end the session, without waiting.
+    func requestEnd() {
         var one: UInt64 = 1
         _ = write(wake, &one, 8)
-        return await ended()
     }
 
     /// Waits until the session has ended, for whatever reason.

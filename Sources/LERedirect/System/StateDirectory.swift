@@ -160,8 +160,10 @@ struct StateDirectory: Sendable {
     }
 
     func deleteJournal() throws(LERedirectError) {
-        if unlink(journalPath) != 0 && errno != ENOENT {
-            throw LERedirectError(.failed, "deleting the journal \(journalPath): \(errnoText(errno))", errno: errno)
+        let injected = Fault.injectedErrno("unlink")
+        if injected != nil || (unlink(journalPath) != 0 && errno != ENOENT) {
+            let code = injected ?? errno
+            throw LERedirectError(.failed, "deleting the journal \(journalPath): \(errnoText(code))", errno: code)
         }
         do throws(SystemError) { try syncDirectory() } catch {
             throw LERedirectError(.failed, "deleting the journal: \(error)", errno: error.errno)

@@ -19,6 +19,7 @@ func errnoText(_ code: Int32) -> String {
 func syscall<T: FixedWidthInteger>(_ call: String, _ subject: @autoclosure () -> String, _ body: () -> T)
     throws(SystemError) -> T
 {
+    if let code = Fault.injectedErrno(call) { throw SystemError(errno: code, call: call, subject: subject()) }
     while true {
         let result = body()
         if result != -1 { return result }

@@ -239,8 +239,8 @@ final class TestNetwork: @unchecked Sendable {
     }
 
     @discardableResult
-    func leRedirect(_ arguments: [String], timeout: Double = 60) throws -> Output {
-        try exec(host, [Paths.binary] + arguments, timeout: timeout)
+    func leRedirect(_ arguments: [String], environment: [String: String] = [:], timeout: Double = 60) throws -> Output {
+        try exec(host, [Paths.binary] + arguments, environment: environment, timeout: timeout)
     }
 
     /// Starts a long-running program in `ns`; `close()` kills it.
