@@ -4,7 +4,7 @@ import LERedirect
 
 /// Options shared by the commands that read the session's state.
 struct StateOptions: ParsableArguments {
-    @Option(name: .customLong("state-dir"), help: ArgumentHelp("State directory (default: LE_REDIRECT_STATE_DIR or /run/le-redirect).", valueName: "dir"))
+    @Option(name: .customLong("state-dir"), help: ArgumentHelp("State directory (default: LE_REDIRECT_STATE_DIR, else /run/le-redirect, or /run/le-redirect/netns/INODE in a network namespace other than the host's).", valueName: "dir"))
     var stateDirectory: String?
 }
 

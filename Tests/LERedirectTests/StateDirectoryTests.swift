@@ -1,5 +1,6 @@
 import Foundation
 @testable import LERedirect
+import LERedirectModel
 import Testing
 
 struct StateDirectoryTests {
@@ -88,5 +89,25 @@ struct ProcessFactsTests {
         otherBoot.bootID = "another-boot"
         #expect(!ProcessFacts.isAlive(otherBoot))
         #expect(!ProcessFacts.isAlive(ProcessIdentity(kind: .daemon, pid: Int32.max, startTicks: 1, bootID: me.bootID)))
+    }
+}
+
+/// Sessions in two network namespaces never share a state directory by default.
+struct DefaultStateDirectoryTests {
+    let host = NamespaceIdentity(device: 4, inode: 4026531840), other = NamespaceIdentity(device: 4, inode: 4026532999)
+
+    @Test func theHostsNamespaceKeepsRunLeRedirect() {
+        #expect(StateDirectory.defaultPath(namespace: host, initial: host) == "/run/le-redirect")
+    }
+
+    @Test func anotherNamespaceGetsItsOwn() {
+        #expect(StateDirectory.defaultPath(namespace: other, initial: host) == "/run/le-redirect/netns/4026532999")
+    }
+
+    @Test func withoutPIDOnesTheKernelsReservedInodeTells() {
+        let reserved = NamespaceIdentity(device: 4, inode: 0xEFFF_FFF9)
+        #expect(StateDirectory.defaultPath(namespace: reserved, initial: nil) == "/run/le-redirect")
+        #expect(StateDirectory.defaultPath(namespace: other, initial: nil) == "/run/le-redirect/netns/4026532999")
+        #expect(StateDirectory.defaultPath(namespace: nil, initial: host) == "/run/le-redirect")
     }
 }

@@ -296,8 +296,10 @@ struct SessionEngine {
         }
     }
 
-    /// Stops redirecting new connections; connections already redirected keep their NAT.
-    func disarm(_ journal: Journal, firewalls: Firewalls) throws(LERedirectError) {
+    /// Stops redirecting new connections; connections already redirected keep their NAT. With
+    /// `warnIfGone`, an x_tables redirect that is no longer there is worth a warning.
+    @discardableResult
+    func disarm(_ journal: Journal, firewalls: Firewalls, warnIfGone: Bool = false) throws(LERedirectError) -> [String] {
         switch journal.backend {
         case .nftables:
             do {
@@ -309,8 +311,10 @@ struct SessionEngine {
             } catch {
                 throw Self.failure("removing the redirect", error)
             }
+            return []
         case .iptablesLegacy:
-            _ = try removeRules(journal.rules.filter { $0.kind == .redirect }, firewalls: firewalls)
+            return try removeRules(journal.rules.filter { $0.kind == .redirect }, firewalls: firewalls, warnIfGone: warnIfGone)
+                .warnings
         }
     }
 
@@ -320,11 +324,11 @@ struct SessionEngine {
     /// table (nftables), then the accepts, then the journal. Disarming rather than deleting the
     /// table at first matters: unregistering the namespace's last nat hook drops the NAT bindings of
     /// the connections in flight, and the kernel would then reset every proxied connection.
-    func uninstall(_ journal: Journal, firewalls: Firewalls, betweenSteps: () -> Void = {}) throws(LERedirectError)
-        -> [String]
+    func uninstall(_ journal: Journal, firewalls: Firewalls, armed: Bool = true, betweenSteps: () -> Void = {})
+        throws(LERedirectError) -> [String]
     {
         var warnings: [String] = []
-        do { try disarm(journal, firewalls: firewalls) } catch {
+        do { warnings += try disarm(journal, firewalls: firewalls, warnIfGone: armed) } catch {
             throw LERedirectError(error.kind, "end: \(error.message)", errno: error.errno)
         }
         Fault.reach("redirect-removed")
@@ -342,7 +346,7 @@ struct SessionEngine {
             }
             Fault.reach("table-removed")
         }
-        warnings += try removeRules(journal.accepts, firewalls: firewalls).warnings
+        warnings += try removeRules(journal.accepts, firewalls: firewalls, warnIfGone: true).warnings
         Fault.reach("accepts-removed")
         try state.deleteJournal()
         Fault.reach("journal-deleted")
@@ -354,15 +358,17 @@ struct SessionEngine {
     /// Removes the rules a journal lists: nftables ones by handle, each only after checking that the
     /// rule there is still exactly ours (a host that reloaded its ruleset may have put its own rule
     /// there), or by content where the handle is not known; x_tables ones by content, as many as
-    /// the chain holds above the count recorded before their commit.
-    func removeRules(_ entries: [Journal.Entry], firewalls: Firewalls) throws(LERedirectError)
+    /// the chain holds above the count recorded before their commit. With `warnIfGone` (end: the
+    /// rules were all there at begin), a rule that is gone already is worth a warning: the host
+    /// changed its ruleset during the session.
+    func removeRules(_ entries: [Journal.Entry], firewalls: Firewalls, warnIfGone: Bool = false) throws(LERedirectError)
         -> (removed: Int, warnings: [String])
     {
         var removed = 0
         var warnings: [String] = []
         let nftables = entries.filter { $0.system == .nftables }
         if !nftables.isEmpty {
-            let result = try removeNftables(nftables, firewall: try connection(.nftables, firewalls))
+            let result = try removeNftables(nftables, firewall: try connection(.nftables, firewalls), warnIfGone: warnIfGone)
             removed += result.removed
             warnings += result.warnings
         }
@@ -370,13 +376,22 @@ struct SessionEngine {
         if !legacy.isEmpty {
             let firewall = try connection(.iptablesLegacy, firewalls)
             for table in Set(legacy.map(\.chain.table)).sorted() {
-                removed += try removeLegacy(legacy.filter { $0.chain.table == table }, table: table, firewall: firewall)
+                let result = try removeLegacy(
+                    legacy.filter { $0.chain.table == table }, table: table, firewall: firewall, warnIfGone: warnIfGone)
+                removed += result.removed
+                warnings += result.warnings
             }
         }
         return (removed, warnings)
     }
 
-    private func removeNftables(_ entries: [Journal.Entry], firewall: any Firewall) throws(LERedirectError)
+    /// The warning for a rule of ours that the host removed during the session.
+    private static func goneWarning(_ entry: Journal.Entry, _ system: FirewallSystem) -> String {
+        "le-redirect's \(entry.kind == .redirect ? "redirect" : "scoped accept") in \(system) \(entry.chain) was already "
+            + "gone (the host changed its ruleset during the session); nothing of the host's was touched"
+    }
+
+    private func removeNftables(_ entries: [Journal.Entry], firewall: any Firewall, warnIfGone: Bool) throws(LERedirectError)
         -> (removed: Int, warnings: [String])
     {
         var attempt = 0
@@ -394,12 +409,16 @@ struct SessionEngine {
                     } else if observed != nil {
                         warnings.append(
                             "\(location) is no longer le-redirect's scoped accept (the host replaced its rules?); left alone")
+                    } else if warnIfGone {
+                        warnings.append(Self.goneWarning(entry, .nftables))
                     } else {
                         logger.debug("scoped accept already gone", metadata: ["rule": "\(location)"])
                     }
                 } else {
                     let rules = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
-                    targets += rules.filter { $0.fingerprint == entry.fingerprint && $0.comment == ruleTag }.map(\.location)
+                    let ours = rules.filter { $0.fingerprint == entry.fingerprint && $0.comment == ruleTag }.map(\.location)
+                    if ours.isEmpty && warnIfGone { warnings.append(Self.goneWarning(entry, .nftables)) }
+                    targets += ours
                 }
             }
             targets = Array(Set(targets)).sorted { ($0.chain, $0.handle) < ($1.chain, $1.handle) }
@@ -420,12 +439,13 @@ struct SessionEngine {
     }
 
     /// One x_tables table's share of a journal's rules, removed in one commit under the xtables lock.
-    private func removeLegacy(_ entries: [Journal.Entry], table: TableRef, firewall: any Firewall)
-        throws(LERedirectError) -> Int
+    private func removeLegacy(_ entries: [Journal.Entry], table: TableRef, firewall: any Firewall, warnIfGone: Bool)
+        throws(LERedirectError) -> (removed: Int, warnings: [String])
     {
-        try firewall.exclusively { () throws(LERedirectError) -> Int in
+        try firewall.exclusively { () throws(LERedirectError) -> (removed: Int, warnings: [String]) in
             var observed: [ChainRef: [ObservedRule]] = [:]
             var changes: [FirewallChange] = []
+            var warnings: [String] = []
             for entry in entries {
                 if observed[entry.chain] == nil {
                     observed[entry.chain] = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
@@ -434,11 +454,13 @@ struct SessionEngine {
                 let ours = present - (entry.preexisting ?? 0)
                 if ours > 0 {
                     changes.append(.deleteMatching(entry.chain, entry.fingerprint, count: ours))
+                } else if warnIfGone {
+                    warnings.append(Self.goneWarning(entry, .iptablesLegacy))
                 } else {
                     logger.debug("rule already gone", metadata: ["chain": "\(entry.chain)", "kind": "\(entry.kind.rawValue)"])
                 }
             }
-            if changes.isEmpty { return 0 }
+            if changes.isEmpty { return (0, warnings) }
             let started = ContinuousClock.now
             do throws(FirewallError) {
                 _ = try firewall.commit(changes, expecting: nil)
@@ -446,10 +468,11 @@ struct SessionEngine {
                 throw Self.failure("removing le-redirect's rules from iptables-legacy \(table)", error)
             }
             logger.debug("rules removed", metadata: ["table": "iptables-legacy \(table)", "commitMs": "\(milliseconds(since: started))"])
-            return changes.reduce(0) { total, change in
+            let removed = changes.reduce(0) { total, change in
                 if case .deleteMatching(_, _, let count) = change { return total + count }
                 return total
             }
+            return (removed, warnings)
         }
     }
 

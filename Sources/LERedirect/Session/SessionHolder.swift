@@ -292,7 +292,7 @@ final class SessionHolder: @unchecked Sendable {
         let outcome: Result<EndReport, LERedirectError>
         do {
             var drained = false
-            let warnings = try engine.uninstall(journal, firewalls: firewalls) {
+            let warnings = try engine.uninstall(journal, firewalls: firewalls, armed: isArmed) {
                 // The redirect is gone: no new connection arrives; those in flight finish.
                 proxy?.drain(timeout: drainTimeout)
                 drained = true

@@ -75,8 +75,17 @@ enum ProcessFacts {
 
     /// The network namespace the calling thread is in.
     static func currentNamespace() throws(SystemError) -> NamespaceIdentity {
+        try namespace(at: "/proc/thread-self/ns/net")
+    }
+
+    /// The network namespace of process `pid` (PID 1's is the host's own); needs root for others'.
+    static func namespace(ofPID pid: Int32) throws(SystemError) -> NamespaceIdentity {
+        try namespace(at: "/proc/\(pid)/ns/net")
+    }
+
+    private static func namespace(at path: String) throws(SystemError) -> NamespaceIdentity {
         var st = stat()
-        try syscall("stat", "/proc/thread-self/ns/net") { stat("/proc/thread-self/ns/net", &st) }
+        try syscall("stat", path) { stat(path, &st) }
         return NamespaceIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
 

@@ -4,6 +4,7 @@ import LERedirectModel
 /// The directory that holds a session's lock, journal and control socket (/run/le-redirect, or
 /// LE_REDIRECT_STATE_DIR). Mode 0700, owned by the caller, never reached through a symlink.
 struct StateDirectory: Sendable {
+    /// The default in the host's own network namespace (PID 1's).
     static let defaultPath = "/run/le-redirect"
     static let environmentVariable = "LE_REDIRECT_STATE_DIR"
 
@@ -14,14 +15,28 @@ struct StateDirectory: Sendable {
     var controlSocketPath: String { path + "/control.sock" }
     var logPath: String { path + "/session.log" }
 
-    /// The explicit path, else the environment's, else /run/le-redirect.
+    /// The explicit path, else the environment's, else the default for this network namespace.
     static func resolve(_ explicit: String?) -> StateDirectory {
         if let explicit, !explicit.isEmpty { return StateDirectory(path: normalise(explicit)) }
         if let env = getenv(environmentVariable), env.pointee != 0 {
             return StateDirectory(path: normalise(cString(env)))
         }
-        return StateDirectory(path: defaultPath)
+        return StateDirectory(
+            path: defaultPath(namespace: try? ProcessFacts.currentNamespace(), initial: try? ProcessFacts.namespace(ofPID: 1)))
     }
+
+    /// /run/le-redirect in the host's own network namespace, and /run/le-redirect/netns/INODE in
+    /// any other: sessions in two namespaces never share a lock, a journal or a control socket,
+    /// and neither sees the other's session. The host's own is PID 1's; where that cannot be read
+    /// (some sandboxes), the one with the inode the kernel reserves for it (0xEFFFFFF9, PROC_NET_INIT_INO,
+    /// on kernels that reserve one). When this process's own cannot be read: /run/le-redirect.
+    static func defaultPath(namespace: NamespaceIdentity?, initial: NamespaceIdentity?) -> String {
+        guard let namespace else { return defaultPath }
+        let isHosts = initial.map { $0 == namespace } ?? (namespace.inode == initialNamespaceInode)
+        return isHosts ? defaultPath : "\(defaultPath)/netns/\(namespace.inode)"
+    }
+
+    static let initialNamespaceInode: UInt64 = 0xEFFF_FFF9
 
     private static func normalise(_ path: String) -> String {
         var p = path
@@ -33,6 +48,15 @@ struct StateDirectory: Sendable {
     func prepare() throws(LERedirectError) {
         guard path.hasPrefix("/") else {
             throw LERedirectError(.invalidArgument, "state directory '\(path)' must be an absolute path")
+        }
+        // A namespace's default directory sits below the host's, which may not exist yet.
+        if path.hasPrefix(Self.defaultPath + "/netns/") {
+            for parent in [Self.defaultPath, Self.defaultPath + "/netns"] where mkdir(parent, 0o700) != 0 && errno != EEXIST {
+                let code = errno
+                throw LERedirectError(
+                    code == EACCES || code == EPERM ? .notPermitted : .failed,
+                    "creating \(parent): \(errnoText(code))", errno: code)
+            }
         }
         if mkdir(path, 0o700) != 0 && errno != EEXIST {
             let code = errno
