@@ -36,7 +36,10 @@ public struct LERedirectCommand: ParsableCommand {
                 print(fullMessage(for: error))
                 return 0
             }
-            printError(fullMessage(for: error))
+            // The parser's message starts with its own "Error: ".
+            var message = fullMessage(for: error)
+            if message.hasPrefix("Error: ") { message.removeFirst("Error: ".count) }
+            printError(message)
             return 2
         }
     }

@@ -85,7 +85,16 @@ public struct TakeoverOptions: Sendable, Hashable {
         guard ttl.milliseconds % 1000 == 0 else {
             throw LERedirectError(.invalidArgument, "--ttl \(DurationText.format(ttl)) must be whole seconds")
         }
-        if case .builtIn(let options) = self.proxy { try options.validate() }
+        if case .builtIn(let options) = self.proxy {
+            try options.validate()
+            // The proxy would send each challenge to itself, or to the app it stands in for.
+            if case .port(let challenge) = options.challenge, challenge == proxy || challenge == redirected {
+                throw LERedirectError(
+                    .invalidArgument,
+                    "--challenge-port \(challenge) is the \(challenge == proxy ? "proxy port" : "redirected port"): "
+                        + "give the port the ACME client's own server listens on (e.g. certbot --http-01-port 12348)")
+            }
+        }
         return ValidatedOptions(port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy)
     }
 }

@@ -29,6 +29,24 @@ struct CommandLineErrorTests {
         Case(arguments: ["--proxy-protocol", "v1"], status: 2, message: "only v2"),
         Case(arguments: ["--challenge-url", "ftp://x"], status: 2, message: "expected http://"),
         Case(arguments: ["--external-proxy", "--bogus"], status: 2, message: "--bogus"),
+        Case(arguments: ["--external-proxy", "--ttl", "10.5s"], status: 2, message: "is not a duration"),
+        Case(arguments: ["--external-proxy", "--ttl", "-1m"], status: 2, message: "--ttl"),
+        Case(arguments: ["--external-proxy", "--port", "-1"], status: 2, message: "--port"),
+        Case(arguments: ["--challenge-port", "12347"], status: 2, message: "is the proxy port"),
+        Case(arguments: ["--challenge-port", "80"], status: 2, message: "is the redirected port"),
+        Case(arguments: ["--challenge-port", "0"], status: 2, message: "is not a TCP port"),
+        Case(arguments: ["--challenge-port", "12348", "--webroot", "/srv"], status: 2, message: "exclude each other"),
+        Case(arguments: ["--webroot", "srv/acme"], status: 2, message: "must be an absolute path"),
+        Case(arguments: ["--challenge-url", "http://[::1"], status: 2, message: "unclosed ["),
+        Case(arguments: ["--challenge-url", "http://host:99999"], status: 2, message: "bad port"),
+        Case(arguments: ["--challenge-url", "http://host/path"], status: 2, message: "no path"),
+        Case(arguments: ["--max-connections", "0"], status: 2, message: "out of range"),
+        Case(arguments: ["--max-connections", "99999999"], status: 2, message: "out of range"),
+        Case(arguments: ["--max-head-size", "100"], status: 2, message: "out of range"),
+        Case(arguments: ["--head-timeout", "0s"], status: 2, message: "out of range"),
+        Case(arguments: ["--idle-timeout", "30d"], status: 2, message: "out of range"),
+        Case(arguments: ["--drain-timeout", "forever"], status: 2, message: "is not a duration"),
+        Case(arguments: ["--external-proxy", "--in-memory"], status: 2, message: "do not apply"),
     ]
 
     @Test(arguments: cases)
@@ -39,8 +57,12 @@ struct CommandLineErrorTests {
         let output = try net.exec(net.host, [Paths.binary, "begin"] + c.arguments)
         #expect(output.status == c.status, "\(output)")
         #expect(output.stderr.contains(c.message), "\(output)")
-        #expect(try net.ruleset() == before)
+        let unchanged = try net.ruleset() == before
+        #expect(unchanged)
         #expect(!FileManager.default.fileExists(atPath: net.stateDirectory + "/journal"))
+        TestReport.add(
+            "errors", order: Self.cases.firstIndex { $0.testDescription == c.testDescription } ?? 99,
+            "| `begin \(c.testDescription)` | \(output.status) | \(TestReport.cell(output.stderr)) | \(unchanged ? "yes" : "NO") |")
     }
 
     @Test(arguments: [["begin", "--external-proxy"], ["end"], ["status"], ["recover"], ["recover", "--sweep"], ["detect"]])
@@ -149,5 +171,106 @@ struct CommandLineErrorTests {
         #expect(open.status == 1, "\(open)")
         #expect(open.stderr.contains("accessible to other users"), "\(open)")
         #expect(try net.ruleset() == before)
+    }
+
+    /// The state directory and the journal, broken every way a host can break them: each command
+    /// says what is wrong, exits 1 (2 for a usage error), and changes nothing.
+    enum Broken: String, CaseIterable, Sendable {
+        case stateDirectoryOwnedByAnotherUser = "state directory owned by another user"
+        case stateDirectoryIsAFile = "state directory is a file"
+        case stateDirectoryRelative = "--state-dir relative"
+        case stateDirectoryReadOnly = "state directory on a read-only filesystem"
+        case stateDirectoryFull = "state directory on a full filesystem"
+        case journalGarbage = "journal of random bytes"
+        case journalEmpty = "journal empty"
+        case journalNewerVersion = "journal from a newer version"
+        case journalSymlink = "journal is a symbolic link"
+    }
+
+    @Test(arguments: Broken.allCases)
+    func brokenStateChangesNothing(_ broken: Broken) throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        let before = try net.ruleset()
+        let dir = net.stateDirectory
+        var leftovers = before
+        var commands: [(arguments: [String], status: Int32, message: String)] = []
+        var mount: String?  // a shell line run in a mount namespace of the command's own first
+        switch broken {
+        case .stateDirectoryOwnedByAnotherUser:
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            chmod(dir, 0o700)
+            chown(dir, 65534, 65534)
+            commands = [(["begin", "--external-proxy"], 1, "belongs to uid 65534"), (["end"], 1, "belongs to uid 65534"),
+                        (["recover"], 1, "belongs to uid 65534")]
+        case .stateDirectoryIsAFile:
+            try "".write(toFile: dir, atomically: false, encoding: .utf8)
+            commands = [(["begin", "--external-proxy"], 1, "is not a directory"), (["end"], 1, "is not a directory")]
+        case .stateDirectoryRelative:
+            commands = [(["begin", "--external-proxy", "--state-dir", "relative/dir"], 2, "must be an absolute path")]
+        case .stateDirectoryReadOnly:
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            mount = "mount -t tmpfs -o size=1m,mode=0700 le-redirect-test \(dir) && mount -o remount,ro \(dir)"
+            commands = [(["begin", "--external-proxy"], 1, "Read-only file system")]
+        case .stateDirectoryFull:
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            mount = "mount -t tmpfs -o size=64k,mode=0700 le-redirect-test \(dir) && "
+                + "(dd if=/dev/zero of=\(dir)/fill bs=4k 2>/dev/null || true)"
+            commands = [(["begin", "--external-proxy"], 1, "No space left on device")]
+        case .journalGarbage, .journalEmpty, .journalNewerVersion, .journalSymlink:
+            try net.crashSession()
+            leftovers = try net.ruleset()
+            let path = dir + "/journal"
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            try FileManager.default.removeItem(atPath: path)
+            let message: String
+            switch broken {
+            case .journalGarbage:
+                var bytes = [UInt8](repeating: 0, count: 700)
+                for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255) }
+                try Data(bytes).write(to: URL(fileURLWithPath: path))
+                message = "corrupt"
+            case .journalEmpty:
+                try Data().write(to: URL(fileURLWithPath: path))
+                message = "corrupt"
+            case .journalNewerVersion:
+                var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+                lines[0] = lines[0].replacingOccurrences(of: #"\d+$"#, with: "99", options: .regularExpression)
+                try lines.joined(separator: "\n").write(toFile: path, atomically: false, encoding: .utf8)
+                message = "newer le-redirect"
+            default:
+                try text.write(toFile: dir + "/elsewhere", atomically: false, encoding: .utf8)
+                try FileManager.default.createSymbolicLink(atPath: path, withDestinationPath: dir + "/elsewhere")
+                message = "symbolic link"
+            }
+            commands = [(["recover"], 1, message), (["begin", "--external-proxy"], 1, message), (["end"], 1, message)]
+        }
+        for (order, command) in commands.enumerated() {
+            let output: Output
+            if let mount {
+                output = try run(
+                    ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                     "\(mount) && exec ip netns exec \(net.host) \(Paths.binary) \(command.arguments.joined(separator: " "))"],
+                    environment: ["LE_REDIRECT_STATE_DIR": dir])
+            } else {
+                output = try net.leRedirect(command.arguments)
+            }
+            #expect(output.status == command.status, "\(command.arguments): \(output)")
+            #expect(output.stderr.contains(command.message), "\(command.arguments): \(output)")
+            let unchanged = try net.ruleset() == leftovers
+            #expect(unchanged, "\(command.arguments) changed the ruleset")
+            TestReport.add(
+                "errors", order: 100 + (Broken.allCases.firstIndex(of: broken) ?? 0) * 10 + order,
+                "| \(broken.rawValue): `\(command.arguments.joined(separator: " "))` | \(output.status) | "
+                    + "\(TestReport.cell(output.stderr)) | \(unchanged ? "yes" : "NO") |")
+        }
+        #expect(try net.daemons().isEmpty)
+        if leftovers != before {
+            // What the broken journal stood for is still recoverable by the sweep.
+            try? FileManager.default.removeItem(atPath: dir + "/journal")
+            #expect(try net.leRedirect("recover", "--sweep").status == 0)
+            #expect(try net.ruleset() == before)
+        }
+        if broken == .stateDirectoryIsAFile { try? FileManager.default.removeItem(atPath: dir) }
     }
 }

@@ -6,8 +6,7 @@ import Testing
 /// or with a call that can fail made to fail, on an nftables and an iptables-legacy host. Each case
 /// shows that port 80 serves the app (at once; on iptables-legacy, a session killed after it
 /// reported ready by its TTL), that the next recover, begin or end restores the ruleset exactly,
-/// and that a later session works. With LE_REDIRECT_FAULT_REPORT set, each case appends its row of
-/// docs/faults.md's table to that file (scripts/test prints the table).
+/// and that a later session works. Each case adds its row to docs/faults.md's table (TestReport).
 @Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
 struct FaultTests {
     enum Phase: String, Sendable { case begin, end, recover }
@@ -212,7 +211,6 @@ struct FaultTests {
         _ c: Case, faulted: Output, leftRules: Int, journalLeft: Bool, atOnce: Bool, timeToApp: Double, restored: Bool,
         next: Bool
     ) {
-        guard let path = ProcessInfo.processInfo.environment["LE_REDIRECT_FAULT_REPORT"] else { return }
         let result: String
         switch c.expected {
         case .commandKilled: result = "\(c.phase.rawValue) killed"
@@ -221,13 +219,10 @@ struct FaultTests {
         case .failed: result = "\(c.phase.rawValue) exits \(faulted.status)"
         }
         let time = atOnce ? "at once" : String(format: "%.1f s", timeToApp)
-        // Prefixed by the case's place in `cases`, for sorting (scripts/test strips it).
         let index = cases.firstIndex { $0.testDescription == c.testDescription } ?? 999
-        let row = String(format: "%03d ", index) + "| \(c.host.backend) | \(c.phase.rawValue) | `\(c.fault)` | \(result) | \(leftRules)\(journalLeft ? " + journal" : "") "
-            + "| \(time) | \(c.restorer.rawValue) | \(restored ? "yes" : "NO") | \(next ? "yes" : "NO") |\n"
-        let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { return }
-        _ = row.withCString { write(fd, $0, strlen($0)) }
-        close(fd)
+        TestReport.add(
+            "faults", order: index,
+            "| \(c.host.backend) | \(c.phase.rawValue) | `\(c.fault)` | \(result) | \(leftRules)\(journalLeft ? " + journal" : "") "
+                + "| \(time) | \(c.restorer.rawValue) | \(restored ? "yes" : "NO") | \(next ? "yes" : "NO") |")
     }
 }

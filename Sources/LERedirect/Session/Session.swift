@@ -253,6 +253,10 @@ package enum Session {
         guard let text = try state.readJournal() else { return EndReport(reason: .notActive) }
         let journal: Journal
         do { journal = try Journal.decode(text) } catch {
+            if case .newerVersion = error {
+                throw LERedirectError(
+                    .failed, "end: \(state.journalPath): \(error); end it with that version. Nothing was changed")
+            }
             throw LERedirectError(
                 .failed,
                 "end: \(state.journalPath): \(error). Nothing was changed; `le-redirect recover --sweep` removes every "

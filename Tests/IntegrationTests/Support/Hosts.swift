@@ -1,3 +1,5 @@
+import Foundation
+import Glibc
 import Testing
 
 /// The host firewalls the invariant suites run against, and the backend begin picks on each.
@@ -33,4 +35,23 @@ struct Host: Sendable, CustomTestStringConvertible {
     static let nftables = [emptyHost, nftablesPolicyAccept, nftablesPolicyDrop, nftablesSeveralChains]
     static let xtables = [legacyDrop, iptablesNftDrop, bothDrop, bothDropForcedLegacy, legacyFilterOnly]
     static let all = nftables + xtables
+}
+
+/// Tables the kernel tests measure for docs/ (scripts/test prints them): with LE_REDIRECT_REPORT_DIR
+/// set, each row goes to file TABLE there, prefixed by `order` for sorting.
+enum TestReport {
+    static func add(_ table: String, order: Int, _ row: String) {
+        guard let dir = ProcessInfo.processInfo.environment["LE_REDIRECT_REPORT_DIR"] else { return }
+        let fd = open(dir + "/" + table, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return }
+        let line = String(format: "%04d ", order) + row + "\n"
+        _ = line.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+
+    /// A message's first line, for a table cell.
+    static func cell(_ text: String) -> String {
+        let line = text.split(separator: "\n").first.map(String.init) ?? ""
+        return line.replacingOccurrences(of: "|", with: "\\|").replacingOccurrences(of: "le-redirect: error: ", with: "")
+    }
 }
