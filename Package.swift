@@ -60,7 +60,7 @@ let package = Package(
             dependencies: ["le-redirect", "embedded-renewer-example"],
             exclude: [
                 "Rulesets", "Support/peer.py", "Support/app.py", "Support/client.py", "Support/acme-client.sh",
-                "Support/hook.sh",
+                "Support/hook.sh", "Support/hostile.py",
             ]
         ),
     ],

@@ -37,6 +37,11 @@ final class ValidationProxy: @unchecked Sendable {
     private var draining = false
     private var drainDeadline: Int64 = .max
     private var listenersCloseAt: Int64 = .max
+    /// When listening resumes after the process ran out of descriptors (accept failed with EMFILE).
+    private var listenersResumeAt: Int64 = .max
+    private var lastDescriptorWarning: Int64 = .min
+    /// --max-connections, or fewer when the process's descriptor limit allows fewer (two per connection).
+    private var connectionLimit = 0
     private var listening = true
     private var scratch = UnsafeMutableRawPointer.allocate(byteCount: ValidationProxy.readSize, alignment: 16)
 
@@ -66,6 +71,16 @@ final class ValidationProxy: @unchecked Sendable {
 
     /// Binds the listeners and starts serving. Throws with nothing left open.
     func start() throws(LERedirectError) {
+        connectionLimit = options.maxConnections
+        var limit = rlimit()
+        if getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 && limit.rlim_cur != rlim_t.max {
+            let affordable = max(16, (Int(limit.rlim_cur) - 128) / 2)
+            if affordable < connectionLimit {
+                logger.notice(
+                    "the descriptor limit (\(limit.rlim_cur)) allows \(affordable) proxied connections at once, fewer than --max-connections \(options.maxConnections)")
+                connectionLimit = affordable
+            }
+        }
         if case .url(let host, let port) = options.challenge {
             challengeUpstream = try Self.resolve(host, port)
         }
@@ -197,6 +212,10 @@ final class ValidationProxy: @unchecked Sendable {
                 nextSweep = now + 250
                 sweep()
             }
+            if !listening && !draining && now >= listenersResumeAt {
+                listenersResumeAt = .max
+                resumeListening()
+            }
             if draining {
                 if listening || !listeners.isEmpty, now >= listenersCloseAt { closeListeners() }
                 if listeners.isEmpty && counters.connections.load(ordering: .relaxed) == 0 { break }
@@ -239,12 +258,25 @@ final class ValidationProxy: @unchecked Sendable {
     private func acceptConnections(_ listener: Int32) {
         var peer = le_endpoint()
         for _ in 0..<64 {
-            if counters.connections.load(ordering: .relaxed) >= options.maxConnections {
+            if counters.connections.load(ordering: .relaxed) >= connectionLimit {
                 pauseListening()
                 return
             }
             let fd = le_tcp_accept(listener, &peer)
-            if fd < 0 { return }
+            if fd < 0 {
+                let code = errno
+                if code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM {
+                    // The listener stays readable: accepting again at once would spin. Pause for a
+                    // moment (or until a connection closes).
+                    pauseListening()
+                    listenersResumeAt = now + 100
+                    if now - lastDescriptorWarning > 10_000 {
+                        lastDescriptorWarning = now
+                        logger.warning("the validation proxy cannot accept: \(errnoText(code)); pausing its listeners")
+                    }
+                }
+                return
+            }
             var original = le_endpoint()
             guard le_original_destination(fd, peer.family, &original) == 0, original.port == redirectedPort else {
                 // Not redirected from the port: nobody may use the proxy port directly.
@@ -396,6 +428,11 @@ final class ValidationProxy: @unchecked Sendable {
                 if r.request.head.isEmpty {
                     if r.outstanding.isEmpty && r.upstream >= 0 { r.deadline = now + options.headTimeout.milliseconds }
                     if let end = HTTPHead.end(of: rest) {
+                        // The limit holds however the head arrived (here: in one read).
+                        if end > options.maxHeadBytes + 4 {
+                            localResponse(r, status: 431, "Request Header Fields Too Large", body: "request head too large\n")
+                            return
+                        }
                         requestHead(r, UnsafeRawBufferPointer(rebasing: rest[..<end]))
                         i += end
                         continue

@@ -185,6 +185,13 @@ package enum Session {
         }
         // A begin that died must not kill the daemon with SIGPIPE before it has taken its rules out.
         signal(SIGPIPE, SIG_IGN)
+        // Hook runners often leave the soft descriptor limit at 1024: the proxy needs two per
+        // connection, so the daemon takes what the hard limit allows.
+        var limit = rlimit()
+        if getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0, limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(RLIMIT_NOFILE_VALUE, &limit)
+        }
         umask(0o077)
         _ = chdir("/")
         var values: [String: String] = [:]

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Hostile clients for the proxy tests: each prints one line saying what the server did.
+
+  hostile.py answer HOST HEX          send these bytes, half-close, print the first status line
+                                      received ("status 400"), or "closed" with nothing
+  hostile.py responses HOST HEX       the same, but print every status line received, comma-separated
+  hostile.py slowloris HOST N SECONDS N connections each sending a request head a byte every 0.5 s;
+                                      print "closed K of N, median S s" (closed by the server)
+  hostile.py flood HOST N SECONDS     open N idle connections at once and hold them; print "open N"
+                                      once they are all connected, then "closed K of N" at the end
+"""
+import resource
+import select
+import socket
+import statistics
+import sys
+import time
+
+
+def connect(host, port=80, timeout=10):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family)
+    s.settimeout(timeout)
+    s.connect((host, port))
+    return s
+
+
+def read_all(s, limit=1 << 20):
+    data = b""
+    try:
+        while len(data) < limit:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return data
+
+
+def statuses(data):
+    return [line.split(b" ")[1].decode() for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
+def answer(host, hexbytes, every=False):
+    s = connect(host)
+    try:
+        s.sendall(bytes.fromhex(hexbytes))
+        s.shutdown(socket.SHUT_WR)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    found = statuses(read_all(s))
+    if not found:
+        print("closed")
+    elif every:
+        print("statuses " + ",".join(found))
+    else:
+        print(f"status {found[0]}")
+
+
+def slowloris(host, n, seconds):
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 4000
+    conns = [connect(host) for _ in range(n)]
+    for c in conns:
+        c.setblocking(False)
+    started = time.monotonic()
+    closed_at = {}
+    sent = 0
+    while time.monotonic() - started < seconds and len(closed_at) < n:
+        for i, c in enumerate(conns):
+            if i in closed_at:
+                continue
+            try:
+                c.send(head[sent:sent + 1])
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                closed_at[i] = time.monotonic() - started
+                continue
+            try:
+                if c.recv(4096) == b"":
+                    closed_at[i] = time.monotonic() - started
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                closed_at[i] = time.monotonic() - started
+        sent = min(sent + 1, len(head) - 1)
+        time.sleep(0.5)
+    median = statistics.median(closed_at.values()) if closed_at else 0
+    print(f"closed {len(closed_at)} of {n}, median {median:.1f} s")
+
+
+def flood(host, n, seconds):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, n + 256))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    conns = []
+    pending = []
+    for _ in range(n):
+        s = socket.socket(family)
+        s.setblocking(False)
+        s.connect_ex((host, 80))
+        pending.append(s)
+    deadline = time.monotonic() + 30
+    poller = select.poll()
+    for s in pending:
+        poller.register(s, select.POLLOUT)
+    by_fd = {s.fileno(): s for s in pending}
+    while by_fd and time.monotonic() < deadline:
+        for fd, _ in poller.poll(500):
+            s = by_fd.pop(fd, None)
+            if s is None:
+                continue
+            poller.unregister(fd)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                conns.append(s)
+            else:
+                s.close()
+    print(f"open {len(conns)}", flush=True)
+    time.sleep(seconds)
+    closed = 0
+    for s in conns:
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    print(f"closed {closed} of {len(conns)}")
+
+
+if __name__ == "__main__":
+    case, host = sys.argv[1], sys.argv[2]
+    if case == "answer":
+        answer(host, sys.argv[3])
+    elif case == "responses":
+        answer(host, sys.argv[3], every=True)
+    elif case == "slowloris":
+        slowloris(host, int(sys.argv[3]), float(sys.argv[4]))
+    elif case == "flood":
+        flood(host, int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        sys.exit(f"unknown case {case}")
