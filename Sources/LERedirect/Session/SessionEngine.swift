@@ -1,3 +1,4 @@
+import Glibc
 import LERedirectModel
 import Logging
 
@@ -29,8 +30,16 @@ struct SessionEngine {
     let logger: Logger
     /// How a journal's holder is checked for life; tests replace it.
     var isAlive: @Sendable (ProcessIdentity) -> Bool = { ProcessFacts.isAlive($0) }
-    /// Attempts when another process keeps committing between our read and our commit.
-    var maxAttempts = 8
+    /// Attempts when another process keeps committing between our read and our commit: a tool
+    /// committing in a tight loop (measured: `nft` add/delete in a shell loop under CI load) can
+    /// beat 8 attempts back to back, so there are many, each after a short randomised pause
+    /// (up to about 4 s in all before begin gives up, changing nothing).
+    var maxAttempts = 200
+    /// The pause before attempt `n` + 1: 1, 2, 4, 8, then 16 ms, plus up to 4 ms at random, so
+    /// that the retries do not keep falling into the other tool's rhythm.
+    var pauseBeforeRetry: @Sendable (_ attempt: Int) -> Void = { attempt in
+        usleep(UInt32((1 << min(attempt - 1, 4)) * 1000 + Int.random(in: 0..<4000)))
+    }
     /// Runs just before each of begin's commits, once the journal covers it, with the commit's name
     /// ("iptables-legacy ip nat"); debug builds can be killed there (Fault).
     var beforeCommit: (String) -> Void = { Fault.reach("journal-intent-written", detail: $0) }
@@ -211,6 +220,7 @@ struct SessionEngine {
                 logger.debug("begin batch committed", metadata: ["commitMs": "\(milliseconds(since: started))"])
             } catch where error.reason == .generationChanged && attempt < maxAttempts {
                 logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
+                pauseBeforeRetry(attempt)
                 let snapshot = try map { () throws(FirewallError) in try firewall.snapshot() }
                 plan.nftables = try RedirectPlan.nftablesPart(options, snapshot, holdsRedirect: plan.nftables!.holdsRedirect)
                 // Keep what the x_tables commits recorded; take the nftables entries of the new plan.
@@ -431,6 +441,7 @@ struct SessionEngine {
                     metadata: ["count": "\(targets.count)", "commitMs": "\(milliseconds(since: started))"])
                 return (targets.count, warnings)
             } catch where (error.reason == .generationChanged || error.reason == .notFound) && attempt < maxAttempts {
+                pauseBeforeRetry(attempt)
                 continue
             } catch {
                 throw Self.failure("removing the scoped accepts", error, attempts: attempt)
@@ -622,6 +633,7 @@ struct SessionEngine {
                 report.removedTable = report.removedTable || removesTable
                 return
             } catch where error.reason == .generationChanged && attempt < maxAttempts {
+                pauseBeforeRetry(attempt)
                 continue
             } catch {
                 throw Self.failure("recover --sweep", error, attempts: attempt)
