@@ -103,13 +103,7 @@ struct HostileClientTests {
         usleep(500_000)
         let served = try net.httpClient("get", Self.v4, "/")
         #expect(served == "200 app \(Self.v4)")
-        let deadline = Date().addingTimeInterval(20)
-        var result = ""
-        while Date() < deadline {
-            result = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-            if result.contains("closed") { break }
-            usleep(200_000)
-        }
+        let result = Self.output(log, containing: "closed", by: Date().addingTimeInterval(20))
         #expect(result.hasPrefix("closed 300 of 300"), "\(result)")
         TestReport.add("hostile", order: 200, "| slowloris: 300 heads, a byte every 0.5 s, --head-timeout 2s | \(result.trimmingCharacters(in: .whitespacesAndNewlines)); meanwhile GET / → \(served); daemon \(Self.memory(pid)) |")
         #expect(try net.leRedirect("end").status == 0)
@@ -123,27 +117,28 @@ struct HostileClientTests {
         defer { try? FileManager.default.removeItem(atPath: log) }
         try net.start(net.client, ["sh", "-c", "python3 \(Self.hostile) flood \(Self.v4) 10000 6 > \(log)"])
         let deadline = Date().addingTimeInterval(40)
-        var text = ""
-        while Date() < deadline {
-            text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-            if text.contains("open ") { break }
-            usleep(100_000)
-        }
+        var text = Self.output(log, containing: "open ", by: deadline)
         #expect(text.contains("open 10000"), "\(text)")
         let asked = Date()
         let served = try net.httpClient("get", Self.v4, "/")
         let waited = Date().timeIntervalSince(asked)
         #expect(served == "200 app \(Self.v4)")
         let during = Self.memory(pid)
-        while Date() < deadline && !text.contains("closed") {
-            text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-            usleep(200_000)
-        }
+        text = Self.output(log, containing: "closed", by: deadline)
         #expect(text.contains("closed 10000 of 10000"), "\(text)")
         let status = try net.status()
         #expect((status["counters"] as? [String: Int])?["connections"] ?? -1 <= 1, "\(status)")
         TestReport.add("hostile", order: 300, "| 10,000 idle connections at once, --head-timeout 2s | \(text.split(separator: "\n").joined(separator: "; ")); GET / during it → \(served) after \(String(format: "%.1f", waited)) s; daemon before \(before), during \(during), after \(Self.memory(pid)) |")
         #expect(try net.leRedirect("end").status == 0)
+    }
+
+    /// What a background client wrote to `path`, once it contains `text` (or at `deadline`).
+    static func output(_ path: String, containing text: String, by deadline: Date) -> String {
+        while true {
+            let written = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+            if written.contains(text) || Date() >= deadline { return written }
+            usleep(100_000)
+        }
     }
 
     /// "RSS 12.3 MiB (peak 45.6 MiB)" of a process, from /proc.

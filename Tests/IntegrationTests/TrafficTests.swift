@@ -44,8 +44,7 @@ struct TrafficTests {
         let net = try TestNetwork(host)
         defer { net.close() }
         try net.startApp()
-        try net.start(net.host, ["python3", Paths.peer, "serve", "12347", "proxy"])
-        try net.waitForListener(net.host, 12347)
+        try net.startStandInProxy()
         let step = net.stateDirectory + "-step"
         defer { for n in 1...3 { unlink("\(step)\(n)") } }
         // One connection, three requests: before begin, during the session, after end.
@@ -132,8 +131,7 @@ struct TrafficTests {
         let net = try TestNetwork(ruleset: "empty")
         defer { net.close() }
         try net.startApp()
-        try net.start(net.host, ["python3", Paths.peer, "serve", "12347", "proxy"])
-        try net.waitForListener(net.host, 12347)
+        try net.startStandInProxy()
         let step = net.stateDirectory + "-step"
         defer { for n in 1...4 { unlink("\(step)\(n)") } }
         // Two connections from fixed ports, opened before the first session and used during it;

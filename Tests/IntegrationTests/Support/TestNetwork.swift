@@ -254,7 +254,7 @@ final class TestNetwork: @unchecked Sendable {
     /// backend on :80 in the server namespace when there is one. Waits until they answer.
     func startListeners() throws {
         try start(host, ["python3", Paths.peer, "serve", "80", "app"])
-        try start(host, ["python3", Paths.peer, "serve", "12347", "proxy"])
+        try start(host, Self.standInProxy)
         var waits = [(host, "80"), (host, "12347")]
         if let server {
             try start(server, ["python3", Paths.peer, "serve", "80", "backend"])
@@ -269,6 +269,15 @@ final class TestNetwork: @unchecked Sendable {
                 usleep(20_000)
             }
         }
+    }
+
+    /// A stand-in for the proxy on :12347 that answers every connection with "proxy".
+    static let standInProxy = ["python3", Paths.peer, "serve", "12347", "proxy"]
+
+    /// Starts the stand-in proxy in the host and waits until it listens.
+    func startStandInProxy() throws {
+        try start(host, Self.standInProxy)
+        try waitForListener(host, 12347)
     }
 
     /// Starts the HTTP test app (Support/app.py) in the host and waits until it listens.
