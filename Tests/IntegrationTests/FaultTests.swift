@@ -68,6 +68,7 @@ struct FaultTests {
             ]
             if isLegacy {
                 begin += [
+                    ("daemon-started>xtables-lock@1=EIO", .failed("xtables lock")),
                     ("daemon-started>xtables-commit@1=ENOMEM", .failed("begin: iptables-legacy ip filter")),
                     ("commit-acknowledged iptables-legacy ip6 filter>xtables-commit@1=ENOMEM",
                      .failed("anything begin had applied was removed again")),
@@ -94,9 +95,13 @@ struct FaultTests {
                  .succeeded(isLegacy ? "removing le-redirect's rules" : "end: removing the redirect")),
                 ("accepts-removed>unlink=EACCES", .succeeded("Permission denied")),
                 ("accepts-removed>fsync@1=EIO", .succeeded("Input/output error")),
+                // Conntrack's entries are not the ruleset: failing to clear them is only a warning.
+                ("conntrack=EIO", .succeeded("conntrack")),
             ]
+            if isLegacy { end.append(("ready-reported>xtables-lock=EIO", .succeeded("xtables lock"))) }
             for (fault, expected) in end { cases.append(Case(host: host, phase: .end, fault: fault, expected: expected)) }
             cases.append(Case(host: host, phase: .recover, fault: "recovery-rules-removed", expected: .commandKilled))
+            cases.append(Case(host: host, phase: .recover, fault: "conntrack=EIO", expected: .succeeded("conntrack")))
         }
         // Every restorer gets its share of the cases (recover's own case is restored by recover).
         let restorers: [Restorer] = [.recover, .begin, .end]

@@ -49,6 +49,9 @@ enum RedirectedConnections {
     }
 
     private static func withConntrack<T>(_ body: (NetlinkSocket) throws(FirewallError) -> T) throws(FirewallError) -> T {
+        if let code = Fault.injectedErrno("conntrack") {
+            throw NftablesFirewall.error(NetlinkError(stage: .send, errno: code), doing: "listing conntrack's entries", change: nil)
+        }
         let nl: NetlinkSocket
         do throws(NetlinkError) { nl = try NetlinkSocket() } catch {
             throw NftablesFirewall.error(error, doing: "opening a netfilter netlink socket for conntrack", change: nil)

@@ -234,7 +234,7 @@ struct XtablesLock {
 
     static func take(timeout: Duration) throws(FirewallError) -> Int32 {
         let path = Self.path
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        let fd = Fault.injectedErrno("xtables-lock").map { errno = $0; return -1 } ?? open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             let code = errno
             throw FirewallError(

@@ -60,14 +60,18 @@ struct SessionEngine {
         return engine
     }
 
-    /// After the redirect is gone: conntrack's entries of what it redirected go too (a failure is
-    /// only logged: the ruleset is what end promises, and the entries time out by themselves).
-    private func forgetConnections(_ journal: Journal) {
+    /// After the redirect is gone: conntrack's entries of what it redirected go too. A failure is a
+    /// warning, returned, not an error: the ruleset is what end promises, and the entries time out.
+    private func forgetConnections(_ journal: Journal) -> String? {
         do {
             let count = try forgetRedirectedConnections(journal.port, journal.proxyPort)
             logger.debug("conntrack entries of redirected connections removed", metadata: ["count": "\(count)"])
+            return nil
         } catch {
-            logger.warning("removing conntrack's entries of redirected connections: \(error)")
+            let warning = "conntrack's entries of the redirected connections were not removed (\(error)); "
+                + "a client that reuses one of their source ports soon may be reset until they time out"
+            logger.debug("\(warning)")
+            return warning
         }
     }
 
@@ -343,7 +347,8 @@ struct SessionEngine {
         }
         Fault.reach("redirect-removed")
         betweenSteps()
-        defer { forgetConnections(journal) }
+        var forgotten = false
+        defer { if !forgotten { _ = forgetConnections(journal) } }
         if journal.backend == .nftables, let nftables = firewalls.nftables {
             do {
                 let started = ContinuousClock.now
@@ -360,6 +365,8 @@ struct SessionEngine {
         Fault.reach("accepts-removed")
         try state.deleteJournal()
         Fault.reach("journal-deleted")
+        forgotten = true
+        if let warning = forgetConnections(journal) { warnings.append(warning) }
         return warnings
     }
 
@@ -565,7 +572,7 @@ struct SessionEngine {
                 }
             }
         }
-        forgetConnections(journal)
+        if let warning = forgetConnections(journal) { report.warnings.append(warning) }
         if sweep { try self.sweep(firewalls: firewalls, into: &report) }
         try state.deleteJournal()
         return report

@@ -31,7 +31,9 @@ package enum Fault {
     ]
 
     /// The calls that can be made to fail.
-    static let calls = ["netlink-send", "netlink-receive", "xtables-commit", "fsync", "rename", "unlink", "bind"]
+    static let calls = [
+        "netlink-send", "netlink-receive", "conntrack", "xtables-commit", "xtables-lock", "fsync", "rename", "unlink", "bind",
+    ]
 
     static let errnoNames: [String: Int32] = [
         "EPERM": EPERM, "ENOENT": ENOENT, "EINTR": EINTR, "EIO": EIO, "EAGAIN": EAGAIN, "ENOMEM": ENOMEM,
