@@ -132,6 +132,96 @@ struct HostileClientTests {
         #expect(try net.leRedirect("end").status == 0)
     }
 
+    /// Bodies that trickle or stall hold a proxy connection and an app connection, as they would
+    /// hold the app's own: the proxy adds no timeout of its own while a request is with the app. The
+    /// app keeps serving, and `end` closes them at --drain-timeout.
+    @Test func slowBodiesDoNotStopTheAppAndEndClosesThem() throws {
+        let (net, pid) = try session(["--drain-timeout", "2s"])
+        defer { net.close() }
+        let log = net.stateDirectory + "-slowbody"
+        defer { try? FileManager.default.removeItem(atPath: log) }
+        try net.start(net.client, ["sh", "-c", "python3 \(Self.hostile) slowbody \(Self.v4) 300 4 > \(log)"])
+        let opened = Self.output(log, containing: "open ", by: Date().addingTimeInterval(30))
+        #expect(opened.contains("open 300 of 300"), "\(opened)")
+        let served = try net.httpClient("get", Self.v4, "/")
+        #expect(served == "200 app \(Self.v4)")
+        let during = Self.memory(pid)
+        let end = try net.leRedirect("end")
+        #expect(end.status == 0, "\(end)")
+        let result = Self.output(log, containing: "closed", by: Date().addingTimeInterval(30))
+        #expect(result.contains("closed 300 of 300"), "\(result)")
+        // Straight to the app now: it sees the client's own address.
+        #expect(try net.httpClient("get", Self.v4, "/") == "200 app \(TestNetwork.clientAddress4)")
+        TestReport.add("hostile", order: 250, "| slow bodies: 300 POSTs of a 1 MB body, a byte every 0.5 s, then stalled; `end` with --drain-timeout 2s | \(result.split(separator: "\n").joined(separator: "; ")); meanwhile GET / → \(served); daemon \(during); `end` exit \(end.status) |")
+    }
+
+    /// 10,000 clients that each send a request at once (app: nginx): every one answered. The proxy
+    /// takes at most (limit - 128) / 2 at a time; the rest wait in the listen queue.
+    @Test func tenThousandRequestsAtOnceAreAllAnswered() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startNginx()
+        let begin = try net.leRedirect("begin")
+        guard begin.status == 0, let pid = try net.daemonPID() else { throw TestFailure("begin: \(begin)") }
+        let before = Self.memory(pid)
+        let output = try net.exec(net.client, ["python3", Self.hostile, "burst", Self.v4, "10000", "/static"], timeout: 180)
+        let result = output.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(result.hasPrefix("answered 10000 of 10000, 200 x 10000, 0 errors"), "\(output)")
+        TestReport.add("hostile", order: 310, "| 10,000 requests at once (GET, app nginx) | \(result); daemon before \(before), after \(Self.memory(pid)) |")
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
+    /// 256 MiB each way through the proxy while the other side does not read for 3 s: the proxy
+    /// stops reading instead of buffering, so its memory does not grow with the body.
+    @Test func largeBodiesAreRelayedWithoutBuffering() throws {
+        let (net, pid) = try session()
+        defer { net.close() }
+        let before = Self.memory(pid)
+        let baseline = Self.kib(pid, "VmRSS")
+        let download = try net.exec(net.client, ["python3", Self.hostile, "download", Self.v4, "/huge", "3"], timeout: 120)
+        #expect(download.stdout.contains("read 268435456 bytes"), "\(download)")
+        let upload = try net.exec(net.client, ["python3", Self.hostile, "upload", Self.v4, "256", "3"], timeout: 120)
+        #expect(upload.stdout.contains(" 268435456"), "\(upload)")
+        let peak = Self.kib(pid, "VmHWM")
+        // Buffering either body would add 256 MiB; relaying adds buffers of a fixed size.
+        #expect(peak - baseline < 64 * 1024, "daemon peak \(peak) KiB from \(baseline) KiB")
+        TestReport.add("hostile", order: 320, "| 256 MiB download and 256 MiB upload, the receiver not reading for 3 s | \(download.stdout.trimmingCharacters(in: .whitespacesAndNewlines)); app got \(upload.stdout.split(separator: " ").last.map { $0.trimmingCharacters(in: .whitespacesAndNewlines) } ?? "?") bytes; daemon before \(before), after \(Self.memory(pid)) |")
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
+    /// The proxy port itself: from the host (loopback or its own address) the proxy closes at once,
+    /// since the connection did not come through the redirect; from another host the scoped accept
+    /// does not let it in at all (policy drop).
+    @Test func theProxyPortServesOnlyRedirectedConnections() throws {
+        let (net, _) = try session()
+        defer { net.close() }
+        for (who, ns, address) in [
+            ("the host itself, 127.0.0.1:12347", net.host, "127.0.0.1"), ("the host itself, [::1]:12347", net.host, "::1"),
+            ("the host itself, its own address :12347", net.host, Self.v4),
+        ] {
+            let answer = try net.httpClient("raw", address, "12347", from: ns)
+            #expect(answer == "closed", "\(who): \(answer)")
+            TestReport.add("hostile", order: 400, "| \(who) | \(answer) |")
+        }
+        let probe = """
+            import socket
+            try:
+                s = socket.create_connection(("\(Self.v4)", 12347), timeout=2)
+                print("connected: " + repr(s.recv(100)))
+            except socket.timeout:
+                print("no connection (dropped by the host's policy)")
+            except OSError as e:
+                print("refused: " + str(e))
+            """
+        let remote = try net.exec(net.client, ["python3", "-c", probe]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(remote == "no connection (dropped by the host's policy)")
+        TestReport.add("hostile", order: 401, "| another host, HOST:12347 | \(remote) |")
+        let counters = try #require(try net.status()["counters"] as? [String: Int])
+        #expect(counters["refused"] == 3, "\(counters)")
+        #expect(try net.httpClient("get", Self.v4, "/") == "200 app \(Self.v4)")
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
     /// What a background client wrote to `path`, once it contains `text` (or at `deadline`).
     static func output(_ path: String, containing text: String, by deadline: Date) -> String {
         while true {
@@ -143,11 +233,14 @@ struct HostileClientTests {
 
     /// "RSS 12.3 MiB (peak 45.6 MiB)" of a process, from /proc.
     static func memory(_ pid: Int32) -> String {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return "gone" }
-        func kib(_ key: String) -> Double {
-            let line = text.split(separator: "\n").first { $0.hasPrefix(key + ":") } ?? ""
-            return Double(line.split(separator: " ").dropFirst().first ?? "0") ?? 0
-        }
-        return String(format: "RSS %.1f MiB (peak %.1f MiB)", kib("VmRSS") / 1024, kib("VmHWM") / 1024)
+        guard kill(pid, 0) == 0 else { return "gone" }
+        return String(format: "RSS %.1f MiB (peak %.1f MiB)", Double(kib(pid, "VmRSS")) / 1024, Double(kib(pid, "VmHWM")) / 1024)
+    }
+
+    /// A /proc/PID/status figure in KiB (VmRSS, VmHWM); 0 when the process is gone.
+    static func kib(_ pid: Int32, _ key: String) -> Int {
+        let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        let line = text.split(separator: "\n").first { $0.hasPrefix(key + ":") } ?? ""
+        return Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "0") ?? 0
     }
 }

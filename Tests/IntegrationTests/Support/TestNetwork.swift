@@ -292,8 +292,8 @@ final class TestNetwork: @unchecked Sendable {
         let dir = stateDirectory + "-nginx"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let config = """
-            worker_processes 1; daemon off; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
-            events { worker_connections 4096; }
+            worker_processes 1; worker_rlimit_nofile 16384; daemon off; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
+            events { worker_connections 12000; }
             http {
               access_log off; client_body_temp_path \(dir)/body; proxy_temp_path \(dir)/proxy;
               map $http_upgrade $connection_upgrade { default upgrade; '' ''; }

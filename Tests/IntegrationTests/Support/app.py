@@ -4,8 +4,10 @@
   app.py PORT TAG [--host ADDR]   HTTP/1.1 keep-alive server:
     GET  /            "TAG <client-address>" and the X-Forwarded-For/-Proto and Forwarded it got
     GET  /big         4 MiB of deterministic bytes
+    GET  /huge        256 MiB: /big's bytes 64 times
     GET  /slow        a chunked body sent in 5 pieces over about a second
-    POST /...         "sha256 <hex> <length>" of the body (Content-Length or chunked)
+    POST /...         "sha256 <hex> <length>" of the body (Content-Length or chunked; any size, streamed;
+                      with X-Stall: S it waits S seconds before reading a Content-Length body)
     GET with Upgrade: 101, then echoes raw bytes until the client half-closes, then closes
     GET /.well-known/acme-challenge/T   "TAG challenge T" (a stand-in ACME client server)
 """
@@ -68,7 +70,7 @@ def serve(conn, addr, tag):
                 fields[name.strip().lower()] = value.strip()
             close = fields.get("connection", "").lower() == "close"
             if method == "POST":
-                body = b""
+                digest, length = hashlib.sha256(), 0
                 if fields.get("transfer-encoding", "").lower() == "chunked":
                     while True:
                         line, buf = read_line(conn, buf)
@@ -80,10 +82,21 @@ def serve(conn, addr, tag):
                                     break
                             break
                         data, buf = read_exact(conn, buf, size + 2)
-                        body += data[:-2]
+                        digest.update(data[:-2])
+                        length += size
                 else:
-                    body, buf = read_exact(conn, buf, int(fields.get("content-length", "0")))
-                respond(conn, b"200 OK", f"sha256 {hashlib.sha256(body).hexdigest()} {len(body)}\n".encode(), close=close)
+                    # Streamed, so that bodies of any size pass; X-Stall: S waits S seconds first.
+                    time.sleep(float(fields.get("x-stall", "0")))
+                    want = int(fields.get("content-length", "0"))
+                    while length < want:
+                        if not buf:
+                            buf = conn.recv(min(1 << 20, want - length))
+                            if not buf:
+                                raise EOFError
+                        take, buf = buf[:want - length], buf[want - length:]
+                        digest.update(take)
+                        length += len(take)
+                respond(conn, b"200 OK", f"sha256 {digest.hexdigest()} {length}\n".encode(), close=close)
             elif "upgrade" in fields:
                 conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + fields["upgrade"].encode()
                              + b"\r\nConnection: Upgrade\r\n\r\n")
@@ -98,6 +111,10 @@ def serve(conn, addr, tag):
                     conn.sendall(chunk)
             elif target == "/big":
                 respond(conn, b"200 OK", BIG, close=close)
+            elif target == "/huge":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(64 * len(BIG)).encode() + b"\r\n\r\n")
+                for _ in range(64):
+                    conn.sendall(BIG)
             elif target == "/slow":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 for i in range(5):

@@ -8,6 +8,15 @@
                                       print "closed K of N, median S s" (closed by the server)
   hostile.py flood HOST N SECONDS     open N idle connections at once and hold them; print "open N"
                                       once they are all connected, then "closed K of N" at the end
+  hostile.py slowbody HOST N SECONDS  N POSTs announcing a 1 MB body, each sending a body byte every
+                                      0.5 s; print "open K of N after S s", then "closed K of N" once
+                                      the server closes them (or at 60 s)
+  hostile.py burst HOST N PATH        N connections at once, each sending GET PATH (Connection: close)
+                                      and reading the answer; print "answered K of N, 200 x K, ..."
+  hostile.py download HOST PATH PAUSE GET PATH, wait PAUSE seconds before reading, then read it all;
+                                      print "read N bytes"
+  hostile.py upload HOST MIB STALL    POST MIB MiB with X-Stall: STALL (the app waits before reading);
+                                      print the app's answer
 """
 import resource
 import select
@@ -129,6 +138,111 @@ def flood(host, n, seconds):
     print(f"closed {closed} of {len(conns)}")
 
 
+def slowbody(host, n, seconds):
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+    conns = [connect(host) for _ in range(n)]
+    for c in conns:
+        c.sendall(head)
+        c.setblocking(False)
+    started = time.monotonic()
+    closed = set()
+    reported = False
+    while len(closed) < n and time.monotonic() - started < 60:
+        for i, c in enumerate(conns):
+            if i in closed:
+                continue
+            try:
+                if not reported:
+                    c.send(b"a")
+                if c.recv(4096) == b"":
+                    closed.add(i)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                closed.add(i)
+        if not reported and time.monotonic() - started >= seconds:
+            print(f"open {n - len(closed)} of {n} after {seconds:g} s", flush=True)
+            reported = True
+        time.sleep(0.5)
+    print(f"closed {len(closed)} of {n}")
+
+
+def burst(host, n, path):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, n + 256))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    poller = select.poll()
+    state = {}
+    started = time.monotonic()
+    for _ in range(n):
+        s = socket.socket(family)
+        s.setblocking(False)
+        s.connect_ex((host, 80))
+        poller.register(s, select.POLLOUT)
+        state[s.fileno()] = [s, b"", False]
+    times, statuses_seen, errors = [], {}, 0
+    while state and time.monotonic() - started < 120:
+        for fd, events in poller.poll(500):
+            s, data, sent = state[fd]
+            try:
+                if not sent:
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0:
+                        raise ConnectionError
+                    s.sendall(request)
+                    state[fd][2] = True
+                    poller.modify(fd, select.POLLIN)
+                    continue
+                chunk = s.recv(65536)
+                if chunk:
+                    state[fd][1] = data + chunk
+                    continue
+                status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.") else "none"
+                statuses_seen[status] = statuses_seen.get(status, 0) + 1
+                times.append(time.monotonic() - started)
+            except (OSError, ConnectionError):
+                errors += 1
+            poller.unregister(fd)
+            del state[fd]
+            s.close()
+    answered = sum(statuses_seen.values())
+    counts = ", ".join(f"{k} x {v}" for k, v in sorted(statuses_seen.items()))
+    slowest = max(times) if times else 0
+    print(f"answered {answered} of {n}, {counts}, {errors} errors, {len(state)} unanswered, "
+          f"median {statistics.median(times) if times else 0:.1f} s, last {slowest:.1f} s")
+
+
+def download(host, path, pause):
+    s = connect(host, timeout=60)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    time.sleep(pause)
+    total = 0
+    head = b""
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        if total == 0 and b"\r\n\r\n" not in head:
+            head += chunk
+            if b"\r\n\r\n" in head:
+                total = len(head.split(b"\r\n\r\n", 1)[1])
+            continue
+        total += len(chunk)
+    print(f"read {total} bytes")
+
+
+def upload(host, mib, stall):
+    s = connect(host, timeout=60)
+    size = mib << 20
+    s.sendall(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\nX-Stall: {stall}\r\n"
+              f"Connection: close\r\n\r\n".encode())
+    block = b"u" * (1 << 20)
+    for _ in range(mib):
+        s.sendall(block)
+    data = read_all(s)
+    print(data.split(b"\r\n\r\n", 1)[-1].decode().strip() or "closed")
+
+
 if __name__ == "__main__":
     case, host = sys.argv[1], sys.argv[2]
     if case == "answer":
@@ -139,5 +253,13 @@ if __name__ == "__main__":
         slowloris(host, int(sys.argv[3]), float(sys.argv[4]))
     elif case == "flood":
         flood(host, int(sys.argv[3]), float(sys.argv[4]))
+    elif case == "slowbody":
+        slowbody(host, int(sys.argv[3]), float(sys.argv[4]))
+    elif case == "burst":
+        burst(host, int(sys.argv[3]), sys.argv[4])
+    elif case == "download":
+        download(host, sys.argv[3], float(sys.argv[4]))
+    elif case == "upload":
+        upload(host, int(sys.argv[3]), float(sys.argv[4]))
     else:
         sys.exit(f"unknown case {case}")
