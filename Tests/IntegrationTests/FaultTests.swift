@@ -9,7 +9,9 @@ import Testing
 /// and that a later session works. Each case adds its row to docs/faults.md's table (TestReport).
 @Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
 struct FaultTests {
-    enum Phase: String, Sendable { case begin, end, recover }
+    /// `challenge`: `challenge add` arming a session begun with --in-memory. `embedded`: a program
+    /// holding the session itself through the library (Examples/EmbeddedRenewer: begin, end).
+    enum Phase: String, Sendable { case begin, challenge, end, recover, embedded }
 
     enum Expected: Sendable {
         /// The faulted command itself was SIGKILLed.
@@ -33,10 +35,13 @@ struct FaultTests {
         var testDescription: String { "\(host.backend): \(phase.rawValue): \(fault)" }
         /// Whether port 80 may point at the dead session's proxy port until the TTL: only an
         /// x_tables redirect whose session died with nobody left to take it out.
-        var appAtOnce: Bool { !(host.backend == "iptables-legacy" && fault == "ready-reported") }
+        var appAtOnce: Bool {
+            !(host.backend == "iptables-legacy" && (fault == "ready-reported" || phase == .challenge))
+        }
         /// Whether the faulted command (or a daemon ending a session nobody knows of) leaves nothing
-        /// for a restorer: all but a session killed after it reported ready, and a killed recover.
-        var leavesNothing: Bool { phase != .recover && fault != "ready-reported" }
+        /// for a restorer: all but a session killed after it reported ready (or armed), a killed
+        /// embedding program, and a killed recover.
+        var leavesNothing: Bool { [.begin, .end].contains(phase) && fault != "ready-reported" }
     }
 
     static let ttl = 10
@@ -100,10 +105,18 @@ struct FaultTests {
             ]
             if isLegacy { end.append(("ready-reported>xtables-lock=EIO", .succeeded("xtables lock"))) }
             for (fault, expected) in end { cases.append(Case(host: host, phase: .end, fault: fault, expected: expected)) }
+            // The holder killed just after `challenge add` armed the redirect.
+            cases.append(Case(host: host, phase: .challenge, fault: "redirect-armed", expected: .failed("closed the connection without answering")))
+            // A program embedding the library, killed mid-begin (after the commits) and mid-end. On
+            // iptables-legacy a redirect left in x_tables would wait for the example's 2-minute TTL.
+            let embedded = isLegacy
+                ? ["redirect-removed", "accepts-removed"]
+                : ["commit-acknowledged nftables batch", "handles-recorded", "redirect-removed", "accepts-removed"]
+            for fault in embedded { cases.append(Case(host: host, phase: .embedded, fault: fault, expected: .commandKilled)) }
             cases.append(Case(host: host, phase: .recover, fault: "recovery-rules-removed", expected: .commandKilled))
             cases.append(Case(host: host, phase: .recover, fault: "conntrack=EIO", expected: .succeeded("conntrack")))
         }
-        // Every restorer gets its share of the cases (recover's own case is restored by recover).
+        // Every restorer gets its share of the cases (recover's own cases are restored by recover).
         let restorers: [Restorer] = [.recover, .begin, .end]
         for i in cases.indices where cases[i].phase != .recover { cases[i].restorer = restorers[i % 3] }
         return cases
@@ -129,6 +142,13 @@ struct FaultTests {
             try #require(started.status == 0, "\(started)")
             #expect(try serves(net) == "proxy", "the session was not live before end")
             faulted = try net.leRedirect("end")
+        case .challenge:
+            let started = try net.leRedirect(begin + ["--in-memory"], environment: fault)
+            try #require(started.status == 0, "\(started)")
+            #expect(try serves(net) == "app", "a session armed per challenge redirected before a challenge")
+            faulted = try net.leRedirect("challenge", "add", "tok", "tok.key")
+        case .embedded:
+            faulted = try net.exec(net.host, [EmbeddedLibraryTests.example, "self"], environment: fault)
         case .recover:
             let started = try net.leRedirect(begin)
             try #require(started.status == 0, "\(started)")

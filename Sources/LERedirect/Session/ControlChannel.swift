@@ -100,7 +100,7 @@ enum ControlChannel {
 
     /// Reads the request line of a client.
     static func readRequest(_ fd: Int32) -> Request? {
-        guard let line = readLine(fd, limit: 1024) else { return nil }
+        guard case .line(let line) = readLine(fd, limit: 1024) else { return nil }
         return Request(line: line)
     }
 
@@ -143,10 +143,23 @@ enum ControlChannel {
         send(fd, text: request.line + "\n")
         var reply = Reply()
         while true {
-            guard let line = readLine(fd, limit: 64 * 1024) else {
+            let line: String
+            switch readLine(fd, limit: 64 * 1024) {
+            case .line(let text): line = text
+            case .closed:
+                throw LERedirectError(
+                    .failed,
+                    "the session holder closed the connection without answering '\(request.line)': it has probably "
+                        + "exited (`le-redirect status` tells; `le-redirect recover` removes what a dead session left)")
+            case .failed(let code) where code == EAGAIN || code == EWOULDBLOCK:
                 throw LERedirectError(
                     .failed,
                     "the session holder did not answer '\(request.line)' within \(DurationText.format(timeout))")
+            case .failed(let code):
+                throw LERedirectError(
+                    .failed, "reading the session holder's answer to '\(request.line)': \(errnoText(code))", errno: code)
+            case .tooLong:
+                throw LERedirectError(.failed, "the session holder's answer to '\(request.line)' has a line over 64 KiB")
             }
             if line == "ok" { return reply }
             if line.hasPrefix("error ") {
@@ -173,18 +186,28 @@ enum ControlChannel {
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    private enum LineRead {
+        case line(String)
+        /// The other end closed the connection before a newline.
+        case closed
+        /// read(2) failed: EAGAIN once the receive timeout passed.
+        case failed(Int32)
+        case tooLong
+    }
+
     /// Reads up to a newline, byte by byte (requests and replies are a few lines).
-    private static func readLine(_ fd: Int32, limit: Int) -> String? {
+    private static func readLine(_ fd: Int32, limit: Int) -> LineRead {
         var bytes: [UInt8] = []
         var byte: UInt8 = 0
         while bytes.count < limit {
             let n = read(fd, &byte, 1)
             if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return nil }
-            if byte == UInt8(ascii: "\n") { return String(decoding: bytes, as: UTF8.self) }
+            if n < 0 { return .failed(errno) }
+            if n == 0 { return .closed }
+            if byte == UInt8(ascii: "\n") { return .line(String(decoding: bytes, as: UTF8.self)) }
             bytes.append(byte)
         }
-        return nil
+        return .tooLong
     }
 
     private static func oneLine(_ s: String) -> String {

@@ -308,6 +308,7 @@ struct SessionEngine {
                 }
             }
         }
+        Fault.reach("redirect-armed")
     }
 
     /// Stops redirecting new connections; connections already redirected keep their NAT. With

@@ -24,6 +24,8 @@ package enum Fault {
         // begin, in the session daemon
         "daemon-started", "listeners-bound", "journal-intent-written", "batch-sent", "commit-acknowledged",
         "handles-recorded", "ready-reported",
+        // `challenge add` of a session armed per challenge, in the session holder
+        "redirect-armed",
         // end, in the session holder
         "redirect-removed", "drain-started", "table-removed", "accepts-removed", "journal-deleted",
         // recover, after the dead session's rules are gone and before its table and journal
