@@ -35,13 +35,11 @@ struct FaultTests {
         var testDescription: String { "\(host.backend): \(phase.rawValue): \(fault)" }
         /// Whether port 80 may point at the dead session's proxy port until the TTL: only an
         /// x_tables redirect whose session died with nobody left to take it out.
-        var appAtOnce: Bool {
-            !(host.backend == "iptables-legacy" && (fault == "ready-reported" || phase == .challenge))
-        }
+        var appAtOnce: Bool { !(host.backend == "iptables-legacy" && fault == "ready-reported") }
         /// Whether the faulted command (or a daemon ending a session nobody knows of) leaves nothing
-        /// for a restorer: all but a session killed after it reported ready (or armed), a killed
-        /// embedding program, and a killed recover.
-        var leavesNothing: Bool { [.begin, .end].contains(phase) && fault != "ready-reported" }
+        /// for a restorer: all but a session killed after it reported ready, a killed embedding
+        /// program, and a killed recover.
+        var leavesNothing: Bool { [.begin, .challenge, .end].contains(phase) && fault != "ready-reported" }
     }
 
     static let ttl = 10
@@ -105,8 +103,8 @@ struct FaultTests {
             ]
             if isLegacy { end.append(("ready-reported>xtables-lock=EIO", .succeeded("xtables lock"))) }
             for (fault, expected) in end { cases.append(Case(host: host, phase: .end, fault: fault, expected: expected)) }
-            // The holder killed just after `challenge add` armed the redirect.
-            cases.append(Case(host: host, phase: .challenge, fault: "redirect-armed", expected: .failed("closed the connection without answering")))
+            // The holder killed just after `challenge add` armed the redirect: challenge add recovers.
+            cases.append(Case(host: host, phase: .challenge, fault: "redirect-armed", expected: .failed("its session was recovered")))
             // A program embedding the library, killed mid-begin (after the commits) and mid-end. On
             // iptables-legacy a redirect left in x_tables would wait for the example's 2-minute TTL.
             let embedded = isLegacy

@@ -453,7 +453,26 @@ package enum Session {
             throw LERedirectError(
                 .failed, "no active session in \(state.path): run `le-redirect begin` first (its built-in proxy holds the tokens)")
         }
-        let reply = try ControlChannel.call(request, path: state.controlSocketPath, timeout: .seconds(10))
+        let reply: ControlChannel.Reply
+        do { reply = try ControlChannel.call(request, path: state.controlSocketPath, timeout: .seconds(10)) } catch {
+            // A holder that died before answering (mid-arming, say) left a dead session: put port 80
+            // back at once rather than leave an x_tables redirect to a closed port until the TTL.
+            waitForExit(journal.holder, timeout: .seconds(1))
+            guard !ProcessFacts.isAlive(journal.holder) else { throw error }
+            let what = "the session holder (pid \(journal.holder.pid)) exited before answering"
+            let report: RecoveryReport
+            do throws(LERedirectError) {
+                report = try recover(sweep: false, stateDirectory: stateDirectory, logger: Logger(label: "le-redirect"))
+            } catch {
+                throw LERedirectError(
+                    .failed, "\(what), and recovering its session failed: \(error.message); run `le-redirect recover`",
+                    errno: error.errno)
+            }
+            throw LERedirectError(
+                .failed,
+                "\(what); its session was recovered (\(report.removedRules) rule(s) removed, port 80 goes to the app "
+                    + "again): begin a new session to retry")
+        }
         if let error = reply.error { throw error }
         return ChallengeReply(
             tokens: reply.values("tokens").first.flatMap { Int($0) } ?? 0, armed: reply.values("armed").first == "yes",
