@@ -13,10 +13,10 @@ struct HostileClientTests {
     static let hostile = Paths.support.appendingPathComponent("hostile.py").path
 
     /// A session with the built-in proxy answering from a webroot that holds token tokA, next to a
-    /// file that must never be served.
-    private func session(_ extra: [String] = []) throws -> (TestNetwork, Int32) {
+    /// file that must never be served; the app is the HTTP app on :80, or nginx in front of it.
+    private func session(_ extra: [String] = [], nginx: Bool = false) throws -> (TestNetwork, Int32) {
         let net = try TestNetwork(ruleset: "policy-drop")
-        try net.startApp()
+        try nginx ? net.startNginx() : net.startApp()
         let webroot = net.stateDirectory + "-nginx/webroot"
         try FileManager.default.createDirectory(atPath: webroot, withIntermediateDirectories: true)
         try "tokA.thumb".write(toFile: webroot + "/tokA", atomically: true, encoding: .utf8)
@@ -24,6 +24,14 @@ struct HostileClientTests {
         let begin = try net.leRedirect(["begin", "--webroot", webroot, "--head-timeout", "2s"] + extra)
         guard begin.status == 0, let pid = try net.daemonPID() else { throw TestFailure("begin: \(begin)") }
         return (net, pid)
+    }
+
+    /// Starts hostile.py with `arguments` in the client's namespace, in the background; returns the
+    /// file its output goes to (read it with `output(_:containing:by:)`, remove it when done).
+    private func background(_ net: TestNetwork, _ arguments: [String]) throws -> String {
+        let log = net.stateDirectory + "-" + arguments[0]
+        try net.start(net.client, ["sh", "-c", "python3 \(Self.hostile) \(arguments.joined(separator: " ")) > \(log)"])
+        return log
     }
 
     private func hostile(_ net: TestNetwork, _ arguments: [String], timeout: Double = 60) throws -> String {
@@ -97,9 +105,8 @@ struct HostileClientTests {
     @Test func slowlorisIsClosedAtTheHeadTimeoutWhileTheAppServes() throws {
         let (net, pid) = try session()
         defer { net.close() }
-        let log = net.stateDirectory + "-slowloris"
+        let log = try background(net, ["slowloris", Self.v4, "300", "8"])
         defer { try? FileManager.default.removeItem(atPath: log) }
-        try net.start(net.client, ["sh", "-c", "python3 \(Self.hostile) slowloris \(Self.v4) 300 8 > \(log)"])
         usleep(500_000)
         let served = try net.httpClient("get", Self.v4, "/")
         #expect(served == "200 app \(Self.v4)")
@@ -113,9 +120,8 @@ struct HostileClientTests {
         let (net, pid) = try session()
         defer { net.close() }
         let before = Self.memory(pid)
-        let log = net.stateDirectory + "-flood"
+        let log = try background(net, ["flood", Self.v4, "10000", "6"])
         defer { try? FileManager.default.removeItem(atPath: log) }
-        try net.start(net.client, ["sh", "-c", "python3 \(Self.hostile) flood \(Self.v4) 10000 6 > \(log)"])
         let deadline = Date().addingTimeInterval(40)
         var text = Self.output(log, containing: "open ", by: deadline)
         #expect(text.contains("open 10000"), "\(text)")
@@ -138,9 +144,8 @@ struct HostileClientTests {
     @Test func slowBodiesDoNotStopTheAppAndEndClosesThem() throws {
         let (net, pid) = try session(["--drain-timeout", "2s"])
         defer { net.close() }
-        let log = net.stateDirectory + "-slowbody"
+        let log = try background(net, ["slowbody", Self.v4, "300", "4"])
         defer { try? FileManager.default.removeItem(atPath: log) }
-        try net.start(net.client, ["sh", "-c", "python3 \(Self.hostile) slowbody \(Self.v4) 300 4 > \(log)"])
         let opened = Self.output(log, containing: "open ", by: Date().addingTimeInterval(30))
         #expect(opened.contains("open 300 of 300"), "\(opened)")
         let served = try net.httpClient("get", Self.v4, "/")
@@ -158,11 +163,8 @@ struct HostileClientTests {
     /// 10,000 clients that each send a request at once (app: nginx): every one answered. The proxy
     /// takes at most (limit - 128) / 2 at a time; the rest wait in the listen queue.
     @Test func tenThousandRequestsAtOnceAreAllAnswered() throws {
-        let net = try TestNetwork(ruleset: "policy-drop")
+        let (net, pid) = try session(nginx: true)
         defer { net.close() }
-        try net.startNginx()
-        let begin = try net.leRedirect("begin")
-        guard begin.status == 0, let pid = try net.daemonPID() else { throw TestFailure("begin: \(begin)") }
         let before = Self.memory(pid)
         let output = try net.exec(net.client, ["python3", Self.hostile, "burst", Self.v4, "10000", "/static"], timeout: 180)
         let result = output.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
