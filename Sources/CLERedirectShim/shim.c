@@ -2,6 +2,8 @@
 #include "CLERedirectShim.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -119,6 +121,7 @@ static socklen_t to_sockaddr(const le_endpoint *e, struct sockaddr_storage *ss) 
         struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
         s6->sin6_family = AF_INET6;
         s6->sin6_port = htons(e->port);
+        s6->sin6_scope_id = e->scope_id;
         memcpy(&s6->sin6_addr, e->addr, 16);
         return sizeof(*s6);
     }
@@ -135,6 +138,7 @@ static void from_sockaddr(const struct sockaddr_storage *ss, le_endpoint *e) {
         const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
         e->family = AF_INET6;
         e->port = ntohs(s6->sin6_port);
+        e->scope_id = s6->sin6_scope_id;
         memcpy(e->addr, &s6->sin6_addr, 16);
     } else {
         const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
@@ -220,6 +224,64 @@ int le_tcp_connect(const le_endpoint *to, int *in_progress) {
         }
     }
     return fd;
+}
+
+int le_local_endpoint(int fd, le_endpoint *out) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0) return -1;
+    from_sockaddr(&ss, out);
+    return 0;
+}
+
+int le_peer_endpoint(int fd, le_endpoint *out) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    if (getpeername(fd, (struct sockaddr *)&ss, &len) != 0) return -1;
+    from_sockaddr(&ss, out);
+    return 0;
+}
+
+int le_open_directory_path(const char *path) { return open(path, O_PATH | O_DIRECTORY | O_CLOEXEC); }
+
+static int open_walking(int dirfd, const char *path, int flags) {
+    char component[256];
+    int at = dirfd, owned = -1;
+    const char *p = path;
+    for (;;) {
+        const char *slash = strchr(p, '/');
+        size_t n = slash ? (size_t)(slash - p) : strlen(p);
+        if (n == 0 || n >= sizeof(component) || (n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.')) {
+            if (owned >= 0) close(owned);
+            errno = n >= sizeof(component) ? ENAMETOOLONG : EXDEV;
+            return -1;
+        }
+        memcpy(component, p, n);
+        component[n] = 0;
+        int fd = slash ? openat(at, component, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                       : openat(at, component, flags | O_NOFOLLOW | O_CLOEXEC);
+        int saved = errno;
+        if (owned >= 0) close(owned);
+        if (fd < 0) {
+            errno = saved;
+            return -1;
+        }
+        if (!slash) return fd;
+        at = owned = fd;
+        p = slash + 1;
+    }
+}
+
+int le_open_beneath(int dirfd, const char *path, int flags, int use_openat2) {
+    if (use_openat2) {
+        struct open_how how;
+        memset(&how, 0, sizeof(how));
+        how.flags = (uint64_t)(flags | O_NOFOLLOW | O_CLOEXEC);
+        how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
+        long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+        if (fd >= 0 || errno != ENOSYS) return (int)fd;
+    }
+    return open_walking(dirfd, path, flags);
 }
 
 int le_socket_error(int fd) {

@@ -70,6 +70,16 @@ struct BeginOptions: ParsableArguments {
     @Option(name: .customLong("max-connections"), help: "Connections the proxy serves at once.")
     var maxConnections: Int = 10_000
 
+    @Option(name: .customLong("max-connections-per-source"), help: "Connections one client address may hold at once; more are closed.")
+    var maxConnectionsPerSource: Int = 1_000
+
+    @Option(
+        name: .customLong("challenge-owner"),
+        help: ArgumentHelp(
+            "A user (name or uid) besides root whose listener may answer: the challenge port's server, or the external proxy. Repeatable.",
+            valueName: "user"))
+    var challengeOwners: [String] = []
+
     @Option(name: .customLong("max-head-size"), help: "Largest request head, in bytes.")
     var maxHeadSize: Int = 16 * 1024
 
@@ -106,7 +116,7 @@ struct BeginOptions: ParsableArguments {
             }
             return TakeoverOptions(
                 port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external,
-                stateDirectory: state.stateDirectory)
+                stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners())
         }
         var challenge = ChallengeSource.port(ChallengeSource.defaultPort)
         if let challengePort {
@@ -126,10 +136,19 @@ struct BeginOptions: ParsableArguments {
         }
         let proxy = ProxyOptions(
             challenge: challenge, forwarded: forwarded, proxyProtocol: proxyProtocol != nil, maxConnections: maxConnections,
-            maxHeadBytes: maxHeadSize, headTimeout: headTimeout, idleTimeout: idleTimeout, drainTimeout: drainTimeout)
+            maxConnectionsPerSource: maxConnectionsPerSource, maxHeadBytes: maxHeadSize, headTimeout: headTimeout, idleTimeout: idleTimeout, drainTimeout: drainTimeout)
         return TakeoverOptions(
             port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .builtIn(proxy),
-            stateDirectory: state.stateDirectory)
+            stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners())
+    }
+
+    /// --challenge-owner's users as uids: a name from the user database, or a number.
+    func listenerOwners() throws -> [UInt32] {
+        try challengeOwners.map { (user: String) throws -> UInt32 in
+            if let entry = getpwnam(user) { return entry.pointee.pw_uid }
+            if let uid = UInt32(user) { return uid }
+            throw LERedirectError(.invalidArgument, "--challenge-owner \(user): no such user")
+        }
     }
 }
 

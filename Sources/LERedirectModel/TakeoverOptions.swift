@@ -45,10 +45,13 @@ public struct TakeoverOptions: Sendable, Hashable {
     /// Where the lock, journal and control socket live; nil means `LE_REDIRECT_STATE_DIR`, or
     /// `/run/le-redirect`.
     public var stateDirectory: String?
+    /// Users besides root (uids) whose listeners may answer: the challenge port's (or a loopback
+    /// --challenge-url's) server and the external proxy. A listener of anyone else gets nothing.
+    public var listenerOwners: [UInt32]
 
     public init(
         port: Int = 80, proxyPort: Int = 12347, ttl: Duration = .seconds(15 * 60),
-        backend: BackendChoice = .auto, proxy: ProxyMode, stateDirectory: String? = nil
+        backend: BackendChoice = .auto, proxy: ProxyMode, stateDirectory: String? = nil, listenerOwners: [UInt32] = []
     ) {
         self.port = port
         self.proxyPort = proxyPort
@@ -56,6 +59,7 @@ public struct TakeoverOptions: Sendable, Hashable {
         self.backend = backend
         self.proxy = proxy
         self.stateDirectory = stateDirectory
+        self.listenerOwners = listenerOwners
     }
 
     /// The shortest and longest TTL begin accepts.
@@ -95,7 +99,9 @@ public struct TakeoverOptions: Sendable, Hashable {
                         + "give the port the ACME client's own server listens on (e.g. certbot --http-01-port 12348)")
             }
         }
-        return ValidatedOptions(port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy)
+        return ValidatedOptions(
+            port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy,
+            listenerOwners: Array(Set(listenerOwners.filter { $0 != 0 })).sorted())
     }
 }
 
@@ -106,4 +112,6 @@ public struct ValidatedOptions: Sendable, Hashable {
     public let ttl: Duration
     public let backend: BackendChoice
     public let proxy: ProxyMode
+    /// Users besides root whose listeners may answer (sorted, without root).
+    public let listenerOwners: [UInt32]
 }

@@ -116,8 +116,9 @@ struct HostileClientTests {
         #expect(try net.leRedirect("end").status == 0)
     }
 
+    // One client stands for many here: the per-source cap is raised so that every connection counts.
     @Test func tenThousandIdleConnectionsDoNotStopTheApp() throws {
-        let (net, pid) = try session()
+        let (net, pid) = try session(["--max-connections-per-source", "20000"])
         defer { net.close() }
         let before = Self.memory(pid)
         let log = try background(net, ["flood", Self.v4, "10000", "6"])
@@ -163,7 +164,7 @@ struct HostileClientTests {
     /// 10,000 clients that each send a request at once (app: nginx): every one answered. The proxy
     /// takes at most (limit - 128) / 2 at a time; the rest wait in the listen queue.
     @Test func tenThousandRequestsAtOnceAreAllAnswered() throws {
-        let (net, pid) = try session(nginx: true)
+        let (net, pid) = try session(["--max-connections-per-source", "20000"], nginx: true)
         defer { net.close() }
         let before = Self.memory(pid)
         let output = try net.exec(net.client, ["python3", Self.hostile, "burst", Self.v4, "10000", "/static"], timeout: 180)

@@ -43,11 +43,13 @@ int le_eventfd_cloexec(void);
 // MARK: The validation proxy's socket plumbing
 
 /// An IPv4 or IPv6 TCP endpoint: `family` is AF_INET or AF_INET6, `addr` the address in network
-/// order (4 or 16 bytes used), `port` in host order.
+/// order (4 or 16 bytes used), `port` in host order, `scope_id` the interface of an IPv6
+/// link-local address (0 otherwise): without it a link-local address cannot be connected to.
 typedef struct {
     int family;
     uint8_t addr[16];
     uint16_t port;
+    uint32_t scope_id;
 } le_endpoint;
 
 /// One epoll event, unpacked (struct epoll_event is packed on x86_64).
@@ -87,6 +89,24 @@ int le_original_destination(int fd, int family, le_endpoint *out);
 /// Starts a non-blocking connect (TCP_NODELAY, close-on-exec). Returns the descriptor with
 /// *in_progress set when the connection is still being made, or -1 with errno.
 int le_tcp_connect(const le_endpoint *to, int *in_progress);
+
+/// The local end of a connected socket (getsockname). 0, or -1 with errno.
+int le_local_endpoint(int fd, le_endpoint *out);
+
+/// The remote end of a connected socket (getpeername). 0, or -1 with errno.
+int le_peer_endpoint(int fd, le_endpoint *out);
+
+/// open(path, O_PATH | O_DIRECTORY | O_CLOEXEC): a directory to open files beneath.
+int le_open_directory_path(const char *path);
+
+/// Opens `path` (relative, components separated by '/') beneath the directory `dirfd` without
+/// following a symbolic link anywhere on the way, nor leaving the directory (`..`, an absolute
+/// path, another mount). With `use_openat2`, openat2(2) with RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV; where the kernel has no
+/// openat2 (ENOSYS), or without `use_openat2`, a walk that opens one component at a time with
+/// O_NOFOLLOW and refuses "." and "..". `flags` are the last component's open flags (O_NOFOLLOW
+/// and O_CLOEXEC are added). The descriptor, or -1 with errno (ELOOP or ENOTDIR for a link).
+int le_open_beneath(int dirfd, const char *path, int flags, int use_openat2);
 
 /// SO_ERROR of a socket (the outcome of a non-blocking connect): 0 or an errno value.
 int le_socket_error(int fd);

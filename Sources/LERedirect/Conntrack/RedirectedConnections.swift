@@ -104,38 +104,17 @@ enum RedirectedConnections {
     /// entry's original destination). A listener is what the lookup falls back to when there is
     /// none; a socket in TIME_WAIT or CLOSE is a connection that is over.
     private static func hasOpenSocket(_ entry: Entry, _ diag: NetlinkSocket) throws(FirewallError) -> Bool {
-        var open = false
+        let socket: SocketDiagnostics.Socket?
         do throws(NetlinkError) {
-            try diag.request(
-                build: { buf, seq in
-                    let nlh = mnl_nlmsg_put_header(buf)!
-                    nlh.pointee.nlmsg_type = UInt16(SOCK_DIAG_BY_FAMILY)
-                    nlh.pointee.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_ACK)
-                    nlh.pointee.nlmsg_seq = seq
-                    let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
-                        .assumingMemoryBound(to: inet_diag_req_v2.self)
-                    req.pointee.sdiag_family = entry.family
-                    req.pointee.sdiag_protocol = ipprotoTCP
-                    req.pointee.idiag_states = ~0
-                    req.pointee.id.idiag_sport = entry.destinationPort.bigEndian
-                    req.pointee.id.idiag_dport = entry.sourcePort.bigEndian
-                    withUnsafeMutableBytes(of: &req.pointee.id.idiag_src) { $0.copyBytes(from: entry.destination) }
-                    withUnsafeMutableBytes(of: &req.pointee.id.idiag_dst) { $0.copyBytes(from: entry.source) }
-                    req.pointee.id.idiag_cookie = (UInt32.max, UInt32.max)  // INET_DIAG_NOCOOKIE
-                    return nlh
-                },
-                each: { reply in
-                    guard reply.pointee.nlmsg_type == UInt16(SOCK_DIAG_BY_FAMILY) else { return }
-                    let state = mnl_nlmsg_get_payload(reply).load(fromByteOffset: 1, as: UInt8.self)
-                    // TCP_TIME_WAIT 6, TCP_CLOSE 7, TCP_LISTEN 10 (include/net/tcp_states.h)
-                    open = ![6, 7, 10].contains(state)
-                })
-        } catch where error.errno == ENOENT {
-            return false
+            socket = try SocketDiagnostics.lookup(
+                diag, family: entry.family, local: entry.destination, localPort: entry.destinationPort,
+                remote: entry.source, remotePort: entry.sourcePort)
         } catch {
             throw NftablesFirewall.error(error, doing: "looking up the socket of a conntrack entry", change: nil)
         }
-        return open
+        // TCP_TIME_WAIT 6, TCP_CLOSE 7, TCP_LISTEN 10 (include/net/tcp_states.h)
+        guard let socket else { return false }
+        return ![6, 7, SocketDiagnostics.tcpListen].contains(socket.state)
     }
 
     /// The addresses of this network namespace's interfaces (4 or 16 bytes each).

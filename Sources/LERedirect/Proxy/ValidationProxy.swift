@@ -1,4 +1,5 @@
 import CLERedirectShim
+import CNetfilter
 import Glibc
 import LERedirectModel
 import Logging
@@ -17,6 +18,8 @@ final class ValidationProxy: @unchecked Sendable {
     let proxyPort: UInt16
     let counters = ProxyCounters()
     let tokens: ChallengeStore
+    /// Who may answer challenges through a listener on this host (the challenge port's server).
+    let listenerOwners: ListenerOwners
     private let logger: Logger
 
     private var epoll: Int32 = -1
@@ -24,6 +27,14 @@ final class ValidationProxy: @unchecked Sendable {
     private var wake: Int32 = -1
     private var thread = pthread_t()
     private var challengeUpstream: le_endpoint?
+    /// The challenge source's listener is on this host: its owner is checked per connection.
+    private var challengeListenerIsLocal = false
+    private var webroot: Webroot?
+    /// sock_diag, opened when first needed: who owns the socket a challenge connection reached.
+    private var diag: NetlinkSocket?
+    /// Connections held per client address (--max-connections-per-source).
+    private var perSource: [SourceAddress: Int] = [:]
+    private var lastSourceWarning: Int64 = -(1 << 40)
 
     private enum Command { case drain, stop }
     private let commands = Mutex<Command?>(nil)
@@ -36,10 +47,11 @@ final class ValidationProxy: @unchecked Sendable {
     private var now: Int64 = 0
     private var draining = false
     private var drainDeadline: Int64 = .max
+    private var drainTimedOut = false
     private var listenersCloseAt: Int64 = .max
     /// When listening resumes after the process ran out of descriptors (accept failed with EMFILE).
     private var listenersResumeAt: Int64 = .max
-    private var lastDescriptorWarning: Int64 = .min
+    private var lastDescriptorWarning: Int64 = -(1 << 40)  // long ago, and `now - it` cannot overflow
     /// --max-connections, or fewer when the process's descriptor limit allows fewer (two per connection).
     private var connectionLimit = 0
     private var listening = true
@@ -48,6 +60,11 @@ final class ValidationProxy: @unchecked Sendable {
     static let readSize = 64 * 1024
     /// While draining, a keep-alive connection that sends nothing for this long is closed.
     static let drainIdleGrace: Int64 = 1000
+    /// The drain timeout ends opaque and upgraded streams, idle keep-alive connections and clients
+    /// still sending a request (`Relay.endsAtDrainTimeout`); a request already sent and being
+    /// answered, and a connection taken from the accept queue as the listeners closed (its first
+    /// request on the way), may take this much longer, so that ending never cuts a response short.
+    static let responseGrace: Int64 = 30_000
     /// After a last response, how long unread client bytes are read and dropped (so that closing
     /// never turns into a reset that destroys the response in the client's receive buffer).
     static let lingerTime: Int64 = 2000
@@ -55,11 +72,15 @@ final class ValidationProxy: @unchecked Sendable {
     private static let listenerTag: UInt64 = 1 << 62
     private static let wakeTag: UInt64 = 1 << 62 | 1 << 61
 
-    init(options: ProxyOptions, redirectedPort: UInt16, proxyPort: UInt16, tokens: ChallengeStore, logger: Logger) {
+    init(
+        options: ProxyOptions, redirectedPort: UInt16, proxyPort: UInt16, tokens: ChallengeStore,
+        listenerOwners: ListenerOwners = ListenerOwners([]), logger: Logger
+    ) {
         self.options = options
         self.redirectedPort = redirectedPort
         self.proxyPort = proxyPort
         self.tokens = tokens
+        self.listenerOwners = listenerOwners
         self.logger = logger
     }
 
@@ -81,8 +102,17 @@ final class ValidationProxy: @unchecked Sendable {
                 connectionLimit = affordable
             }
         }
-        if case .url(let host, let port) = options.challenge {
-            challengeUpstream = try Self.resolve(host, port)
+        switch options.challenge {
+        case .url(let host, let port):
+            let upstream = try Self.resolve(host, port)
+            challengeUpstream = upstream
+            challengeListenerIsLocal = upstream.isLoopback
+        case .port:
+            challengeListenerIsLocal = true
+        case .webroot(let dir):
+            webroot = try Webroot(dir)
+        case .memory:
+            break
         }
         epoll = le_epoll_create()
         wake = le_eventfd_cloexec()
@@ -142,6 +172,9 @@ final class ValidationProxy: @unchecked Sendable {
         if wake >= 0 { closeDescriptor(wake) }
         epoll = -1
         wake = -1
+        diag?.close()
+        diag = nil
+        webroot = nil
     }
 
     private static func resolve(_ host: String, _ port: UInt16) throws(LERedirectError) -> le_endpoint {
@@ -219,9 +252,13 @@ final class ValidationProxy: @unchecked Sendable {
             if draining {
                 if listening || !listeners.isEmpty, now >= listenersCloseAt { closeListeners() }
                 if listeners.isEmpty && counters.connections.load(ordering: .relaxed) == 0 { break }
-                if now >= drainDeadline {
+                if now >= drainDeadline && !drainTimedOut {
+                    drainTimedOut = true
+                    for case let relay? in slots where relay.endsAtDrainTimeout { close(relay) }
+                }
+                if now >= drainDeadline &+ Self.responseGrace {
                     let left = counters.connections.load(ordering: .relaxed)
-                    if left > 0 { logger.notice("drain timeout: closing \(left) connection(s)") }
+                    if left > 0 { logger.notice("drain: closing \(left) connection(s) still busy after the drain timeout and \(Self.responseGrace / 1000) s more") }
                     closeListeners()
                     break
                 }
@@ -284,6 +321,23 @@ final class ValidationProxy: @unchecked Sendable {
                 closeDescriptor(fd)
                 continue
             }
+            let source = SourceAddress(peer)
+            let held = perSource[source, default: 0]
+            if held >= options.maxConnectionsPerSource {
+                ProxyCounters.bump(counters.refused)
+                closeDescriptor(fd)
+                if now - lastSourceWarning > 10_000 {
+                    lastSourceWarning = now
+                    logger.notice(
+                        "closing new connections from \(peer.addressText): it holds \(held) (--max-connections-per-source)")
+                }
+                continue
+            }
+            perSource[source] = held + 1
+            if original.isLinkLocal && original.scope_id == 0 {
+                // A link-local address is reached only through its interface: the one that has it.
+                original.scope_id = Self.interface(holding: original) ?? peer.scope_id
+            }
             let relay = Relay(client: fd, peer: peer, original: original)
             relay.deadline = now + options.headTimeout.milliseconds
             if freeSlots.isEmpty {
@@ -301,6 +355,24 @@ final class ValidationProxy: @unchecked Sendable {
             _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.readable, relay.tag(upstream: false))
             relay.clientInterest = Epoll.readable
         }
+    }
+
+    /// The index of the interface that has `address` (an IPv6 link-local address of this host).
+    private static func interface(holding address: le_endpoint) -> UInt32? {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0 else { return nil }
+        defer { freeifaddrs(list) }
+        let wanted = address.addressBytes
+        var item = list
+        while let current = item {
+            item = current.pointee.ifa_next
+            guard let a = current.pointee.ifa_addr, Int32(a.pointee.sa_family) == AF_INET6 else { continue }
+            let found = a.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { s -> UInt32? in
+                withUnsafeBytes(of: s.pointee.sin6_addr) { Array($0) } == wanted ? s.pointee.sin6_scope_id : nil
+            }
+            if let found { return found }
+        }
+        return nil
     }
 
     private func pauseListening() {
@@ -336,6 +408,7 @@ final class ValidationProxy: @unchecked Sendable {
                     return
                 }
                 r.connecting = false
+                if r.checksListenerOwner && !listenerOwnerAllowed(r) { return }
             }
             if writable, !r.toUpstream.isEmpty { flushUpstream(r) }
             if r.closed { return }
@@ -477,6 +550,11 @@ final class ValidationProxy: @unchecked Sendable {
             case .opaque:
                 toUpstream(r, bytes.baseAddress! + i, bytes.count - i)
                 i = bytes.count
+            case .tunnelRequested:
+                // Until the app says yes (2xx to CONNECT, 101 to an upgrade) what follows is
+                // another request, to be parsed like any: held here, the client not read meanwhile.
+                r.request.head.append(bytes.baseAddress! + i, bytes.count - i)
+                return
             case .stopped, .paused:
                 // Requests after the last one this connection carries are not taken (the client
                 // retries them elsewhere, as after any server close).
@@ -497,7 +575,19 @@ final class ValidationProxy: @unchecked Sendable {
             guard route(r, request) else { return }
         }
         r.deadline = .max
-        if r.upstream >= 0, options.forwarded, !r.toChallengeServer {
+        if r.toChallengeServer {
+            // The challenge source gets this one request and nothing after it (a pipelined
+            // request to whatever listens there, or a second token): it and the client are told
+            // the connection closes after the answer.
+            let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
+            closing.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
+            r.outstanding.append(request.method)
+            r.requestsTaken += 1
+            ProxyCounters.bump(counters.requests)
+            r.request.state = .stopped
+            return
+        }
+        if r.upstream >= 0, options.forwarded {
             let proto = "http"
             let address = r.peer.addressText
             let forwardedFor = r.peer.family == AF_INET6 ? "\"[\(address)]\"" : address
@@ -511,10 +601,10 @@ final class ValidationProxy: @unchecked Sendable {
             toUpstream(r, raw.baseAddress!, raw.count)
         }
         r.outstanding.append(request.method)
-        if draining { r.requestsSinceDrain += 1 }
+        r.requestsTaken += 1
         ProxyCounters.bump(counters.requests)
         switch request.body {
-        case .none, .untilClose: r.request.state = request.method == .connect ? .opaque : .head
+        case .none, .untilClose: r.request.state = request.method == .connect || request.upgrade ? .tunnelRequested : .head
         case .length(let n):
             r.request.state = .body
             r.request.remaining = n
@@ -531,15 +621,25 @@ final class ValidationProxy: @unchecked Sendable {
         }
         ProxyCounters.bump(counters.challenges)
         let head = request.method == .head
-        if ChallengeToken.isValid(token), let keyAuthorization = tokens.keyAuthorization(for: token) {
+        // Nothing but a well-formed token goes anywhere: `../../admin` names no file and reaches
+        // no server.
+        guard ChallengeToken.isValid(token) else {
+            localResponse(r, status: 404, "Not Found", body: "unknown ACME challenge token\n", headOnly: head)
+            return false
+        }
+        guard request.body == .none else {
+            localResponse(r, status: 400, "Bad Request", body: "a challenge request has no body\n")
+            return false
+        }
+        if let keyAuthorization = tokens.keyAuthorization(for: token) {
             localResponse(r, status: 200, "OK", body: keyAuthorization, headOnly: head)
             return false
         }
         switch options.challenge {
         case .memory:
             break
-        case .webroot(let dir):
-            if ChallengeToken.isValid(token), let body = Self.webrootFile(dir, token) {
+        case .webroot:
+            if let body = webroot?.keyAuthorization(for: token) {
                 localResponse(r, status: 200, "OK", body: body, headOnly: head)
                 return false
             }
@@ -550,27 +650,15 @@ final class ValidationProxy: @unchecked Sendable {
             loopback.addr.3 = 1
             loopback.port = port
             r.toChallengeServer = true
+            r.checksListenerOwner = true
             return connectUpstream(r, to: loopback, proxyProtocol: false)
         case .url:
             r.toChallengeServer = true
+            r.checksListenerOwner = challengeListenerIsLocal
             return connectUpstream(r, to: challengeUpstream!, proxyProtocol: false)
         }
         localResponse(r, status: 404, "Not Found", body: "unknown ACME challenge token\n", headOnly: head)
         return false
-    }
-
-    private static func webrootFile(_ dir: String, _ token: String) -> String? {
-        for path in [dir + "/" + token, dir + "/.well-known/acme-challenge/" + token] {
-            let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-            if fd < 0 { continue }
-            defer { closeDescriptor(fd) }
-            var st = stat()
-            guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_size <= 65536 else { continue }
-            var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
-            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n == bytes.count { return String(decoding: bytes, as: UTF8.self) }
-        }
-        return nil
     }
 
     private func connectUpstream(_ r: Relay, to destination: le_endpoint, proxyProtocol: Bool) -> Bool {
@@ -586,11 +674,49 @@ final class ValidationProxy: @unchecked Sendable {
         r.connecting = inProgress != 0
         _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.writable, r.tag(upstream: true))
         r.upstreamInterest = Epoll.writable
+        if !r.connecting && r.checksListenerOwner && !listenerOwnerAllowed(r) { return false }
         if proxyProtocol {
             let header = ProxyProtocol.v2Header(source: r.peer, destination: r.original)
             header.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
         }
         return true
+    }
+
+    /// Whether the socket a challenge connection reached belongs to root or a --challenge-owner
+    /// user; if not, the client gets 503 and the upstream is closed before a byte was sent. Asked
+    /// of the connection itself (the accepted socket carries its listener's owner), so a listener
+    /// swapped between a check and the connect cannot slip in.
+    private func listenerOwnerAllowed(_ r: Relay) -> Bool {
+        r.checksListenerOwner = false
+        var local = le_endpoint()
+        var remote = le_endpoint()
+        var uid: UInt32?
+        if le_local_endpoint(r.upstream, &local) == 0, le_peer_endpoint(r.upstream, &remote) == 0 {
+            do throws(NetlinkError) {
+                if diag == nil { diag = try NetlinkSocket(bus: NETLINK_SOCK_DIAG) }
+                let family = UInt8(remote.family)
+                let found = try SocketDiagnostics.lookup(
+                    diag!, family: family, local: remote.addressBytes, localPort: remote.port, remote: local.addressBytes,
+                    remotePort: local.port)
+                if let found, found.ownerIsKnown {
+                    uid = found.uid
+                } else {
+                    // Not yet a full socket (its handshake is still being completed): its listener's owner.
+                    let listeners = try SocketDiagnostics.listeners(diag!, port: remote.port)
+                    uid = listeners.first { !listenerOwners.allows($0.uid) }?.uid ?? listeners.first?.uid
+                }
+            } catch {
+                logger.warning("looking up the owner of the challenge listener \(remote.addressText):\(remote.port): \(errnoText(error.errno))")
+            }
+        }
+        if let uid, listenerOwners.allows(uid) { return true }
+        ProxyCounters.bump(counters.proxyErrors)
+        let owner = uid.map { "uid \($0)" } ?? "an unknown user"
+        logger.warning(
+            "a challenge was not forwarded: the listener on \(remote.addressText):\(remote.port) belongs to \(owner), not \(listenerOwners.text) (--challenge-owner names others); answered 503")
+        closeUpstream(r)
+        localResponse(r, status: 503, "Service Unavailable", body: "the challenge server is not the ACME client's\n")
+        return false
     }
 
     private func upstreamFailed(_ r: Relay, _ error: Int32) {
@@ -683,16 +809,23 @@ final class ValidationProxy: @unchecked Sendable {
             toClient(r, head.baseAddress!, head.count)
             return
         }
-        if response.status == 101 || (method == .connect && response.status < 300) {
+        if r.request.state == .tunnelRequested && (response.status == 101 || (method == .connect && response.status < 300)) {
             toClient(r, head.baseAddress!, head.count)
             r.response.state = .opaque
             r.request.state = .opaque
             r.opaque = true
             if draining { r.deadline = drainDeadline }
+            if !r.request.head.isEmpty {
+                let held = r.request.head.bytes
+                r.request.head.reset()
+                held.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
+            }
             return
         }
         // While draining, the response to the last request this connection will carry says so.
-        if draining && r.outstanding.count == 1 && r.request.state.betweenRequests && response.body != .untilClose {
+        if (draining || r.toChallengeServer) && r.outstanding.count == 1 && r.request.state.betweenRequests
+            && response.body != .untilClose
+        {
             let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
             closing.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
             r.closeAfterResponse = true
@@ -722,7 +855,7 @@ final class ValidationProxy: @unchecked Sendable {
             finishClient(r)
             return
         }
-        if r.request.state == .paused {
+        if r.request.state == .paused || r.request.state == .tunnelRequested {
             r.request.state = .head
             if !r.request.head.isEmpty {
                 let held = r.request.head.bytes
@@ -794,6 +927,8 @@ final class ValidationProxy: @unchecked Sendable {
         r.toUpstream.release()
         slots[r.slot] = nil
         freeSlots.append(r.slot)
+        let source = SourceAddress(r.peer)
+        if let held = perSource[source], held > 1 { perSource[source] = held - 1 } else { perSource[source] = nil }
         ProxyCounters.bump(counters.connections, by: -1)
         if !listening && !draining { resumeListening() }
     }
@@ -874,7 +1009,9 @@ final class ValidationProxy: @unchecked Sendable {
     private func updateInterest(_ r: Relay) {
         var client: UInt32 = 0
         if !r.clientEOF
-            && (r.lingering || r.toUpstream.isEmpty && !r.connecting && r.request.state != .stopped && r.request.state != .paused)
+            && (r.lingering
+                || r.toUpstream.isEmpty && !r.connecting && r.request.state != .stopped && r.request.state != .paused
+                    && r.request.state != .tunnelRequested)
         {
             client |= Epoll.readable
         }

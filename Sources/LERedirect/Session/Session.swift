@@ -106,6 +106,9 @@ package enum Session {
             executablePath(), "__session", "--state-dir", state.path, "--port", "\(valid.port)", "--proxy-port",
             "\(valid.proxyPort)", "--ttl", "\(valid.ttl.milliseconds / 1000)s", "--backend", valid.backend.rawValue,
         ] + DaemonArguments.encode(valid.proxy) + (endsWithLastToken ? ["--ends-with-last-token", "1"] : [])
+        if !valid.listenerOwners.isEmpty {
+            arguments += ["--listener-owners", valid.listenerOwners.map(String.init).joined(separator: ",")]
+        }
         if let client { arguments += ["--client-pid", "\(client.pid)", "--client-name", client.name] }
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0 else {
@@ -217,8 +220,10 @@ package enum Session {
         let logger = Logger(label: "le-redirect.session") { _ in handler }
         let stopSignals = le_termination_signalfd()
         do throws(LERedirectError) {
+            let owners = (values["--listener-owners"] ?? "").split(separator: ",").compactMap { UInt32($0) }
             let options = try TakeoverOptions(
-                port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: proxy, stateDirectory: statePath
+                port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: proxy, stateDirectory: statePath,
+                listenerOwners: owners
             ).validated()
             let followed = values["--client-pid"].flatMap(Int32.init).map {
                 SessionHolder.Followed(fd: clientFD, pid: $0, name: values["--client-name"] ?? "?")
@@ -534,6 +539,7 @@ enum DaemonArguments {
         return [
             "--proxy", "built-in", "--challenge", challenge, "--forwarded", o.forwarded ? "1" : "0",
             "--proxy-protocol", o.proxyProtocol ? "1" : "0", "--max-connections", "\(o.maxConnections)",
+            "--max-connections-per-source", "\(o.maxConnectionsPerSource)",
             "--max-head-size", "\(o.maxHeadBytes)", "--head-timeout", "\(o.headTimeout.milliseconds)ms",
             "--idle-timeout", "\(o.idleTimeout.milliseconds)ms", "--drain-timeout", "\(o.drainTimeout.milliseconds)ms",
         ]
@@ -546,6 +552,7 @@ enum DaemonArguments {
         default: return nil
         }
         guard let challengeText = values["--challenge"], let maxConnections = values["--max-connections"].flatMap(Int.init),
+            let perSource = values["--max-connections-per-source"].flatMap(Int.init),
             let maxHead = values["--max-head-size"].flatMap(Int.init),
             let headTimeout = values["--head-timeout"].flatMap(DurationText.parse),
             let idleTimeout = values["--idle-timeout"].flatMap(DurationText.parse),
@@ -568,7 +575,7 @@ enum DaemonArguments {
         return .builtIn(
             ProxyOptions(
                 challenge: challenge, forwarded: values["--forwarded"] == "1", proxyProtocol: values["--proxy-protocol"] == "1",
-                maxConnections: maxConnections, maxHeadBytes: maxHead, headTimeout: headTimeout, idleTimeout: idleTimeout,
+                maxConnections: maxConnections, maxConnectionsPerSource: perSource, maxHeadBytes: maxHead, headTimeout: headTimeout, idleTimeout: idleTimeout,
                 drainTimeout: drainTimeout))
     }
 }

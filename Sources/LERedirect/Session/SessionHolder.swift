@@ -1,4 +1,5 @@
 import CLERedirectShim
+import CNetfilter
 import Glibc
 import LERedirectModel
 import Logging
@@ -122,11 +123,20 @@ final class SessionHolder: @unchecked Sendable {
         }
         let tokens = ChallengeStore()
         var proxy: ValidationProxy?
+        if case .external = options.proxy {
+            do { try checkExternalProxy(options) } catch {
+                closeDescriptor(wake)
+                closeDescriptor(listener)
+                _ = unlink(state.controlSocketPath)
+                firewalls.close()
+                throw error
+            }
+        }
         if case .builtIn(let proxyOptions) = options.proxy {
             // Listening before the redirect exists: there is no moment when it points at nothing.
             let built = ValidationProxy(
                 options: proxyOptions, redirectedPort: options.port, proxyPort: options.proxyPort, tokens: tokens,
-                logger: logger)
+                listenerOwners: ListenerOwners(options.listenerOwners), logger: logger)
             do { try built.start() } catch {
                 closeDescriptor(wake)
                 closeDescriptor(listener)
@@ -159,6 +169,28 @@ final class SessionHolder: @unchecked Sendable {
             _ = unlink(state.controlSocketPath)
             firewalls.close()
             throw error
+        }
+    }
+
+    /// An external proxy gets port 80 only if every socket listening on the proxy port belongs to
+    /// root or a user named with --challenge-owner: any local user may bind a free port.
+    private static func checkExternalProxy(_ options: ValidatedOptions) throws(LERedirectError) {
+        let owners = ListenerOwners(options.listenerOwners)
+        let listeners: [SocketDiagnostics.Socket]
+        do throws(NetlinkError) {
+            let diag = try NetlinkSocket(bus: NETLINK_SOCK_DIAG)
+            defer { diag.close() }
+            listeners = try SocketDiagnostics.listeners(diag, port: options.proxyPort)
+        } catch {
+            throw LERedirectError(
+                .failed, "begin --external-proxy: listing the listeners on port \(options.proxyPort): \(errnoText(error.errno)). Nothing was changed",
+                errno: error.errno)
+        }
+        if let foreign = listeners.first(where: { !owners.allows($0.uid) }) {
+            throw LERedirectError(
+                .failed,
+                "begin --external-proxy: the listener on port \(options.proxyPort) belongs to uid \(foreign.uid), not \(owners.text); "
+                    + "port 80 is not handed to it (name its user with --challenge-owner if it is your proxy). Nothing was changed")
         }
     }
 

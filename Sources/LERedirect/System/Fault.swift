@@ -35,13 +35,15 @@ package enum Fault {
     /// The calls that can be made to fail.
     static let calls = [
         "netlink-send", "netlink-receive", "conntrack", "xtables-commit", "xtables-lock", "fsync", "rename", "unlink", "bind",
+        // the webroot's files opened with openat2: ENOSYS takes the path of kernels without it
+        "openat2",
     ]
 
     static let errnoNames: [String: Int32] = [
         "EPERM": EPERM, "ENOENT": ENOENT, "EINTR": EINTR, "EIO": EIO, "EAGAIN": EAGAIN, "ENOMEM": ENOMEM,
         "EACCES": EACCES, "EBUSY": EBUSY, "EEXIST": EEXIST, "EINVAL": EINVAL, "ENOSPC": ENOSPC, "EROFS": EROFS,
         "EDQUOT": EDQUOT, "ENOBUFS": ENOBUFS, "EADDRINUSE": EADDRINUSE, "ETIMEDOUT": ETIMEDOUT,
-        "ECONNREFUSED": ECONNREFUSED, "EMSGSIZE": EMSGSIZE,
+        "ECONNREFUSED": ECONNREFUSED, "EMSGSIZE": EMSGSIZE, "ENOSYS": ENOSYS,
     ]
 
     struct Spec: Sendable, Equatable {

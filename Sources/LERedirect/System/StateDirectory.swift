@@ -49,6 +49,7 @@ struct StateDirectory: Sendable {
         guard path.hasPrefix("/") else {
             throw LERedirectError(.invalidArgument, "state directory '\(path)' must be an absolute path")
         }
+        try checkAncestors()
         // A namespace's default directory sits below the host's, which may not exist yet.
         if path.hasPrefix(Self.defaultPath + "/netns/") {
             for parent in [Self.defaultPath, Self.defaultPath + "/netns"] where mkdir(parent, 0o700) != 0 && errno != EEXIST {
@@ -80,6 +81,7 @@ struct StateDirectory: Sendable {
     }
 
     private func check() throws(LERedirectError) {
+        try checkAncestors()
         var st = stat()
         guard lstat(path, &st) == 0 else {
             let code = errno
@@ -104,6 +106,35 @@ struct StateDirectory: Sendable {
                 .failed,
                 "the state directory \(path) is accessible to other users (mode \(String(st.st_mode & 0o777, radix: 8))); "
                     + "make it 0700 or remove it")
+        }
+    }
+
+    /// Every directory above this one must be safe from other users, as sshd checks the path to
+    /// its files: owned by root or by this process's user, and writable by no one else unless it is
+    /// sticky (like /tmp, where no one else may rename or remove what is not theirs). Otherwise
+    /// another user could move the state directory away and put one of their own in its place.
+    private func checkAncestors() throws(LERedirectError) {
+        guard let slash = path.lastIndex(of: "/") else { return }
+        let parent = slash == path.startIndex ? "/" : String(path[..<slash])
+        guard let real = realpath(parent, nil) else { return }  // a missing parent: mkdir says so
+        let resolved = cString(real)
+        free(real)
+        var prefix = ""
+        for component in [""] + resolved.split(separator: "/").map(String.init) {
+            prefix = component.isEmpty ? "/" : (prefix == "/" ? "" : prefix) + "/" + component
+            var st = stat()
+            guard lstat(prefix, &st) == 0 else { return }
+            let owner = st.st_uid
+            let writableByOthers = st.st_mode & 0o022 != 0 && st.st_mode & S_ISVTX == 0
+            guard (owner == 0 || owner == geteuid()) && !writableByOthers else {
+                let mode = String(st.st_mode & 0o7777, radix: 8)
+                throw LERedirectError(
+                    .failed,
+                    "the state directory \(path) is below \(prefix) (uid \(owner), mode \(mode)), which "
+                        + (writableByOthers ? "other users may write to" : "belongs to another user")
+                        + ": it could be swapped for another directory under le-redirect. Use a state directory below "
+                        + "directories that only root may change (the default /run/le-redirect, or --state-dir)")
+            }
         }
     }
 

@@ -72,6 +72,9 @@ public struct ProxyOptions: Sendable, Hashable {
     public var proxyProtocol: Bool
     /// Connections served at once; more wait in the kernel's accept queue.
     public var maxConnections: Int
+    /// Connections one client address may hold at once; more are closed as they come, so that one
+    /// source cannot take the slots every other visitor needs.
+    public var maxConnectionsPerSource: Int
     /// The largest request or response head accepted.
     public var maxHeadBytes: Int
     /// How long a client may take to send a whole request head (slowloris).
@@ -83,7 +86,8 @@ public struct ProxyOptions: Sendable, Hashable {
 
     public init(
         challenge: ChallengeSource = .port(ChallengeSource.defaultPort), forwarded: Bool = false,
-        proxyProtocol: Bool = false, maxConnections: Int = 10_000, maxHeadBytes: Int = 16 * 1024,
+        proxyProtocol: Bool = false, maxConnections: Int = 10_000, maxConnectionsPerSource: Int = 1_000,
+        maxHeadBytes: Int = 16 * 1024,
         headTimeout: Duration = .seconds(10), idleTimeout: Duration = .seconds(60),
         drainTimeout: Duration = .seconds(30)
     ) {
@@ -91,6 +95,7 @@ public struct ProxyOptions: Sendable, Hashable {
         self.forwarded = forwarded
         self.proxyProtocol = proxyProtocol
         self.maxConnections = maxConnections
+        self.maxConnectionsPerSource = maxConnectionsPerSource
         self.maxHeadBytes = maxHeadBytes
         self.headTimeout = headTimeout
         self.idleTimeout = idleTimeout
@@ -101,6 +106,10 @@ public struct ProxyOptions: Sendable, Hashable {
     public func validate() throws(LERedirectError) {
         guard (1...1_000_000).contains(maxConnections) else {
             throw LERedirectError(.invalidArgument, "--max-connections \(maxConnections) is out of range (1-1000000)")
+        }
+        guard (1...1_000_000).contains(maxConnectionsPerSource) else {
+            throw LERedirectError(
+                .invalidArgument, "--max-connections-per-source \(maxConnectionsPerSource) is out of range (1-1000000)")
         }
         guard (1024...1_048_576).contains(maxHeadBytes) else {
             throw LERedirectError(.invalidArgument, "--max-head-size \(maxHeadBytes) is out of range (1024-1048576 bytes)")

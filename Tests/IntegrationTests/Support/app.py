@@ -10,7 +10,10 @@
                       with X-Stall: S it waits S seconds before reading a Content-Length body)
     GET with Upgrade: 101, then echoes raw bytes until the client half-closes, then closes
     GET /.well-known/acme-challenge/T   "TAG challenge T" (a stand-in ACME client server)
+    CONNECT           405, and the connection stays open (an app that does not tunnel)
+  With APP_LOG=FILE, every request line it reads is appended to FILE.
 """
+import os
 import hashlib
 import socket
 import sys
@@ -69,7 +72,12 @@ def serve(conn, addr, tag):
                 name, _, value = line.partition(":")
                 fields[name.strip().lower()] = value.strip()
             close = fields.get("connection", "").lower() == "close"
-            if method == "POST":
+            if os.environ.get("APP_LOG"):
+                with open(os.environ["APP_LOG"], "a") as log:
+                    log.write(lines[0] + "\n")
+            if method == "CONNECT":
+                respond(conn, b"405 Method Not Allowed", b"no tunnels here\n", close=close)
+            elif method == "POST":
                 digest, length = hashlib.sha256(), 0
                 if fields.get("transfer-encoding", "").lower() == "chunked":
                     while True:

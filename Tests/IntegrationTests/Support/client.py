@@ -21,7 +21,8 @@ def connect(host, port=80):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family)
     s.settimeout(10)
-    s.connect((host, port))
+    # A link-local address names its interface (fe80::1%eth0): getaddrinfo gives the scope id.
+    s.connect(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4] if "%" in host else (host, port))
     return s
 
 

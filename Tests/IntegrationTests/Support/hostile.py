@@ -67,6 +67,35 @@ def answer(host, hexbytes, every=False):
         print(f"status {found[0]}")
 
 
+def exchange(host, hexbytes):
+    """Sends the bytes, half-closes, and prints every byte of the answer on one line (CR LF as ' | ')."""
+    s = connect(host)
+    try:
+        s.sendall(bytes.fromhex(hexbytes))
+        s.shutdown(socket.SHUT_WR)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    data = read_all(s)
+    print(data.decode("latin-1").replace("\r\n", " | ").replace("\n", " | ") if data else "closed")
+
+
+def cap(host, n):
+    """Opens n idle connections, then one more; prints how the extra one and then the first fared."""
+    held = [connect(host) for _ in range(n)]
+    time.sleep(0.5)
+    extra = connect(host)
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    outcomes = []
+    for s in (extra, held[0]):
+        try:
+            s.sendall(request)
+            found = statuses(read_all(s))
+            outcomes.append(f"status {found[0]}" if found else "closed")
+        except (BrokenPipeError, ConnectionResetError):
+            outcomes.append("closed")
+    print(f"extra {outcomes[0]}, first {outcomes[1]}")
+
+
 def slowloris(host, n, seconds):
     head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 4000
     conns = [connect(host) for _ in range(n)]
@@ -249,6 +278,10 @@ if __name__ == "__main__":
         answer(host, sys.argv[3])
     elif case == "responses":
         answer(host, sys.argv[3], every=True)
+    elif case == "exchange":
+        exchange(host, sys.argv[3])
+    elif case == "cap":
+        cap(host, int(sys.argv[3]))
     elif case == "slowloris":
         slowloris(host, int(sys.argv[3]), float(sys.argv[4]))
     elif case == "flood":

@@ -1,0 +1,113 @@
+import CNetfilter
+import Glibc
+import LERedirectModel
+
+/// What the kernel says about this network namespace's TCP sockets (sock_diag, as `ss` asks):
+/// which socket holds a connection, and which user owns a listener. No privilege is needed.
+enum SocketDiagnostics {
+    /// One socket as sock_diag reports it.
+    struct Socket: Equatable {
+        var family: UInt8
+        /// TCP's state (include/net/tcp_states.h).
+        var state: UInt8
+        /// The local address (4 or 16 bytes) and port (host order).
+        var address: [UInt8]
+        var port: UInt16
+        var uid: UInt32
+
+        /// A socket the kernel reports its owner for. Request sockets (SYN_RECV, 12) and
+        /// TIME_WAIT ones (6) carry uid 0 in sock_diag whoever made them: never trust that as root.
+        var ownerIsKnown: Bool { state != 6 && state != 7 && state != 12 }
+    }
+
+    static let tcpListen: UInt8 = 10
+
+    /// The socket whose local end is `local`:`localPort` and remote end `remote`:`remotePort` or,
+    /// when there is none, the listener the kernel would hand such a connection to; nil when
+    /// neither exists.
+    static func lookup(
+        _ diag: NetlinkSocket, family: UInt8, local: [UInt8], localPort: UInt16, remote: [UInt8], remotePort: UInt16
+    ) throws(NetlinkError) -> Socket? {
+        var found: Socket?
+        do throws(NetlinkError) {
+            try diag.request(
+                build: { buf, seq in
+                    let nlh = header(buf, seq, flags: NLM_F_REQUEST | NLM_F_ACK)
+                    let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
+                        .assumingMemoryBound(to: inet_diag_req_v2.self)
+                    req.pointee.sdiag_family = family
+                    req.pointee.sdiag_protocol = UInt8(IPPROTO_TCP)
+                    req.pointee.idiag_states = ~0
+                    req.pointee.id.idiag_sport = localPort.bigEndian
+                    req.pointee.id.idiag_dport = remotePort.bigEndian
+                    withUnsafeMutableBytes(of: &req.pointee.id.idiag_src) { $0.copyBytes(from: local) }
+                    withUnsafeMutableBytes(of: &req.pointee.id.idiag_dst) { $0.copyBytes(from: remote) }
+                    req.pointee.id.idiag_cookie = (UInt32.max, UInt32.max)  // INET_DIAG_NOCOOKIE
+                    return nlh
+                },
+                each: { reply in found = socket(reply) ?? found })
+        } catch where error.errno == ENOENT {
+            return nil
+        }
+        return found
+    }
+
+    /// Every TCP listener on `port`, IPv4 and IPv6.
+    static func listeners(_ diag: NetlinkSocket, port: UInt16) throws(NetlinkError) -> [Socket] {
+        var found: [Socket] = []
+        for family in [UInt8(AF_INET), UInt8(AF_INET6)] {
+            try diag.request(
+                build: { buf, seq in
+                    let nlh = header(buf, seq, flags: NLM_F_REQUEST | NLM_F_DUMP)
+                    let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
+                        .assumingMemoryBound(to: inet_diag_req_v2.self)
+                    req.pointee.sdiag_family = family
+                    req.pointee.sdiag_protocol = UInt8(IPPROTO_TCP)
+                    req.pointee.idiag_states = 1 << UInt32(tcpListen)
+                    return nlh
+                },
+                each: { reply in
+                    if let socket = socket(reply), socket.port == port { found.append(socket) }
+                })
+        }
+        return found
+    }
+
+    private static func header(_ buf: UnsafeMutablePointer<CChar>, _ seq: UInt32, flags: Int32) -> UnsafeMutablePointer<nlmsghdr> {
+        let nlh = mnl_nlmsg_put_header(buf)!
+        nlh.pointee.nlmsg_type = UInt16(SOCK_DIAG_BY_FAMILY)
+        nlh.pointee.nlmsg_flags = UInt16(flags)
+        nlh.pointee.nlmsg_seq = seq
+        return nlh
+    }
+
+    private static func socket(_ reply: UnsafePointer<nlmsghdr>) -> Socket? {
+        guard reply.pointee.nlmsg_type == UInt16(SOCK_DIAG_BY_FAMILY),
+            Int(reply.pointee.nlmsg_len) >= MemoryLayout<nlmsghdr>.size + MemoryLayout<inet_diag_msg>.size
+        else { return nil }
+        let message = mnl_nlmsg_get_payload(reply).assumingMemoryBound(to: inet_diag_msg.self).pointee
+        let length = message.idiag_family == UInt8(AF_INET6) ? 16 : 4
+        let address = withUnsafeBytes(of: message.id.idiag_src) { Array($0.prefix(length)) }
+        return Socket(
+            family: message.idiag_family, state: message.idiag_state, address: address,
+            port: UInt16(bigEndian: message.id.idiag_sport), uid: message.idiag_uid)
+    }
+}
+
+/// Who may answer challenges through a local listener: root, and the users the operator named
+/// (`--challenge-owner`). Any other local user could bind a free loopback port (before the ACME
+/// client starts its server, or between two of its authorizations) and answer with a key
+/// authorization of its own account: enough to be issued a certificate for the domain.
+struct ListenerOwners: Sendable, Hashable {
+    var allowed: Set<UInt32>
+
+    init(_ named: [UInt32]) { allowed = Set(named).union([0]) }
+
+    func allows(_ uid: UInt32) -> Bool { allowed.contains(uid) }
+
+    /// "root" or "root or uid 1000, 1001", for messages.
+    var text: String {
+        let others = allowed.subtracting([0]).sorted()
+        return others.isEmpty ? "root" : "root or uid " + others.map(String.init).joined(separator: ", ")
+    }
+}
