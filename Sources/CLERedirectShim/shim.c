@@ -7,6 +7,7 @@
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <string.h>
@@ -246,6 +247,9 @@ int le_open_directory_path(const char *path) { return open(path, O_PATH | O_DIRE
 
 static int open_walking(int dirfd, const char *path, int flags) {
     char component[256];
+    struct stat st;
+    if (fstat(dirfd, &st) != 0) return -1;
+    dev_t device = st.st_dev;  // no other mount: RESOLVE_NO_XDEV's walk
     int at = dirfd, owned = -1;
     const char *p = path;
     for (;;) {
@@ -266,6 +270,11 @@ static int open_walking(int dirfd, const char *path, int flags) {
             errno = saved;
             return -1;
         }
+        if (fstat(fd, &st) != 0 || st.st_dev != device) {
+            close(fd);
+            errno = EXDEV;
+            return -1;
+        }
         if (!slash) return fd;
         at = owned = fd;
         p = slash + 1;
@@ -279,7 +288,8 @@ int le_open_beneath(int dirfd, const char *path, int flags, int use_openat2) {
         how.flags = (uint64_t)(flags | O_NOFOLLOW | O_CLOEXEC);
         how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
         long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
-        if (fd >= 0 || errno != ENOSYS) return (int)fd;
+        // ENOSYS: a kernel before 5.6; EPERM: a seccomp profile that does not know openat2.
+        if (fd >= 0 || (errno != ENOSYS && errno != EPERM)) return (int)fd;
     }
     return open_walking(dirfd, path, flags);
 }

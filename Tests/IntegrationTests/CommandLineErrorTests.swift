@@ -47,6 +47,9 @@ struct CommandLineErrorTests {
         Case(arguments: ["--idle-timeout", "30d"], status: 2, message: "out of range"),
         Case(arguments: ["--drain-timeout", "forever"], status: 2, message: "is not a duration"),
         Case(arguments: ["--external-proxy", "--in-memory"], status: 2, message: "do not apply"),
+        Case(arguments: ["--max-connections-per-source", "0"], status: 2, message: "out of range"),
+        Case(arguments: ["--challenge-owner", "no-such-user-here"], status: 2, message: "no such user"),
+        Case(arguments: ["--webroot", "/nonexistent/webroot"], status: 2, message: "opening the directory"),
     ]
 
     @Test(arguments: cases)

@@ -62,17 +62,19 @@ struct ExposureTests {
         let begin = try net.leRedirect(["begin", "--webroot", webroot], environment: environment)
         #expect(begin.status == 0, "\(begin)")
         let shadow = (try? String(contentsOfFile: "/etc/shadow", encoding: .utf8)) ?? "root:"
-        for (token, what, expected) in [
-            ("shadow", "a directory link to /etc: /etc/shadow", "404"), ("passwd", "a directory link to /etc: /etc/passwd", "404"),
-            ("tokL", "a link to /etc/shadow", "404"), ("tokR", "a root-only file (0600 root)", "404"),
-            ("tokO", "the owner's own 0600 file", "200"),
+        // What each got before the fix, measured with the previous release.
+        for (token, what, expected, before) in [
+            ("shadow", "a directory link to /etc: /etc/shadow", "404", "200 and /etc/shadow"),
+            ("passwd", "a directory link to /etc: /etc/passwd", "404", "200 and /etc/passwd"),
+            ("tokL", "a token file that links to /etc/shadow", "404", "404 (O_NOFOLLOW on the last component)"),
+            ("tokR", "a root-only file (0600 root)", "404", "200 root only"), ("tokO", "the owner's own 0600 file", "200", "200 own"),
         ] {
             for address in [Self.v4, Self.v6] {
                 let answer = try net.httpClient("get", address, "/.well-known/acme-challenge/" + token)
                 #expect(answer.hasPrefix(expected), "\(what) over \(address) (\(path)): \(answer)")
                 #expect(!answer.contains("root:") && !answer.contains(String(shadow.prefix(20))) && !answer.contains("root only"))
                 if address == Self.v4 {
-                    report(400 + (path.hasPrefix("openat2") ? 0 : 10), "| --webroot owned by uid 65534, \(what), \(path) | before: 200 and the file (tokO: 200) · after: \(answer) |")
+                    report(400 + (path.hasPrefix("openat2") ? 0 : 10), "| --webroot owned by uid 65534, \(what), \(path) | before: \(before) · after: \(answer) |")
                 }
             }
         }
@@ -133,6 +135,27 @@ struct ExposureTests {
         #expect(try net.leRedirect("end").status == 0)
     }
 
+    @Test func aLocalUserWhoTakesTheProxyPortDuringASessionEndsIt() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.start(net.host, ["python3", Paths.peer, "serve", "80", "app"])
+        try net.waitForListener(net.host, 80)
+        // The operator's proxy is not up (or restarting): begin warns and watches the port.
+        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        let pid = try net.daemonPID()
+        let started = Date()
+        try startAsNobody(net, "peer.py", ["serve", "12347", "proxy"])
+        try net.waitForListener(net.host, 12347)
+        let gone = pid.map { waitUntilGone($0, seconds: 5) } ?? false
+        let seconds = Date().timeIntervalSince(started)
+        #expect(gone, "the session did not end")
+        for address in [Self.v4, Self.v6] { #expect(try net.reach(address) == "app", "over \(address)") }
+        let log = try String(contentsOfFile: net.stateDirectory + "/session.log", encoding: .utf8)
+        #expect(log.contains("uid 65534 now listens on the proxy port"), "\(log)")
+        #expect(try net.leRedirect("end").status == 0)
+        report(431, "| uid 65534 takes the proxy port during an `--external-proxy` session | before: port 80 to that user's process until the TTL · after: session ended \(String(format: "%.1f", seconds)) s after the listener appeared; port 80 to the app |")
+    }
+
     // MARK: 4 and 5. CONNECT and pipelining
 
     @Test func aRefusedConnectLeavesTheNextRequestParsedAndRewritten() throws {
@@ -156,6 +179,10 @@ struct ExposureTests {
         // A tunnel the app does accept is still one.
         let tunnel = try hostile(net, ["exchange", Self.v4, Self.hex("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\nraw bytes")])
         #expect(tunnel.contains("101 Switching Protocols") && tunnel.contains("raw bytes") && tunnel.contains("bye"), "\(tunnel)")
+        // ... also when it comes pipelined after an ordinary request.
+        let second = try hostile(
+            net, ["exchange", Self.v4, Self.hex("GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\nraw bytes")])
+        #expect(second.contains("200 OK") && second.contains("101 Switching Protocols") && second.contains("raw bytes") && second.contains("bye"), "\(second)")
         #expect(try net.leRedirect("end").status == 0)
     }
 

@@ -103,8 +103,9 @@ int le_open_directory_path(const char *path);
 /// following a symbolic link anywhere on the way, nor leaving the directory (`..`, an absolute
 /// path, another mount). With `use_openat2`, openat2(2) with RESOLVE_BENEATH |
 /// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV; where the kernel has no
-/// openat2 (ENOSYS), or without `use_openat2`, a walk that opens one component at a time with
-/// O_NOFOLLOW and refuses "." and "..". `flags` are the last component's open flags (O_NOFOLLOW
+/// openat2 (ENOSYS, or EPERM from a seccomp profile that predates it), or without `use_openat2`,
+/// a walk that opens one component at a time with O_NOFOLLOW, refuses "." and "..", and stays on
+/// the directory's file system. `flags` are the last component's open flags (O_NOFOLLOW
 /// and O_CLOEXEC are added). The descriptor, or -1 with errno (ELOOP or ENOTDIR for a link).
 int le_open_beneath(int dirfd, const char *path, int flags, int use_openat2);
 

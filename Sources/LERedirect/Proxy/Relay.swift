@@ -78,7 +78,7 @@ final class Relay {
         if opaque { return true }
         switch request.state {
         case .body, .chunked: return true
-        case .head: return !request.head.isEmpty || (outstanding.isEmpty && requestsTaken > 0)
+        case .head: return outstanding.isEmpty && (!request.head.isEmpty || requestsTaken > 0)
         case .paused, .tunnelRequested, .stopped, .opaque: return outstanding.isEmpty
         }
     }
@@ -101,7 +101,8 @@ enum Epoll {
     static let delete = Int32(LE_EPOLL_CTL_DEL)
 }
 
-/// A client's address, as the per-source connection count knows it.
+/// A client's address as the per-source connection count knows it: an IPv4 address, or an IPv6
+/// /64 (one subscriber's prefix: otherwise a client could take a new address per connection).
 struct SourceAddress: Hashable {
     var family: Int32
     var high: UInt64, low: UInt64
@@ -109,6 +110,7 @@ struct SourceAddress: Hashable {
     init(_ e: le_endpoint) {
         family = e.family
         (high, low) = withUnsafeBytes(of: e.addr) { ($0.loadUnaligned(as: UInt64.self), $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+        if family == AF_INET6 { low = 0 }
     }
 }
 
@@ -125,6 +127,9 @@ extension le_endpoint {
         if b[0..<15].allSatisfy({ $0 == 0 }) && b[15] == 1 { return true }
         return b[0..<10].allSatisfy { $0 == 0 } && b[10] == 0xff && b[11] == 0xff && b[12] == 127
     }
+
+    /// 0.0.0.0 or :: (which connect to this host).
+    var isUnspecified: Bool { addressBytes.allSatisfy { $0 == 0 } }
 
     /// fe80::/10.
     var isLinkLocal: Bool { family == AF_INET6 && addr.0 == 0xfe && addr.1 & 0xc0 == 0x80 }

@@ -106,7 +106,7 @@ final class ValidationProxy: @unchecked Sendable {
         case .url(let host, let port):
             let upstream = try Self.resolve(host, port)
             challengeUpstream = upstream
-            challengeListenerIsLocal = upstream.isLoopback
+            challengeListenerIsLocal = upstream.isLoopback || upstream.isUnspecified || Self.isLocal(upstream)
         case .port:
             challengeListenerIsLocal = true
         case .webroot(let dir):
@@ -194,6 +194,7 @@ final class ValidationProxy: @unchecked Sendable {
             if first.pointee.ai_family == AF_INET6 {
                 first.pointee.ai_addr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { a in
                     withUnsafeBytes(of: a.pointee.sin6_addr) { out.copyMemory(from: $0) }
+                    endpoint.scope_id = a.pointee.sin6_scope_id  // fe80::1%eth0
                 }
             } else {
                 first.pointee.ai_addr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { a in
@@ -256,7 +257,7 @@ final class ValidationProxy: @unchecked Sendable {
                     drainTimedOut = true
                     for case let relay? in slots where relay.endsAtDrainTimeout { close(relay) }
                 }
-                if now >= drainDeadline &+ Self.responseGrace {
+                if now >= drainDeadline + Self.responseGrace {
                     let left = counters.connections.load(ordering: .relaxed)
                     if left > 0 { logger.notice("drain: closing \(left) connection(s) still busy after the drain timeout and \(Self.responseGrace / 1000) s more") }
                     closeListeners()
@@ -274,9 +275,9 @@ final class ValidationProxy: @unchecked Sendable {
         draining = true
         counters.phase.store(1, ordering: .relaxed)
         let timeout = drainTimeoutOverride.withLock { $0 } ?? options.drainTimeout
-        drainDeadline = now + timeout.milliseconds
+        drainDeadline = now + min(max(timeout.milliseconds, 0), 3_600_000)  // as --drain-timeout's range
         // Connections redirected just before the redirect went may still be in the accept queue.
-        listenersCloseAt = now + min(1000, timeout.milliseconds)
+        listenersCloseAt = min(drainDeadline, now + 1000)
         logger.info("draining", metadata: ["connections": "\(counters.connections.load(ordering: .relaxed))"])
         for case let relay? in slots { applyDrain(relay) }
         Fault.reach("drain-started")
@@ -357,7 +358,7 @@ final class ValidationProxy: @unchecked Sendable {
         }
     }
 
-    /// The index of the interface that has `address` (an IPv6 link-local address of this host).
+    /// The index of the interface that has `address`, or nil when no interface of this host has it.
     private static func interface(holding address: le_endpoint) -> UInt32? {
         var list: UnsafeMutablePointer<ifaddrs>?
         guard getifaddrs(&list) == 0 else { return nil }
@@ -366,14 +367,17 @@ final class ValidationProxy: @unchecked Sendable {
         var item = list
         while let current = item {
             item = current.pointee.ifa_next
-            guard let a = current.pointee.ifa_addr, Int32(a.pointee.sa_family) == AF_INET6 else { continue }
-            let found = a.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { s -> UInt32? in
-                withUnsafeBytes(of: s.pointee.sin6_addr) { Array($0) } == wanted ? s.pointee.sin6_scope_id : nil
-            }
-            if let found { return found }
+            guard let a = current.pointee.ifa_addr, Int32(a.pointee.sa_family) == address.family else { continue }
+            let bytes =
+                address.family == AF_INET6
+                ? a.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { s in withUnsafeBytes(of: s.pointee.sin6_addr) { Array($0) } }
+                : a.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { s in withUnsafeBytes(of: s.pointee.sin_addr) { Array($0) } }
+            if bytes == wanted { return if_nametoindex(current.pointee.ifa_name) }
         }
         return nil
     }
+
+    private static func isLocal(_ address: le_endpoint) -> Bool { interface(holding: address) != nil }
 
     private func pauseListening() {
         guard listening else { return }
@@ -408,7 +412,10 @@ final class ValidationProxy: @unchecked Sendable {
                     return
                 }
                 r.connecting = false
-                if r.checksListenerOwner && !listenerOwnerAllowed(r) { return }
+                if r.checksListenerOwner && !listenerOwnerAllowed(r) {
+                    if !r.closed { updateInterest(r) }
+                    return
+                }
             }
             if writable, !r.toUpstream.isEmpty { flushUpstream(r) }
             if r.closed { return }
@@ -702,7 +709,7 @@ final class ValidationProxy: @unchecked Sendable {
                     uid = found.uid
                 } else {
                     // Not yet a full socket (its handshake is still being completed): its listener's owner.
-                    let listeners = try SocketDiagnostics.listeners(diag!, port: remote.port)
+                    let listeners = try SocketDiagnostics.listeners(diag!, port: remote.port).filter(\.ownerIsKnown)
                     uid = listeners.first { !listenerOwners.allows($0.uid) }?.uid ?? listeners.first?.uid
                 }
             } catch {
@@ -809,7 +816,9 @@ final class ValidationProxy: @unchecked Sendable {
             toClient(r, head.baseAddress!, head.count)
             return
         }
-        if r.request.state == .tunnelRequested && (response.status == 101 || (method == .connect && response.status < 300)) {
+        if r.request.state == .tunnelRequested && r.outstanding.count == 1
+            && (response.status == 101 || (method == .connect && response.status < 300))
+        {
             toClient(r, head.baseAddress!, head.count)
             r.response.state = .opaque
             r.request.state = .opaque
@@ -855,7 +864,7 @@ final class ValidationProxy: @unchecked Sendable {
             finishClient(r)
             return
         }
-        if r.request.state == .paused || r.request.state == .tunnelRequested {
+        if r.request.state == .paused || (r.request.state == .tunnelRequested && r.outstanding.isEmpty) {
             r.request.state = .head
             if !r.request.head.isEmpty {
                 let held = r.request.head.bytes

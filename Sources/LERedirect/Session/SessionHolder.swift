@@ -16,6 +16,8 @@ public struct EndReport: Sendable, Hashable {
         case signal
         /// The program the session followed (`begin --until-parent-exits`) exited.
         case clientExited = "client-exited"
+        /// A user other than root or a `--challenge-owner` listened on the external proxy's port.
+        case untrustedListener = "untrusted-listener"
         /// There was no active session.
         case notActive
     }
@@ -62,6 +64,8 @@ final class SessionHolder: @unchecked Sendable {
     private var thread = pthread_t()
     /// The built-in validation proxy; nil with an external proxy.
     let proxy: ValidationProxy?
+    /// With an external proxy: whose listeners on the proxy port may have port 80 (checked every second).
+    private let externalProxyOwners: ListenerOwners?
     let tokens: ChallengeStore
     private let armsPerChallenge: Bool
     /// Begun by the certbot auth hook: the cleanup hook ends it when the last token goes.
@@ -79,9 +83,11 @@ final class SessionHolder: @unchecked Sendable {
     private init(
         state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewalls: Firewalls,
         listener: Int32, wake: Int32, stopSignals: Int32?, followed: Followed?, monotonicDeadline: Int64,
-        proxy: ValidationProxy?, tokens: ChallengeStore, armsPerChallenge: Bool, endsWithLastToken: Bool
+        proxy: ValidationProxy?, externalProxyOwners: ListenerOwners?, tokens: ChallengeStore, armsPerChallenge: Bool,
+        endsWithLastToken: Bool
     ) {
         self.followed = followed
+        self.externalProxyOwners = externalProxyOwners
         self.endsWithLastToken = endsWithLastToken
         self.proxy = proxy
         self.tokens = tokens
@@ -124,7 +130,7 @@ final class SessionHolder: @unchecked Sendable {
         let tokens = ChallengeStore()
         var proxy: ValidationProxy?
         if case .external = options.proxy {
-            do { try checkExternalProxy(options) } catch {
+            do { try checkExternalProxy(options, logger: logger) } catch {
                 closeDescriptor(wake)
                 closeDescriptor(listener)
                 _ = unlink(state.controlSocketPath)
@@ -158,7 +164,8 @@ final class SessionHolder: @unchecked Sendable {
                 state: state, logger: logger, journal: journal, engine: engine, firewalls: firewalls, listener: listener,
                 wake: wake, stopSignals: stopSignals, followed: followed,
                 monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
-                proxy: proxy, tokens: tokens, armsPerChallenge: options.proxy.armsPerChallenge,
+                proxy: proxy, externalProxyOwners: proxy == nil ? ListenerOwners(options.listenerOwners) : nil,
+                tokens: tokens, armsPerChallenge: options.proxy.armsPerChallenge,
                 endsWithLastToken: endsWithLastToken)
             holder.thread = startThread { holder.run() }
             return holder
@@ -174,23 +181,45 @@ final class SessionHolder: @unchecked Sendable {
 
     /// An external proxy gets port 80 only if every socket listening on the proxy port belongs to
     /// root or a user named with --challenge-owner: any local user may bind a free port.
-    private static func checkExternalProxy(_ options: ValidatedOptions) throws(LERedirectError) {
+    private static func checkExternalProxy(_ options: ValidatedOptions, logger: Logger) throws(LERedirectError) {
         let owners = ListenerOwners(options.listenerOwners)
         let listeners: [SocketDiagnostics.Socket]
-        do throws(NetlinkError) {
-            let diag = try NetlinkSocket(bus: NETLINK_SOCK_DIAG)
-            defer { diag.close() }
-            listeners = try SocketDiagnostics.listeners(diag, port: options.proxyPort)
-        } catch {
+        do throws(NetlinkError) { listeners = try proxyListeners(options.proxyPort) } catch {
             throw LERedirectError(
                 .failed, "begin --external-proxy: listing the listeners on port \(options.proxyPort): \(errnoText(error.errno)). Nothing was changed",
                 errno: error.errno)
         }
-        if let foreign = listeners.first(where: { !owners.allows($0.uid) }) {
+        if let foreign = untrusted(listeners, owners) {
             throw LERedirectError(
                 .failed,
-                "begin --external-proxy: the listener on port \(options.proxyPort) belongs to uid \(foreign.uid), not \(owners.text); "
+                "begin --external-proxy: the listener on port \(options.proxyPort) belongs to \(foreign), not \(owners.text); "
                     + "port 80 is not handed to it (name its user with --challenge-owner if it is your proxy). Nothing was changed")
+        }
+        if listeners.isEmpty {
+            logger.warning("begin --external-proxy: nothing listens on port \(options.proxyPort) yet; port 80 reaches no one until your proxy does")
+        }
+    }
+
+    private static func proxyListeners(_ port: UInt16) throws(NetlinkError) -> [SocketDiagnostics.Socket] {
+        let diag = try NetlinkSocket(bus: NETLINK_SOCK_DIAG)
+        defer { diag.close() }
+        return try SocketDiagnostics.listeners(diag, port: port)
+    }
+
+    /// "uid N" of the first listener that is neither root's nor a named user's, if any.
+    private static func untrusted(_ listeners: [SocketDiagnostics.Socket], _ owners: ListenerOwners) -> String? {
+        listeners.first { !$0.ownerIsKnown || !owners.allows($0.uid) }.map { $0.ownerIsKnown ? "uid \($0.uid)" : "an unknown user" }
+    }
+
+    /// With an external proxy: whether someone not trusted now listens on the proxy port (the
+    /// operator's proxy restarted, and another user took the port meanwhile).
+    private func externalProxyTakenOver() -> String? {
+        guard let owners = externalProxyOwners else { return nil }
+        do throws(NetlinkError) {
+            return Self.untrusted(try Self.proxyListeners(journal.proxyPort), owners)
+        } catch {
+            logger.warning("listing the listeners on port \(journal.proxyPort): \(errnoText(error.errno))")
+            return nil
         }
     }
 
@@ -238,6 +267,7 @@ final class SessionHolder: @unchecked Sendable {
     private func run() {
         var reason = EndReport.Reason.expired
         var requester: Int32?
+        var nextListenerCheck: Int64 = 0
         loop: while true {
             let remaining = monotonicDeadline - monotonicMilliseconds()
             if remaining <= 0 {
@@ -250,12 +280,21 @@ final class SessionHolder: @unchecked Sendable {
                 pollfd(fd: stopSignals ?? -1, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: followed?.fd ?? -1, events: Int16(POLLIN), revents: 0),
             ]
-            let n = poll(&fds, nfds_t(fds.count), Int32(min(remaining, 60_000)))
+            // With an external proxy, who listens on its port is looked at every second.
+            let n = poll(&fds, nfds_t(fds.count), Int32(min(remaining, externalProxyOwners == nil ? 60_000 : 1000)))
             if n < 0 {
                 if errno == EINTR { continue }
                 logger.error("poll: \(errnoText(errno)); ending the session")
                 reason = .requested
                 break
+            }
+            if externalProxyOwners != nil, monotonicMilliseconds() >= nextListenerCheck {
+                nextListenerCheck = monotonicMilliseconds() + 1000
+                if let foreign = externalProxyTakenOver() {
+                    logger.error("\(foreign) now listens on the proxy port \(journal.proxyPort); ending the session so that port 80 goes to the app")
+                    reason = .untrustedListener
+                    break
+                }
             }
             if n == 0 { continue }
             if fds[1].revents != 0 {

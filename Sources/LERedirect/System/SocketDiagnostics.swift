@@ -14,10 +14,13 @@ enum SocketDiagnostics {
         var address: [UInt8]
         var port: UInt16
         var uid: UInt32
+        var inode: UInt32
 
-        /// A socket the kernel reports its owner for. Request sockets (SYN_RECV, 12) and
-        /// TIME_WAIT ones (6) carry uid 0 in sock_diag whoever made them: never trust that as root.
-        var ownerIsKnown: Bool { state != 6 && state != 7 && state != 12 }
+        /// Whether `uid` is the owner's. sock_diag reports uid 0 for a socket that no file holds:
+        /// request sockets (SYN_RECV), TIME_WAIT ones, and, on kernels before 6.17 or so, a
+        /// connection still waiting in its listener's accept queue (the owner is then taken from
+        /// the socket's inode, which it has only once accepted). Never take that for root.
+        var ownerIsKnown: Bool { inode != 0 && state != 6 && state != 7 && state != 12 }
     }
 
     static let tcpListen: UInt8 = 10
@@ -90,7 +93,7 @@ enum SocketDiagnostics {
         let address = withUnsafeBytes(of: message.id.idiag_src) { Array($0.prefix(length)) }
         return Socket(
             family: message.idiag_family, state: message.idiag_state, address: address,
-            port: UInt16(bigEndian: message.id.idiag_sport), uid: message.idiag_uid)
+            port: UInt16(bigEndian: message.id.idiag_sport), uid: message.idiag_uid, inode: message.idiag_inode)
     }
 }
 

@@ -116,16 +116,33 @@ struct StateDirectory: Sendable {
     private func checkAncestors() throws(LERedirectError) {
         guard let slash = path.lastIndex(of: "/") else { return }
         let parent = slash == path.startIndex ? "/" : String(path[..<slash])
-        guard let real = realpath(parent, nil) else { return }  // a missing parent: mkdir says so
+        // The path as given (a link on the way must be safe from others too, or it could be
+        // pointed elsewhere later), then the directories it leads to.
+        try checkComponents(of: parent)
+        guard let real = realpath(parent, nil) else {
+            let code = errno
+            if code == ENOENT { return }  // a missing parent: mkdir says so
+            throw LERedirectError(.failed, "resolving \(parent), above the state directory: \(errnoText(code))", errno: code)
+        }
         let resolved = cString(real)
         free(real)
+        if resolved != parent { try checkComponents(of: resolved) }
+    }
+
+    private func checkComponents(of directory: String) throws(LERedirectError) {
         var prefix = ""
-        for component in [""] + resolved.split(separator: "/").map(String.init) {
+        for component in [""] + directory.split(separator: "/").map(String.init) {
             prefix = component.isEmpty ? "/" : (prefix == "/" ? "" : prefix) + "/" + component
             var st = stat()
-            guard lstat(prefix, &st) == 0 else { return }
+            guard lstat(prefix, &st) == 0 else {
+                let code = errno
+                if code == ENOENT { return }  // mkdir says so
+                throw LERedirectError(.failed, "reading \(prefix), above the state directory: \(errnoText(code))", errno: code)
+            }
             let owner = st.st_uid
-            let writableByOthers = st.st_mode & 0o022 != 0 && st.st_mode & S_ISVTX == 0
+            // A symbolic link's own mode bits mean nothing; its directory's were checked before it.
+            let isLink = st.st_mode & S_IFMT == S_IFLNK
+            let writableByOthers = !isLink && st.st_mode & 0o022 != 0 && st.st_mode & S_ISVTX == 0
             guard (owner == 0 || owner == geteuid()) && !writableByOthers else {
                 let mode = String(st.st_mode & 0o7777, radix: 8)
                 throw LERedirectError(
