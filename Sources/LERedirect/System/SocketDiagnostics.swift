@@ -39,7 +39,7 @@ enum SocketDiagnostics {
                     let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
                         .assumingMemoryBound(to: inet_diag_req_v2.self)
                     req.pointee.sdiag_family = family
-                    req.pointee.sdiag_protocol = UInt8(IPPROTO_TCP)
+                    req.pointee.sdiag_protocol = ipprotoTCP
                     req.pointee.idiag_states = ~0
                     req.pointee.id.idiag_sport = localPort.bigEndian
                     req.pointee.id.idiag_dport = remotePort.bigEndian
@@ -65,7 +65,7 @@ enum SocketDiagnostics {
                     let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
                         .assumingMemoryBound(to: inet_diag_req_v2.self)
                     req.pointee.sdiag_family = family
-                    req.pointee.sdiag_protocol = UInt8(IPPROTO_TCP)
+                    req.pointee.sdiag_protocol = ipprotoTCP
                     req.pointee.idiag_states = 1 << UInt32(tcpListen)
                     return nlh
                 },
