@@ -35,12 +35,7 @@ enum SocketDiagnostics {
         do throws(NetlinkError) {
             try diag.request(
                 build: { buf, seq in
-                    let nlh = header(buf, seq, flags: NLM_F_REQUEST | NLM_F_ACK)
-                    let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
-                        .assumingMemoryBound(to: inet_diag_req_v2.self)
-                    req.pointee.sdiag_family = family
-                    req.pointee.sdiag_protocol = ipprotoTCP
-                    req.pointee.idiag_states = ~0
+                    let (nlh, req) = request(buf, seq, flags: NLM_F_REQUEST | NLM_F_ACK, family: family, states: ~0)
                     req.pointee.id.idiag_sport = localPort.bigEndian
                     req.pointee.id.idiag_dport = remotePort.bigEndian
                     withUnsafeMutableBytes(of: &req.pointee.id.idiag_src) { $0.copyBytes(from: local) }
@@ -61,13 +56,7 @@ enum SocketDiagnostics {
         for family in [UInt8(AF_INET), UInt8(AF_INET6)] {
             try diag.request(
                 build: { buf, seq in
-                    let nlh = header(buf, seq, flags: NLM_F_REQUEST | NLM_F_DUMP)
-                    let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!
-                        .assumingMemoryBound(to: inet_diag_req_v2.self)
-                    req.pointee.sdiag_family = family
-                    req.pointee.sdiag_protocol = ipprotoTCP
-                    req.pointee.idiag_states = 1 << UInt32(tcpListen)
-                    return nlh
+                    request(buf, seq, flags: NLM_F_REQUEST | NLM_F_DUMP, family: family, states: 1 << UInt32(tcpListen)).0
                 },
                 each: { reply in
                     if let socket = socket(reply), socket.port == port { found.append(socket) }
@@ -76,12 +65,19 @@ enum SocketDiagnostics {
         return found
     }
 
-    private static func header(_ buf: UnsafeMutablePointer<CChar>, _ seq: UInt32, flags: Int32) -> UnsafeMutablePointer<nlmsghdr> {
+    /// A SOCK_DIAG_BY_FAMILY request for TCP sockets of `family` in `states` (a bit per state).
+    private static func request(
+        _ buf: UnsafeMutablePointer<CChar>, _ seq: UInt32, flags: Int32, family: UInt8, states: UInt32
+    ) -> (UnsafeMutablePointer<nlmsghdr>, UnsafeMutablePointer<inet_diag_req_v2>) {
         let nlh = mnl_nlmsg_put_header(buf)!
         nlh.pointee.nlmsg_type = UInt16(SOCK_DIAG_BY_FAMILY)
         nlh.pointee.nlmsg_flags = UInt16(flags)
         nlh.pointee.nlmsg_seq = seq
-        return nlh
+        let req = mnl_nlmsg_put_extra_header(nlh, MemoryLayout<inet_diag_req_v2>.size)!.assumingMemoryBound(to: inet_diag_req_v2.self)
+        req.pointee.sdiag_family = family
+        req.pointee.sdiag_protocol = ipprotoTCP
+        req.pointee.idiag_states = states
+        return (nlh, req)
     }
 
     private static func socket(_ reply: UnsafePointer<nlmsghdr>) -> Socket? {

@@ -51,14 +51,19 @@ def statuses(data):
     return [line.split(b" ")[1].decode() for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
 
 
-def answer(host, hexbytes, every=False):
+def send_and_read(host, hexbytes):
+    """Sends the bytes, half-closes, and returns all that comes back."""
     s = connect(host)
     try:
         s.sendall(bytes.fromhex(hexbytes))
         s.shutdown(socket.SHUT_WR)
     except (BrokenPipeError, ConnectionResetError):
         pass
-    found = statuses(read_all(s))
+    return read_all(s)
+
+
+def answer(host, hexbytes, every=False):
+    found = statuses(send_and_read(host, hexbytes))
     if not found:
         print("closed")
     elif every:
@@ -69,13 +74,7 @@ def answer(host, hexbytes, every=False):
 
 def exchange(host, hexbytes):
     """Sends the bytes, half-closes, and prints every byte of the answer on one line (CR LF as ' | ')."""
-    s = connect(host)
-    try:
-        s.sendall(bytes.fromhex(hexbytes))
-        s.shutdown(socket.SHUT_WR)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    data = read_all(s)
+    data = send_and_read(host, hexbytes)
     print(data.decode("latin-1").replace("\r\n", " | ").replace("\n", " | ") if data else "closed")
 
 
