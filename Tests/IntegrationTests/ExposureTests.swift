@@ -23,9 +23,11 @@ struct ExposureTests {
 
     /// Runs Support/SCRIPT with `arguments` as uid 65534 in the host namespace, in the background
     /// (`close()` ends it). The script is copied where that user can read it, whatever the
-    /// checkout's permissions.
+    /// checkout's permissions (the network's -nginx directory, which `close()` removes).
     private func startAsNobody(_ net: TestNetwork, _ script: String, _ arguments: [String], log: String? = nil) throws {
-        let copy = net.stateDirectory + "-" + script
+        let dir = net.stateDirectory + "-nginx"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let copy = dir + "/" + script
         _ = try? FileManager.default.removeItem(atPath: copy)
         try FileManager.default.copyItem(atPath: Paths.support.appendingPathComponent(script).path, toPath: copy)
         chmod(copy, 0o644)
