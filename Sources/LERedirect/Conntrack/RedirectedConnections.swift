@@ -211,11 +211,13 @@ enum RedirectedConnections {
         }
 
         /// An untranslated TCP connection to `port` in a state where conntrack lets a new SYN with
-        /// the same tuple through as part of it (SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT,
-        /// LAST_ACK: the kernel's tcp_conntracks table) instead of starting a new connection.
+        /// the same tuple through as part of it (SYN_SENT, as a retransmission; SYN_RECV,
+        /// ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK: the kernel's tcp_conntracks table) instead
+        /// of starting a new connection. SYN_SENT: a SYN seen as the last session's table went, its
+        /// answer never tracked (on a host with no conntrack of its own), for two minutes.
         func ignoresNewSYN(port: UInt16) -> Bool {
             guard protocolNumber == ipprotoTCP, destinationPort == port, let tcpState else { return false }
-            return status & UInt32(IPS_NAT_MASK.rawValue) == 0 && (2...6).contains(tcpState)
+            return status & UInt32(IPS_NAT_MASK.rawValue) == 0 && (1...6).contains(tcpState)
         }
 
         /// One CTA_TUPLE_* payload: addresses, protocol number and ports.
