@@ -10,11 +10,8 @@
 #include <linux/netfilter/x_tables.h>
 #include <linux/netfilter/xt_addrtype.h>
 #include <linux/netfilter/xt_comment.h>
-#include <linux/netfilter/xt_conntrack.h>
 #include <linux/netfilter/xt_tcpudp.h>
 #include <linux/netfilter/xt_time.h>
-#include <linux/netfilter/nf_nat.h>
+#include <linux/netfilter/xt_TPROXY.h>
 #include <linux/netfilter/nf_conntrack_common.h>
 
-// Macros Swift cannot import (they expand to expressions over enum constants).
-static const uint16_t le_xt_conntrack_state_dnat = XT_CONNTRACK_STATE_DNAT;

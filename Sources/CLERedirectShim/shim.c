@@ -14,8 +14,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
-#include <linux/netfilter_ipv4.h>
-#include <linux/netfilter_ipv6/ip6_tables.h>
 
 int le_spawn_detached(pid_t *pid, const char *path, char *const argv[], char *const envp[],
                       int devnull_fd, const int *pass_fds, int pass_count) {
@@ -167,12 +165,22 @@ int le_epoll_wait(int epfd, le_event *out, int max, int timeout_ms) {
     return n;
 }
 
-int le_tcp_listen(int family, uint16_t port, int backlog) {
+int le_tcp_listen(int family, uint16_t port, int backlog, int transparent) {
     int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
     if (family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (transparent) {
+        int rc = family == AF_INET6 ? setsockopt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, &one, sizeof(one))
+                                    : setsockopt(fd, IPPROTO_IP, IP_TRANSPARENT, &one, sizeof(one));
+        if (rc != 0) {
+            int saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+    }
     le_endpoint any = {.family = family, .port = port};
     struct sockaddr_storage ss;
     socklen_t len = to_sockaddr(&any, &ss);
@@ -194,16 +202,6 @@ int le_tcp_accept(int listener, le_endpoint *peer) {
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     from_sockaddr(&ss, peer);
     return fd;
-}
-
-int le_original_destination(int fd, int family, le_endpoint *out) {
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof(ss);
-    int rc = family == AF_INET6 ? getsockopt(fd, SOL_IPV6, IP6T_SO_ORIGINAL_DST, &ss, &len)
-                                : getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &ss, &len);
-    if (rc != 0) return errno;
-    from_sockaddr(&ss, out);
-    return 0;
 }
 
 int le_tcp_connect(const le_endpoint *to, int *in_progress) {

@@ -31,7 +31,7 @@ struct BeginOptions: ParsableArguments {
     var ttl: Duration = .seconds(900)
 
     @Option(
-        help: "Where the redirect lives: auto (what `le-redirect detect` picks), nftables or iptables-legacy. The scoped accepts go into the input chains of both systems either way.")
+        help: "Where the steering lives: auto (what `le-redirect detect` picks: nftables wherever the kernel has owned tables), nftables or iptables-legacy. Nothing goes into the host's own chains either way.")
     var backend: String = "auto"
 
     @Option(
@@ -186,7 +186,7 @@ func begunLine(_ status: SessionStatus) -> String {
     let expires = status.expiresAt.map { RFC3339.format(unixMilliseconds: $0) } ?? "?"
     let target = status.proxy == "built-in" ? "the built-in proxy on port" : "port"
     let armed = status.armed == false ? " (armed only while a challenge token is registered)" : ""
-    return "le-redirect: redirecting new connections to port \(status.port ?? 0) to \(target) \(status.proxyPort ?? 0)\(armed) "
+    return "le-redirect: steering new connections to port \(status.port ?? 0) to \(target) \(status.proxyPort ?? 0)\(armed) "
         + "until \(expires) through \(status.backend ?? "?") (session pid \(status.pid.map(String.init) ?? "?"))"
 }
 
@@ -228,10 +228,10 @@ struct Status: ParsableCommand {
         print("state: \(status.state.rawValue)")
         if let pid = status.pid { print("pid: \(pid) (\(status.holder ?? "?"))") }
         if let backend = status.backend { print("backend: \(backend)") }
-        if let port = status.port, let proxyPort = status.proxyPort { print("redirect: :\(port) -> :\(proxyPort)") }
+        if let port = status.port, let proxyPort = status.proxyPort { print("steering: :\(port) -> :\(proxyPort)") }
         if let expires = status.expiresAt { print("expires: \(RFC3339.format(unixMilliseconds: expires))") }
-        if let accepts = status.acceptRules { print("scoped accepts: \(accepts)") }
-        if let packets = status.redirectedPackets { print("redirected connections: \(packets)") }
+        if let accepts = status.acceptRules, accepts > 0 { print("scoped accepts (left by an older version): \(accepts)") }
+        if let packets = status.redirectedPackets { print("steered connections: \(packets)") }
         if let responding = status.responding { print("responding: \(responding ? "yes" : "no")") }
         if let proxy = status.proxy { print("proxy: \(proxy)\(status.proxyPhase.map { " (\($0))" } ?? "")") }
         if let source = status.challengeSource { print("challenge source: \(source)") }

@@ -4,19 +4,22 @@ package struct DetectionReport: Sendable {
     package var nftables: FirewallSnapshot?
     package var iptablesLegacy: FirewallSnapshot?
     package var unavailable: [FirewallSystem: String]
+    package var kernel: KernelSupport
     package var plan: Result<RedirectPlan, LERedirectError>
 
     package init(
         _ options: ValidatedOptions, nftables: FirewallSnapshot?, iptablesLegacy: FirewallSnapshot?,
-        unavailable: [FirewallSystem: String], now: Int64
+        unavailable: [FirewallSystem: String], kernel: KernelSupport = KernelSupport(), now: Int64
     ) {
         self.nftables = nftables
         self.iptablesLegacy = iptablesLegacy
         self.unavailable = unavailable
+        self.kernel = kernel
         do {
             plan = .success(
                 try RedirectPlan.make(
-                    options, nftables: nftables, iptablesLegacy: iptablesLegacy, unavailable: unavailable, now: now))
+                    options, nftables: nftables, iptablesLegacy: iptablesLegacy, unavailable: unavailable, kernel: kernel,
+                    now: now))
         } catch {
             plan = .failure(error)
         }
@@ -40,6 +43,7 @@ package struct DetectionReport: Sendable {
         case .failure(let error):
             lines.append("redirect: none: \(error.message)")
         }
+        lines.append("transparent proxying: " + kernelText)
         lines.append("")
         lines += systemLines(.nftables, nftables)
         lines += systemLines(.iptablesLegacy, iptablesLegacy)
@@ -50,11 +54,17 @@ package struct DetectionReport: Sendable {
                 lines.append("  \(number + 1). \(step)")
                 lines += step.changes.map { "       \($0)" }
             }
-            if !plan.armed, !plan.legacyRedirectSteps.isEmpty {
-                lines.append("  (the iptables-legacy redirects go in with the first challenge token)")
+            if !plan.armed, !plan.legacySteerSteps.isEmpty {
+                lines.append("  (the iptables-legacy steering rules go in with the first challenge token)")
             }
         }
         return lines.joined(separator: "\n")
+    }
+
+    private static func yesNo(_ value: Bool?) -> String { value.map { $0 ? "yes" : "no" } ?? "unknown" }
+
+    private var kernelText: String {
+        "nft_tproxy \(Self.yesNo(kernel.nftTproxy)), xt_TPROXY \(Self.yesNo(kernel.xtTproxy)) (\(kernel.evidence))"
     }
 
     private func systemLines(_ system: FirewallSystem, _ snapshot: FirewallSnapshot?) -> [String] {
@@ -104,6 +114,15 @@ package struct DetectionReport: Sendable {
         case .failure(let error):
             members += [("redirect", .null), ("reasons", .array([])), ("error", .string(error.message))]
         }
+        members.append(
+            (
+                "tproxy",
+                .object([
+                    ("nftables", kernel.nftTproxy.map { .bool($0) } ?? .null),
+                    ("iptablesLegacy", kernel.xtTproxy.map { .bool($0) } ?? .null),
+                    ("evidence", .string(kernel.evidence)),
+                ])
+            ))
         members.append(("nftables", systemJSON(.nftables, nftables)))
         members.append(("iptablesLegacy", systemJSON(.iptablesLegacy, iptablesLegacy)))
         if case .success(let plan) = plan {

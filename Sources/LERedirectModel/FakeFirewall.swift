@@ -291,10 +291,10 @@ package final class FakeKernel: Sendable {
                 throw FirewallError(.notFound, doing: "\(change)", detail: "No such file or directory")
             }
             s.tables[t].sets[name] = set
-        case .addNATChain(let ref, let hook, let priority):
+        case .addBaseChain(let ref, let type, let hook, let priority):
             let t = try table(ref.table)
             s.tables[t].chains.append(
-                Chain(info: HostChain(ref, hook: hook, type: "nat", priority: priority, policy: .accept)))
+                Chain(info: HostChain(ref, hook: hook, type: type, priority: priority, policy: .accept)))
             s.tables[t].nextHandle += 1
         case .insertRule(let ref, let spec):
             let t = try table(ref.table)
@@ -417,11 +417,11 @@ package final class FakeFirewall: Firewall, Sendable {
     package func redirectedPackets() throws(FirewallError) -> UInt64? {
         try checkOpen("reading the redirect counter")
         if system == .iptablesLegacy {
-            let redirects = [Family.ip, .ip6].flatMap { kernel.observe(ChainRef($0, "nat", "PREROUTING")) ?? [] }
+            let redirects = [Family.ip, .ip6].flatMap { kernel.observe(ChainRef($0, "mangle", "PREROUTING")) ?? [] }
                 .filter { $0.comment == ruleTag }
             return redirects.isEmpty ? nil : 0
         }
-        return kernel.observe(RedirectPlan.natChain)?.isEmpty == false ? 0 : nil
+        return kernel.observe(RedirectPlan.steeringChain)?.isEmpty == false ? 0 : nil
     }
 
     package func close() {

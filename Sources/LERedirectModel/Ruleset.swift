@@ -143,58 +143,42 @@ package struct FirewallSnapshot: Hashable, Sendable {
     package func chains(of table: TableRef) -> [HostChain] { chains.filter { $0.ref.table == table } }
 }
 
-/// The rules le-redirect inserts, all tagged with the comment "LE".
+/// The rules le-redirect inserts, all tagged with the comment "LE". Both steer: they assign a new
+/// connection to the proxy's transparent listener without rewriting a byte of it, so the packet
+/// keeps its destination port and the host's own input rules decide whether it is let in.
 package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
-    /// In our own nftables nat prerouting chain: new TCP connections (SYN only) to local addresses
-    /// whose destination port is in `set` go to `proxyPort`.
-    case redirect(set: String, proxyPort: UInt16)
-    /// In an x_tables nat PREROUTING chain (which no process can own): new TCP connections (SYN
-    /// only) to local addresses on `port` go to `proxyPort` until `until` (Unix seconds, UTC), after which
-    /// the kernel's time match stops matching, whether or not anyone is left to remove the rule.
-    case expiringRedirect(port: UInt16, proxyPort: UInt16, until: Int64)
-    /// At the head of a host input chain: accept what our redirect sent to the proxy port, and
-    /// nothing else. `form` says how it is encoded.
-    case scopedAccept(proxyPort: UInt16, originalPort: UInt16, form: RuleForm)
+    /// In our own nftables prerouting chain: the SYN of a new TCP connection to a local address,
+    /// not arriving on loopback, whose destination port is in `set`, goes to the listener on
+    /// `proxyPort` (`tproxy`).
+    case steer(set: String, proxyPort: UInt16)
+    /// In x_tables' mangle PREROUTING (which no process can own): the same for `port`, until
+    /// `until` (Unix seconds, UTC), after which the kernel's time match stops matching, whether or
+    /// not anyone is left to remove the rule.
+    case expiringSteer(port: UInt16, proxyPort: UInt16, until: Int64)
 
     package var description: String {
         switch self {
-        case .redirect(let set, let proxyPort):
-            "fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack counter redirect to :\(proxyPort) comment \"LE\""
-        case .expiringRedirect(let port, let proxyPort, let until):
+        case .steer(let set, let proxyPort):
+            "iifname != \"lo\" fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack counter tproxy to :\(proxyPort) comment \"LE\""
+        case .expiringSteer(let port, let proxyPort, let until):
             // --datestop as iptables-save prints it: UTC, without the "Z".
-            "-p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
+            "! -i lo -p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
                 + "\(RFC3339.format(unixMilliseconds: until * 1000).dropLast()) "
-                + "-m comment --comment LE -j REDIRECT --to-ports \(proxyPort)"
-        case .scopedAccept(let proxyPort, let originalPort, .native):
-            "tcp dport \(proxyPort) ct status dnat ct original proto-dst \(originalPort) accept comment \"LE\""
-        case .scopedAccept(let proxyPort, let originalPort, .xtables):
-            "-p tcp -m tcp --dport \(proxyPort) -m conntrack --ctstate DNAT --ctorigdstport \(originalPort) "
-                + "-m comment --comment LE -j ACCEPT"
+                + "-m comment --comment LE -j TPROXY --on-port \(proxyPort) --on-ip 0.0.0.0 --tproxy-mark 0x0/0x0"
         }
     }
 
-    /// Whether it is a redirect or an accept, as the journal records it.
-    package var kind: RuleKind {
-        switch self {
-        case .redirect, .expiringRedirect: .redirect
-        case .scopedAccept: .accept
-        }
-    }
+    /// What the journal records it as.
+    package var kind: RuleKind { .redirect }
 }
 
-/// The two jobs a rule of le-redirect's does.
+/// The jobs a rule of le-redirect's does, as a journal records them.
 package enum RuleKind: String, Sendable, Hashable {
-    case redirect, accept
-}
-
-/// How a rule is encoded. In chains that iptables-nft manages, rules must be written the way
-/// iptables writes them (x_tables matches through nft_compat), or `iptables-nft-save` refuses
-/// the whole table while they are there.
-package enum RuleForm: String, Sendable, Hashable {
-    /// nftables' own expressions.
-    case native
-    /// x_tables matches and targets: an x_tables entry, or nft_compat expressions in nftables.
-    case xtables
+    /// Steering new connections to the proxy (before: rewriting them to the proxy port).
+    case redirect
+    /// A scoped accept in a host input chain: only journals of versions that rewrote connections
+    /// list them (recover still removes them, by the fingerprint recorded).
+    case accept
 }
 
 /// The comment every rule le-redirect inserts carries.
@@ -206,7 +190,8 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
     case addOwnedTable(TableRef)
     /// Creates a set of TCP ports whose elements expire after `timeout`.
     case addPortSet(table: TableRef, name: String, ports: [UInt16], timeout: Duration)
-    case addNATChain(ChainRef, hook: Hook, priority: Int32)
+    /// Creates a base chain of `type` ("filter" or "nat") on `hook`, policy accept.
+    case addBaseChain(ChainRef, type: String, hook: Hook, priority: Int32)
     /// Adds one port to an existing port set, expiring after `timeout` (arming the redirect).
     case addSetElement(table: TableRef, set: String, port: UInt16, timeout: Duration)
     /// Takes one port out of a port set (disarming the redirect).
@@ -225,7 +210,7 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
         case .addOwnedTable(let t), .addPortSet(let t, _, _, _), .addSetElement(let t, _, _, _),
             .deleteSetElement(let t, _, _), .deleteTable(let t):
             t
-        case .addNATChain(let c, _, _), .insertRule(let c, _), .deleteMatching(let c, _, _): c.table
+        case .addBaseChain(let c, _, _, _), .insertRule(let c, _), .deleteMatching(let c, _, _): c.table
         case .deleteRule(let l): l.chain.table
         }
     }
@@ -235,7 +220,7 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
         case .addOwnedTable(let t): "add table \(t) (owner)"
         case .addPortSet(let t, let name, let ports, let timeout):
             "add set \(t) \(name) { \(ports.map(String.init).joined(separator: ", ")) timeout \(DurationText.format(timeout)) }"
-        case .addNATChain(let c, let hook, let priority): "add chain \(c) (nat \(hook) priority \(priority))"
+        case .addBaseChain(let c, let type, let hook, let priority): "add chain \(c) (\(type) \(hook) priority \(priority))"
         case .addSetElement(let t, let set, let port, let timeout):
             "add element \(t) \(set) { \(port) timeout \(DurationText.format(timeout)) }"
         case .deleteSetElement(let t, let set, let port): "delete element \(t) \(set) { \(port) }"

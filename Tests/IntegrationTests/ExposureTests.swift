@@ -85,7 +85,7 @@ struct ExposureTests {
 
     // MARK: 2 and 3. Listeners of a local user
 
-    @Test(arguments: [Host.nftablesPolicyDrop, Host.legacyDrop])
+    @Test(arguments: [Host.nftablesPolicyDrop, Host.legacyDropForcedLegacy])
     func aLocalUsersListenerOnTheChallengePortAnswersNothing(host: Host) throws {
         let net = try TestNetwork(host)
         defer { net.close() }

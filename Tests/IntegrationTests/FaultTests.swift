@@ -43,20 +43,19 @@ struct FaultTests {
     }
 
     static let ttl = 10
-    static let nft = Host.nftablesPolicyDrop, legacy = Host.legacyDrop
+    static let nft = Host.nftablesPolicyDrop, legacy = Host.legacyDropForcedLegacy
 
     static let cases: [Case] = {
         var cases: [Case] = []
         for host in [nft, legacy] {
             let isLegacy = host.backend == "iptables-legacy"
-            // The commits begin makes, first and last: one nftables batch, or four x_tables tables.
-            let commits = isLegacy ? ["iptables-legacy ip filter", "iptables-legacy ip6 nat"] : ["nftables batch"]
+            // The commits begin makes, first and last: one nftables batch, or two x_tables mangle tables.
+            let commits = isLegacy ? ["iptables-legacy ip mangle", "iptables-legacy ip6 mangle"] : ["nftables batch"]
             var begin: [(String, Expected)] = [
                 ("lock-taken", .commandKilled), ("daemon-spawned", .commandKilled), ("daemon-started", .daemonKilled),
                 ("listeners-bound", .daemonKilled),
             ]
             for commit in commits { begin.append(("journal-intent-written \(commit)", .daemonKilled)) }
-            if isLegacy { begin.append(("journal-intent-written iptables-legacy ip nat", .daemonKilled)) }
             // Only the daemon's: begin's own clean-up after the daemon died sends batches too.
             if !isLegacy { begin.append(("daemon-started>batch-sent@1", .daemonKilled)) }
             for commit in commits { begin.append(("commit-acknowledged \(commit)", .daemonKilled)) }
@@ -72,8 +71,8 @@ struct FaultTests {
             if isLegacy {
                 begin += [
                     ("daemon-started>xtables-lock@1=EIO", .failed("xtables lock")),
-                    ("daemon-started>xtables-commit@1=ENOMEM", .failed("begin: iptables-legacy ip filter")),
-                    ("commit-acknowledged iptables-legacy ip6 filter>xtables-commit@1=ENOMEM",
+                    ("daemon-started>xtables-commit@1=ENOMEM", .failed("begin: iptables-legacy ip mangle")),
+                    ("commit-acknowledged iptables-legacy ip mangle>xtables-commit@1=ENOMEM",
                      .failed("anything begin had applied was removed again")),
                 ]
             } else {
@@ -90,16 +89,14 @@ struct FaultTests {
             var end: [(String, Expected)] = [("redirect-removed", .succeeded("did not answer"))]
             end.append(("drain-started", .succeeded("did not answer")))
             if !isLegacy { end.append(("table-removed", .succeeded("did not answer"))) }
-            end += [("accepts-removed", .succeeded("did not answer")), ("journal-deleted", .succeeded("did not answer"))]
+            end += [("journal-deleted", .succeeded("did not answer"))]
             end += [
                 (isLegacy ? "ready-reported>xtables-commit=EIO" : "ready-reported>netlink-send=EIO",
-                 .succeeded(isLegacy ? "removing le-redirect's rules" : "removing the redirect")),
+                 .succeeded(isLegacy ? "removing le-redirect's rules" : "removing the steering")),
                 (isLegacy ? "redirect-removed>xtables-commit=EIO" : "redirect-removed>netlink-send=EIO",
-                 .succeeded(isLegacy ? "removing le-redirect's rules" : "end: removing the redirect")),
-                ("accepts-removed>unlink=EACCES", .succeeded("Permission denied")),
-                ("accepts-removed>fsync@1=EIO", .succeeded("Input/output error")),
-                // Conntrack's entries are not the ruleset: failing to clear them is only a warning.
-                ("conntrack=EIO", .succeeded("conntrack")),
+                 .succeeded(isLegacy ? "removing le-redirect's rules" : "end: removing the steering")),
+                ("drain-started>unlink=EACCES", .succeeded("Permission denied")),
+                ("drain-started>fsync@1=EIO", .succeeded("Input/output error")),
             ]
             if isLegacy { end.append(("ready-reported>xtables-lock=EIO", .succeeded("xtables lock"))) }
             for (fault, expected) in end { cases.append(Case(host: host, phase: .end, fault: fault, expected: expected)) }
@@ -108,11 +105,10 @@ struct FaultTests {
             // A program embedding the library, killed mid-begin (after the commits) and mid-end. On
             // iptables-legacy a redirect left in x_tables would wait for the example's 2-minute TTL.
             let embedded = isLegacy
-                ? ["redirect-removed", "accepts-removed"]
-                : ["commit-acknowledged nftables batch", "handles-recorded", "redirect-removed", "accepts-removed"]
+                ? ["redirect-removed", "journal-deleted"]
+                : ["commit-acknowledged nftables batch", "handles-recorded", "redirect-removed", "table-removed"]
             for fault in embedded { cases.append(Case(host: host, phase: .embedded, fault: fault, expected: .commandKilled)) }
             cases.append(Case(host: host, phase: .recover, fault: "recovery-rules-removed", expected: .commandKilled))
-            cases.append(Case(host: host, phase: .recover, fault: "conntrack=EIO", expected: .succeeded("conntrack")))
         }
         // Every restorer gets its share of the cases (recover's own cases are restored by recover).
         let restorers: [Restorer] = [.recover, .begin, .end]

@@ -31,14 +31,14 @@ struct InterferenceTests {
         Change(name: "a rule added to the input chain", host: .nftablesPolicyDrop,
                commands: [["nft", "insert", "rule", "inet", "firewall", "inbound", "tcp", "dport", "9999", "drop"]],
                warning: nil),
-        Change(name: "iptables-restore of both families", host: .legacyDrop,
+        Change(name: "iptables-restore of both families", host: .legacyDropForcedLegacy,
                commands: [
                    ["iptables-legacy-restore", Paths.xtablesRules("legacy-drop", "v4")],
                    ["ip6tables-legacy-restore", Paths.xtablesRules("legacy-drop", "v6")],
                ], warning: "was already gone"),
-        Change(name: "iptables -F INPUT", host: .legacyDrop, commands: [["iptables-legacy", "-w", "-F", "INPUT"]],
+        Change(name: "iptables -F INPUT", host: .legacyDropForcedLegacy, commands: [["iptables-legacy", "-w", "-F", "INPUT"]],
                warning: "scoped accept in iptables-legacy ip filter INPUT was already gone"),
-        Change(name: "a rule inserted at the top of INPUT and nat PREROUTING", host: .legacyDrop,
+        Change(name: "a rule inserted at the top of INPUT and nat PREROUTING", host: .legacyDropForcedLegacy,
                commands: [
                    ["iptables-legacy", "-w", "-I", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "DROP"],
                    ["iptables-legacy", "-w", "-t", "nat", "-I", "PREROUTING", "-p", "tcp", "--dport", "9998", "-j", "REDIRECT", "--to-ports", "80"],
@@ -90,7 +90,7 @@ struct InterferenceTests {
     @Test(arguments: [
         (Host.nftablesPolicyDrop, "while :; do nft add chain inet firewall churn; nft delete chain inet firewall churn; done",
          ["nft", "delete", "chain", "inet", "firewall", "churn"]),
-        (Host.legacyDrop,
+        (Host.legacyDropForcedLegacy,
          "while :; do iptables-legacy -w -A INPUT -p tcp --dport 9001 -j DROP; iptables-legacy -w -D INPUT -p tcp --dport 9001 -j DROP; done",
          ["iptables-legacy", "-w", "-D", "INPUT", "-p", "tcp", "--dport", "9001", "-j", "DROP"]),
     ])
@@ -118,7 +118,7 @@ struct InterferenceTests {
     @Test func twoNamespacesWithTheDefaultStateDirectory() throws {
         let a = try TestNetwork(.nftablesPolicyDrop)
         defer { a.close() }
-        let b = try TestNetwork(.legacyDrop)
+        let b = try TestNetwork(.legacyDropForcedLegacy)
         defer { b.close() }
         let beforeA = try a.ruleset(), beforeB = try b.ruleset()
         let script = #"""

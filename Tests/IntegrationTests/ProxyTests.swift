@@ -7,7 +7,7 @@ import Testing
 struct ProxyTests {
     static let v4 = TestNetwork.hostAddress4, v6 = TestNetwork.hostAddress6
 
-    @Test(arguments: [Host.nftablesPolicyDrop, .emptyHost, .legacyDrop])
+    @Test(arguments: [Host.nftablesPolicyDrop, .emptyHost, .legacyDropForcedLegacy])
     func relaysEveryHTTPShapeThroughNginx(host: Host) throws {
         let net = try TestNetwork(host)
         defer { net.close() }
@@ -106,7 +106,7 @@ struct ProxyTests {
 
     /// --in-memory: the redirect is armed only while a token is registered, so between challenges
     /// new connections reach the app directly.
-    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDropForcedLegacy])
     func inMemoryTokensArmTheRedirectPerChallenge(host: Host) throws {
         let net = try TestNetwork(host)
         defer { net.close() }

@@ -6,7 +6,7 @@ import Testing
 /// `challenge add --begin` / `challenge remove`, the deploy/clean hook protocol.
 @Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
 struct RunTests {
-    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDropForcedLegacy])
     func runPassesTheCommandsStatusThroughAndEnds(host: Host) throws {
         let net = try TestNetwork(host)
         defer { net.close() }
@@ -77,7 +77,7 @@ struct RunTests {
 
     /// A hook's session follows the ACME client that ran the hook (past the `sh -c` or hook script
     /// in between): when the client is killed, the session ends at once instead of at the TTL.
-    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop], HookRunner.allCases)
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDropForcedLegacy], HookRunner.allCases)
     func aSessionThatFollowsItsParentEndsWhenTheParentDies(host: Host, runner: HookRunner) throws {
         let net = try TestNetwork(host)
         defer { net.close() }
@@ -115,7 +115,7 @@ struct RunTests {
     }
 
     /// dehydrated's deploy_challenge / clean_challenge (and certbot's manual hooks) in two commands.
-    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDrop])
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDropForcedLegacy])
     func challengeAddBeginsAndTheLastRemoveEnds(host: Host) throws {
         let net = try TestNetwork(host)
         defer { net.close() }

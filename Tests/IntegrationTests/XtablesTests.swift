@@ -2,13 +2,13 @@ import Foundation
 import Glibc
 import Testing
 
-/// The x_tables side: detection on each host shape, rules the host's own tools can list and remove,
-/// counters left alone, the xtables lock, a crash between two tables' commits, and the time match
-/// that ends a legacy redirect with no process left.
+/// The x_tables side: detection on each host shape; and the legacy path (`--backend
+/// iptables-legacy`, what kernels without owned tables get): rules the host's own tools can list
+/// and remove, counters left alone, the xtables lock, a crash between two tables' commits, and the
+/// time match that ends the steering with no process left.
 @Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
 struct XtablesTests {
-    static let acceptSpec = ["-p", "tcp", "--dport", "12347", "-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport", "80",
-                             "-m", "comment", "--comment", "LE", "-j", "ACCEPT"]
+    static let legacy = ["--backend", "iptables-legacy"]
 
     struct Detection: Sendable, CustomTestStringConvertible {
         var host: Host
@@ -24,10 +24,14 @@ struct XtablesTests {
         // Its ip nat table has iptables' chain names: taken for iptables-nft's.
         Detection(
             host: .nftablesSeveralChains, firewall: ["nftables", "iptables-nft"], redirect: "nftables", because: "owned by the session"),
-        Detection(host: .legacyDrop, firewall: ["iptables-legacy"], redirect: "iptables-legacy", because: "iptables-legacy only"),
+        // Wherever the kernel has owned tables, the steering is in nftables; x_tables' rules still decide.
+        Detection(host: .legacyDrop, firewall: ["iptables-legacy"], redirect: "nftables", because: "iptables-legacy rules still decide"),
+        Detection(
+            host: .legacyDropForcedLegacy, firewall: ["iptables-legacy"], redirect: "iptables-legacy",
+            because: "--backend iptables-legacy was given"),
         Detection(host: .iptablesNftDrop, firewall: ["iptables-nft"], redirect: "nftables", because: "owned by the session"),
-        Detection(host: .bothDrop, firewall: ["iptables-nft", "iptables-legacy"], redirect: "nftables", because: "runs before x_tables' nat"),
-        Detection(host: .legacyFilterOnly, firewall: ["iptables-legacy"], redirect: "nftables", because: "no nat table"),
+        Detection(host: .bothDrop, firewall: ["iptables-nft", "iptables-legacy"], redirect: "nftables", because: "rules still decide"),
+        Detection(host: .legacyFilterOnly, firewall: ["iptables-legacy"], redirect: "nftables", because: "owned by the session"),
     ]
 
     @Test(arguments: detections)
@@ -35,7 +39,7 @@ struct XtablesTests {
         let net = try TestNetwork(d.host)
         defer { net.close() }
         let before = try net.ruleset()
-        let output = try net.leRedirect("detect", "--json")
+        let output = try net.leRedirect(["detect", "--json"] + d.host.begin)
         #expect(output.status == 0, "\(output)")
         let json = try #require(try JSONSerialization.jsonObject(with: Data(output.stdout.utf8)) as? [String: Any])
         #expect(json["firewall"] as? [String] == d.firewall)
@@ -44,9 +48,11 @@ struct XtablesTests {
         #expect(reasons.contains(d.because), "\(reasons)")
         let plan = try #require(json["plan"] as? [[String: Any]])
         #expect(!plan.isEmpty)
-        // Accepts first: the last step holds the redirect.
-        #expect(plan.last?["system"] as? String == d.redirect)
-        let text = try net.leRedirect("detect")
+        #expect(plan.allSatisfy { $0["system"] as? String == d.redirect })
+        // What the kernel offers for steering, and where that was read.
+        let tproxy = try #require(json["tproxy"] as? [String: Any])
+        #expect(tproxy["evidence"] is String)
+        let text = try net.leRedirect(["detect"] + d.host.begin)
         #expect(text.status == 0)
         #expect(text.stdout.contains("redirect: \(d.redirect)"))
         #expect(try net.ruleset() == before)  // detect changes nothing, and makes no x_tables table
@@ -58,16 +64,17 @@ struct XtablesTests {
         let net = try TestNetwork(.legacyDrop)
         defer { net.close() }
         let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--external-proxy", "--ttl", "5m").status == 0)
+        #expect(try net.leRedirect(["begin", "--external-proxy", "--ttl", "5m"] + Self.legacy).status == 0)
         let datestop = try #require(
             try net.legacyRuleset().firstMatch(of: #/--datestop (\S+)/#).map { String($0.output.1) })
-        let redirect = ["-p", "tcp", "--dport", "80", "--syn", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "time", "--datestop", datestop,
-                        "-m", "comment", "--comment", "LE", "-j", "REDIRECT", "--to-ports", "12347"]
+        let steer = ["!", "-i", "lo", "-p", "tcp", "--dport", "80", "--syn", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "time",
+                     "--datestop", datestop, "-m", "comment", "--comment", "LE", "-j", "TPROXY", "--on-port", "12347",
+                     "--on-ip", "0.0.0.0", "--tproxy-mark", "0x0/0x0"]
         for tool in ["iptables-legacy", "ip6tables-legacy"] {
-            let nat = try net.exec(net.host, [tool, "-t", "nat", "-D", "PREROUTING"] + redirect)
-            #expect(nat.status == 0, "\(nat)")
-            let filter = try net.exec(net.host, [tool, "-D", "INPUT"] + Self.acceptSpec)
-            #expect(filter.status == 0, "\(filter)")
+            let on = tool == "iptables-legacy" ? "0.0.0.0" : "::"
+            let args = steer.map { $0 == "0.0.0.0" ? on : $0 }
+            let mangle = try net.exec(net.host, [tool, "-t", "mangle", "-D", "PREROUTING"] + args)
+            #expect(mangle.status == 0, "\(mangle)")
         }
         #expect(try net.ruleset() == before)
         let end = try net.leRedirect("end")
@@ -75,24 +82,20 @@ struct XtablesTests {
         #expect(try net.ruleset() == before)
     }
 
-    /// On an iptables-nft host the accepts sit in iptables-nft's chains, written its way:
-    /// iptables-nft-save keeps listing the table during the window, and iptables-nft removes them.
+    /// On an iptables-nft host nothing goes into iptables-nft's tables: iptables-nft-save lists
+    /// them as they were during the window, and the host's own rules there still decide.
     @Test func iptablesNftKeepsWorkingDuringTheWindow() throws {
         let net = try TestNetwork(.iptablesNftDrop)
         defer { net.close() }
+        try net.startListeners()
         let before = try net.ruleset()
+        let saved = try RulesetRestoreTests.iptablesNftSave(net)
         #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
-        let line = "-A INPUT -p tcp -m tcp --dport 12347 -m conntrack --ctstate DNAT --ctorigdstport 80 -m comment --comment LE -j ACCEPT"
-        for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
-            let save = try net.exec(net.host, [tool])
-            #expect(save.status == 0, "\(save)")
-            #expect(!save.stdout.contains("incompatible"), "\(save)")
-            #expect(save.stdout.contains(line), "\(save)")
-        }
-        for tool in ["iptables-nft", "ip6tables-nft"] {
-            let delete = try net.exec(net.host, [tool, "-D", "INPUT"] + Self.acceptSpec)
-            #expect(delete.status == 0, "\(delete)")
-        }
+        #expect(try RulesetRestoreTests.iptablesNftSave(net) == saved)
+        #expect(!saved.contains("incompatible"))
+        #expect(try net.reach(TestNetwork.hostAddress4) == "proxy")
+        // The host's drop of port 9999 and its allow-list still apply; the proxy port stays closed.
+        #expect(try net.reach(TestNetwork.hostAddress4, port: 12347).hasPrefix("failed"))
         let end = try net.leRedirect("end")
         #expect(end.status == 0, "\(end)")
         #expect(try net.ruleset() == before)
@@ -111,23 +114,23 @@ struct XtablesTests {
         }
         let before = try counted()
         #expect(before.contains(#/\[[1-9]\d*:\d+\] -A INPUT -p tcp -m multiport/#), "\(before)")
-        #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
+        #expect(try net.leRedirect(["begin", "--external-proxy"] + Self.legacy).status == 0)
         #expect(try counted() == before)
         #expect(try net.leRedirect("end").status == 0)
         #expect(try counted() == before)
     }
 
-    /// Invariant 3 across two tables' commits: the daemon dies after x_tables' filter commits and
-    /// before its nat ones (a debug build's fault point stops it there), with begin killed too;
+    /// Invariant 3 across two tables' commits: the daemon dies after x_tables' IPv4 mangle commit and
+    /// before the IPv6 one (a debug build's fault point stops it there), with begin killed too;
     /// `recover` then restores the ruleset exactly.
-    @Test func aCrashBetweenTheFilterAndTheNatCommitsIsRecovered() throws {
+    @Test func aCrashBetweenTheTwoMangleCommitsIsRecovered() throws {
         let net = try TestNetwork(.legacyDrop)
         defer { net.close() }
         let before = try net.ruleset()
         try net.start(
             net.host,
-            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "LE_REDIRECT_FAULT=journal-intent-written iptables-legacy ip nat=stop",
-             Paths.binary, "begin", "--external-proxy"])
+            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "LE_REDIRECT_FAULT=journal-intent-written iptables-legacy ip6 mangle=stop",
+             Paths.binary, "begin", "--external-proxy"] + Self.legacy)
         let deadline = Date().addingTimeInterval(20)
         var daemon: Int32?
         while Date() < deadline {
@@ -139,8 +142,7 @@ struct XtablesTests {
         }
         let pid = try #require(daemon, "the daemon did not stop at the fault point")
         let half = try net.legacyRuleset()
-        #expect(half.components(separatedBy: "--ctorigdstport 80 -m comment --comment LE -j ACCEPT").count - 1 == 2)
-        #expect(!half.contains("-j REDIRECT --to-ports 12347"))
+        #expect(half.components(separatedBy: "-j TPROXY --on-port 12347").count - 1 == 1)
         // Kill begin and its daemon, as a crash of the whole renewal would.
         for pid in try net.processes(matching: Paths.binary) { kill(pid, SIGKILL) }
         waitUntilGone(pid)
@@ -153,13 +155,13 @@ struct XtablesTests {
     }
 
     /// x_tables has no table a process can own: with the daemon killed and nothing left to remove
-    /// it, the redirect's time match stops it at the TTL.
-    @Test func aDeadSessionsLegacyRedirectEndsAtTheTTL() throws {
+    /// it, the steering rule's time match stops it at the TTL.
+    @Test func aDeadSessionsLegacySteeringEndsAtTheTTL() throws {
         let net = try TestNetwork(.legacyDrop)
         defer { net.close() }
         try net.startListeners()
         let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--external-proxy", "--ttl", "10s").status == 0)
+        #expect(try net.leRedirect(["begin", "--external-proxy", "--ttl", "10s"] + Self.legacy).status == 0)
         let begun = Date()
         let pid = try #require(try net.daemonPID())
         kill(pid, SIGKILL)
@@ -174,7 +176,7 @@ struct XtablesTests {
         while Date().timeIntervalSince(begun) < 12 { usleep(100_000) }
         #expect(try net.reach(TestNetwork.hostAddress4) == "app")
         #expect(try net.reach(TestNetwork.hostAddress6) == "app")
-        #expect(try net.legacyRuleset().contains("-j REDIRECT --to-ports 12347"))  // still there, inert
+        #expect(try net.legacyRuleset().contains("-j TPROXY --on-port 12347"))  // still there, inert
         #expect(try net.leRedirect("recover").status == 0)
         #expect(try net.ruleset() == before)
     }
@@ -197,7 +199,8 @@ struct XtablesTests {
         }
         try net.start(
             net.host,
-            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "XTABLES_LOCKFILE=\(lock)", Paths.binary, "begin", "--external-proxy"])
+            ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "XTABLES_LOCKFILE=\(lock)", Paths.binary, "begin", "--external-proxy"]
+                + Self.legacy)
         // Give begin ample time: it must be waiting, with nothing committed.
         let waiting = Date().addingTimeInterval(2)
         while Date() < waiting {
@@ -211,7 +214,7 @@ struct XtablesTests {
             guard Date() < done else { throw TestFailure("begin did not finish once the lock was free") }
             usleep(20_000)
         }
-        #expect(try net.legacyRuleset().components(separatedBy: "--comment LE").count - 1 == 4)
+        #expect(try net.legacyRuleset().components(separatedBy: "--comment LE").count - 1 == 2)
         #expect(try net.exec(net.host, [Paths.binary, "end"], environment: ["XTABLES_LOCKFILE": lock]).status == 0)
     }
 
@@ -219,7 +222,7 @@ struct XtablesTests {
         let net = try TestNetwork(.legacyDrop)
         defer { net.close() }
         let before = try net.ruleset()
-        try net.crashSession()
+        try net.crashSession(Self.legacy)
         try FileManager.default.removeItem(atPath: net.stateDirectory + "/journal")
         #expect(try net.legacyRuleset().contains("--comment LE"))
         let sweep = try net.leRedirect("recover", "--sweep")

@@ -9,62 +9,42 @@ struct RedirectPlanTests {
         try RedirectPlan.make(options, from: kernel.connect().snapshot())
     }
 
-    /// The chains of the nftables accepts, and the nftables batch.
-    func acceptChains(_ plan: RedirectPlan) -> [ChainRef] { plan.nftables!.accepts.map(\.chain) }
     func batch(_ plan: RedirectPlan) -> [FirewallChange] { plan.nftablesStep!.changes }
 
-    @Test func aHostWithNoTablesGetsOnlyTheRedirect() throws {
+    static let steeringBatch: [FirewallChange] = [
+        .addOwnedTable(TableRef.own),
+        .addPortSet(table: TableRef.own, name: "ports", ports: [80], timeout: .seconds(600)),
+        .addBaseChain(RedirectPlan.steeringChain, type: "filter", hook: .prerouting, priority: -150),
+        .insertRule(RedirectPlan.steeringChain, .steer(set: "ports", proxyPort: 12347)),
+    ]
+
+    @Test func aHostWithNoTablesGetsOnlyOurTable() throws {
         let plan = try plan(FakeKernel())
-        #expect(acceptChains(plan).isEmpty)
         #expect(!plan.nftables!.replacesLeftoverTable)
-        #expect(batch(plan) == [
-            .addOwnedTable(TableRef.own),
-            .addPortSet(table: TableRef.own, name: "ports", ports: [80], timeout: .seconds(600)),
-            .addNATChain(RedirectPlan.natChain, hook: .prerouting, priority: -110),
-            .insertRule(RedirectPlan.natChain, .redirect(set: "ports", proxyPort: 12347)),
-        ])
+        #expect(batch(plan) == Self.steeringBatch)
+        #expect(plan.rules.isEmpty)
     }
 
-    @Test func aPolicyAcceptChainStillGetsTheAccept() throws {
-        let kernel = FakeKernel()
-        let input = ChainRef(.inet, "filter", "input")
-        kernel.addChain(HostChain(input, hook: .input, type: "filter", priority: 0, policy: .accept))
-        kernel.addChain(HostChain(ChainRef(.inet, "filter", "blocklist")))
-        kernel.addRule(input, "jump blocklist")
-        kernel.addChain(HostChain(ChainRef(.inet, "filter", "forward"), hook: .forward, type: "filter", priority: 0))
-        let plan = try plan(kernel)
-        #expect(acceptChains(plan) == [input])
-        #expect(batch(plan).last == .insertRule(input, .scopedAccept(proxyPort: 12347, originalPort: 80, form: .native)))
-    }
-
-    @Test func policyDropChainsInEveryFamilyGetTheAccept() throws {
-        let kernel = FakeKernel()
-        let chains = [ChainRef(.inet, "firewall", "inbound"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.ip, "filter", "INPUT")]
-        for chain in chains { kernel.addChain(HostChain(chain, hook: .input, type: "filter", priority: 0, policy: .drop)) }
-        let plan = try plan(kernel)
-        #expect(acceptChains(plan) == [ChainRef(.ip, "filter", "INPUT"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.inet, "firewall", "inbound")])
-        // Tables laid out as iptables-nft makes them get iptables' form of the accept.
-        #expect(plan.nftables!.accepts.map(\.spec) == [
-            .scopedAccept(proxyPort: 12347, originalPort: 80, form: .xtables),
-            .scopedAccept(proxyPort: 12347, originalPort: 80, form: .xtables),
-            .scopedAccept(proxyPort: 12347, originalPort: 80, form: .native),
-        ])
-    }
-
-    @Test func everyInputBaseChainAndNoOtherChainGetsTheAccept() throws {
+    /// Whatever the host's input chains say, nothing goes into them: the steered packets keep
+    /// port 80, and those chains decide about them as they always do.
+    @Test func noHostChainIsTouchedWhateverItHolds() throws {
         let kernel = FakeKernel()
         let fw = TableRef(.inet, "host-fw")
         kernel.addChain(HostChain(ChainRef(fw, "early/input"), hook: .input, type: "filter", priority: -150))
         kernel.addChain(HostChain(ChainRef(fw, "input"), hook: .input, type: "filter", priority: 0, policy: .drop))
-        kernel.addChain(HostChain(ChainRef(fw, "late"), hook: .input, type: "filter", priority: 100))
-        kernel.addChain(HostChain(ChainRef(fw, "output"), hook: .output, type: "filter", priority: 0))
-        kernel.addChain(HostChain(ChainRef(fw, "regular")))
+        kernel.addChain(HostChain(ChainRef(.ip, "filter", "INPUT"), hook: .input, type: "filter", priority: 0, policy: .drop))
         kernel.addChain(HostChain(ChainRef(.ip, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100))
-        kernel.addChain(HostChain(ChainRef(.ip, "nat", "INPUT"), hook: .input, type: "nat", priority: 100))
         let plan = try plan(kernel)
-        #expect(acceptChains(plan) == [
-            ChainRef(.ip, "nat", "INPUT"), ChainRef(fw, "early/input"), ChainRef(fw, "input"), ChainRef(fw, "late"),
-        ])
+        #expect(batch(plan) == Self.steeringBatch)
+        #expect(batch(plan).allSatisfy { $0.table == TableRef.own })
+        #expect(plan.rules.isEmpty)
+    }
+
+    @Test func armedPerChallengeTheSetStartsEmpty() throws {
+        let perChallenge = try TakeoverOptions(ttl: .seconds(600), proxy: .builtIn(ProxyOptions(challenge: .memory))).validated()
+        let plan = try RedirectPlan.make(perChallenge, from: FakeKernel().connect().snapshot())
+        #expect(!plan.armed)
+        #expect(batch(plan)[1] == .addPortSet(table: TableRef.own, name: "ports", ports: [], timeout: .seconds(600)))
     }
 
     @Test func theSamePlanFromTheSameSnapshot() throws {
@@ -79,14 +59,13 @@ struct RedirectPlanTests {
     /// in the same batch; a table a live session owns is a conflict.
     @Test func ourOwnLeftoverTableIsReplacedInTheSameBatch() throws {
         let kernel = FakeKernel()
-        kernel.addChain(HostChain(RedirectPlan.natChain, hook: .prerouting, type: "nat", priority: -110))
-        kernel.addRule(RedirectPlan.natChain, "redirect to :12347", comment: "LE")
+        kernel.addChain(HostChain(RedirectPlan.steeringChain, hook: .prerouting, type: "filter", priority: -150))
+        kernel.addRule(RedirectPlan.steeringChain, "tproxy to :12347", comment: "LE")
         let plan = try plan(kernel)
         #expect(plan.nftables!.replacesLeftoverTable)
-        #expect(acceptChains(plan).isEmpty)  // our own table's chains never get an accept
         #expect(batch(plan).first == .deleteTable(TableRef.own))
         _ = try kernel.connect().commit(batch(plan), expecting: plan.nftables!.generation)
-        #expect(!kernel.listing().contains("redirect to :12347\n"))
+        #expect(!kernel.listing().contains("tproxy to :12347\n"))
     }
 
     @Test func aTableOwnedByALiveSessionIsAConflict() throws {
@@ -100,17 +79,15 @@ struct RedirectPlanTests {
         #expect(try plan(kernel).nftables!.replacesLeftoverTable == false)
     }
 
-    @Test func anInputChainInATableOwnedByAnotherProcessIsAConflict() throws {
+    /// A host daemon's owned table (firewalld's, say) is no obstacle any more: nothing goes into it.
+    @Test func anInputChainInATableOwnedByAnotherProcessIsNoObstacle() throws {
         let kernel = FakeKernel()
         let daemon = kernel.connect()
         let table = TableRef(.inet, "firewalld")
-        _ = try daemon.commit([.addOwnedTable(table), .addNATChain(ChainRef(table, "filter_INPUT"), hook: .input, priority: 10)], expecting: nil)
-        #expect {
-            try plan(kernel)
-        } throws: { error in
-            let e = error as? LERedirectError
-            return e?.kind == .conflict && e!.message.contains("inet firewalld filter_INPUT") && e!.message.contains("12347")
-        }
+        _ = try daemon.commit(
+            [.addOwnedTable(table), .addBaseChain(ChainRef(table, "filter_INPUT"), type: "filter", hook: .input, priority: 10)],
+            expecting: nil)
+        #expect(try batch(plan(kernel)) == Self.steeringBatch)
     }
 }
 
@@ -123,8 +100,8 @@ struct FakeKernelTests {
         let fw = kernel.connect()
         #expect(throws: FirewallError.self) {
             try fw.commit([
-                .insertRule(ChainRef(.ip, "filter", "INPUT"), .scopedAccept(proxyPort: 1, originalPort: 2, form: .native)),
-                .insertRule(ChainRef(.ip, "filter", "missing"), .scopedAccept(proxyPort: 1, originalPort: 2, form: .native)),
+                .insertRule(ChainRef(.ip, "filter", "INPUT"), .steer(set: "ports", proxyPort: 1)),
+                .insertRule(ChainRef(.ip, "filter", "missing"), .steer(set: "ports", proxyPort: 1)),
             ], expecting: nil)
         }
         #expect(kernel.listing() == before)
@@ -153,19 +130,19 @@ struct FakeKernelTests {
     }
 }
 
-/// Where the redirect goes on each shape of host, and why.
+/// Where the steering goes on each shape of host, and why.
 struct BackendDecisionTests {
     let options = try! TakeoverOptions(ttl: .seconds(600), proxy: .external).validated()
 
-    static func legacy(nat: Bool = true, rules: Bool = true, families: Set<Family> = [.ip, .ip6]) -> FirewallSnapshot {
+    static func legacy(mangle: Bool = true, rules: Bool = true, families: Set<Family> = [.ip, .ip6]) -> FirewallSnapshot {
         var tables: [HostTable] = []
         var chains: [HostChain] = []
         for family in families.sorted() {
             tables.append(HostTable(TableRef(family, "filter")))
             chains.append(HostChain(ChainRef(family, "filter", "INPUT"), hook: .input, policy: rules ? .drop : .accept, rules: rules ? 3 : 0))
-            if nat {
-                tables.append(HostTable(TableRef(family, "nat")))
-                chains.append(HostChain(ChainRef(family, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100, rules: 0))
+            if mangle {
+                tables.append(HostTable(TableRef(family, "mangle")))
+                chains.append(HostChain(ChainRef(family, "mangle", "PREROUTING"), hook: .prerouting, priority: -150, rules: 0))
             }
         }
         return FirewallSnapshot(generation: 0, tables: tables, chains: chains, families: families, ownedTables: false)
@@ -177,39 +154,62 @@ struct BackendDecisionTests {
             ownedTables: ownedTables)
     }
 
-    func decide(_ choice: BackendChoice = .auto, nft: FirewallSnapshot?, legacy: FirewallSnapshot?) throws -> BackendDecision {
-        try BackendDecision.make(choice, nftables: nft, iptablesLegacy: legacy, unavailable: [.nftables: "no nf_tables"])
+    func decide(
+        _ choice: BackendChoice = .auto, nft: FirewallSnapshot?, legacy: FirewallSnapshot?, kernel: KernelSupport = KernelSupport()
+    ) throws -> BackendDecision {
+        try BackendDecision.make(choice, nftables: nft, iptablesLegacy: legacy, unavailable: [.nftables: "no nf_tables"], kernel: kernel)
     }
 
-    @Test func aFirewallInXtablesAloneGetsTheRedirectThere() throws {
+    /// Where the kernel has owned tables, even a firewall held in x_tables alone gets the steering
+    /// in nftables: its own rules still decide who reaches port 80, and nothing of it is touched.
+    @Test func aFirewallInXtablesAloneStillGetsOurOwnTable() throws {
         let d = try decide(nft: Self.nftables(), legacy: Self.legacy())
-        #expect(d.redirect == .iptablesLegacy)
+        #expect(d.redirect == .nftables)
         #expect(d.firewall == [.iptablesLegacy])
-        #expect(d.reasons.joined().contains("iptables-legacy only"))
+        #expect(d.reasons.joined().contains("iptables-legacy rules still decide"))
         let plan = try RedirectPlan.make(options, nftables: Self.nftables(), iptablesLegacy: Self.legacy(), now: 2_000)
-        #expect(plan.installSteps.map(\.description) == [
-            "iptables-legacy ip filter", "iptables-legacy ip6 filter", "iptables-legacy ip nat", "iptables-legacy ip6 nat",
-        ])
-        #expect(plan.iptablesLegacy!.redirects.map(\.spec) == Array(repeating: .expiringRedirect(port: 80, proxyPort: 12347, until: 602), count: 2))
+        #expect(plan.installSteps.map(\.description) == ["nftables batch"])
+        #expect(plan.iptablesLegacy == nil)
     }
 
-    /// x_tables tables cannot be deleted, so begin never makes one: without nat tables, the
-    /// redirect goes into nftables and the accepts still go into x_tables' filter INPUT.
-    @Test func noXtablesNatTableSendsTheRedirectToNftables() throws {
-        let plan = try RedirectPlan.make(options, nftables: Self.nftables(), iptablesLegacy: Self.legacy(nat: false), now: 0)
-        #expect(plan.decision.redirect == .nftables)
-        #expect(plan.decision.reasons.joined().contains("no nat table for IPv4 and IPv6"))
-        #expect(plan.iptablesLegacy!.accepts.map(\.chain) == [ChainRef(.ip, "filter", "INPUT"), ChainRef(.ip6, "filter", "INPUT")])
-        #expect(plan.installSteps.map(\.description) == ["iptables-legacy ip filter", "iptables-legacy ip6 filter", "nftables batch"])
-    }
-
-    @Test func withoutOwnedTablesXtablesHoldsTheRedirect() throws {
-        let d = try decide(nft: Self.nftables([HostChain(ChainRef(.inet, "fw", "input"), hook: .input)], ownedTables: false), legacy: Self.legacy())
+    @Test func withoutOwnedTablesXtablesHoldsTheSteeringInMangle() throws {
+        let nft = Self.nftables([HostChain(ChainRef(.inet, "fw", "input"), hook: .input)], ownedTables: false)
+        let d = try decide(nft: nft, legacy: Self.legacy())
         #expect(d.redirect == .iptablesLegacy)
         #expect(d.reasons.joined().contains("5.12"))
+        let plan = try RedirectPlan.make(options, nftables: nft, iptablesLegacy: Self.legacy(), now: 2_000)
+        #expect(plan.installSteps.map(\.description) == ["iptables-legacy ip mangle", "iptables-legacy ip6 mangle"])
+        #expect(plan.iptablesLegacy!.steers.map(\.spec) == Array(repeating: .expiringSteer(port: 80, proxyPort: 12347, until: 602), count: 2))
+        #expect(plan.nftables == nil)
     }
 
-    @Test func bothSystemsHoldingTheFirewallKeepTheRedirectInNftables() throws {
+    /// x_tables tables cannot be deleted, so begin never makes one.
+    @Test func noXtablesMangleTableAndNoOwnedTablesIsRefused() throws {
+        #expect {
+            try decide(nft: Self.nftables(ownedTables: false), legacy: Self.legacy(mangle: false))
+        } throws: { error in
+            let e = error as? LERedirectError
+            return e?.kind == .unsupported && e!.message.contains("5.12") && e!.message.contains("no mangle table for IPv4 and IPv6")
+        }
+    }
+
+    /// Without tproxy in the kernel, neither system can steer: begin says which module is missing.
+    @Test func aKernelWithoutTproxyIsNamed() throws {
+        #expect {
+            try decide(nft: Self.nftables(), legacy: Self.legacy(), kernel: KernelSupport(nftTproxy: false, xtTproxy: false))
+        } throws: { error in
+            let e = error as? LERedirectError
+            return e?.kind == .unsupported && e!.message.contains("nft_tproxy") && e!.message.contains("xt_TPROXY")
+        }
+        // Only nf_tables' missing: the steering goes into x_tables, and says why.
+        let d = try decide(nft: Self.nftables(), legacy: Self.legacy(), kernel: KernelSupport(nftTproxy: false, xtTproxy: true))
+        #expect(d.redirect == .iptablesLegacy)
+        #expect(d.reasons.joined().contains("nft_tproxy"))
+        // Unknown (nothing could be read): begin tries nftables.
+        #expect(try decide(nft: Self.nftables(), legacy: nil, kernel: KernelSupport()).redirect == .nftables)
+    }
+
+    @Test func bothSystemsHoldingTheFirewallKeepTheSteeringInNftables() throws {
         let nft = Self.nftables([HostChain(ChainRef(.ip, "filter", "INPUT"), hook: .input, policy: .drop)])
         let d = try decide(nft: nft, legacy: Self.legacy())
         #expect(d.redirect == .nftables)
@@ -223,31 +223,31 @@ struct BackendDecisionTests {
         #expect(d.firewall.isEmpty)
     }
 
-    @Test func nothingCanHoldTheRedirect() throws {
+    @Test func nothingCanHoldTheSteering() throws {
         #expect {
-            try decide(nft: nil, legacy: Self.legacy(nat: false))
+            try decide(nft: nil, legacy: Self.legacy(mangle: false))
         } throws: { error in
             let e = error as? LERedirectError
-            return e?.kind == .unsupported && e!.message.contains("no nf_tables") && e!.message.contains("no nat table")
+            return e?.kind == .unsupported && e!.message.contains("no nf_tables") && e!.message.contains("no mangle table")
         }
     }
 
-    @Test func aForcedBackendThatCannotHoldTheRedirectIsRefused() throws {
+    @Test func aForcedBackendThatCannotHoldTheSteeringIsRefused() throws {
         #expect {
             try decide(.nftables, nft: Self.nftables(ownedTables: false), legacy: Self.legacy())
         } throws: { ($0 as? LERedirectError)?.message.contains("--backend nftables") == true }
         #expect {
-            try decide(.iptablesLegacy, nft: Self.nftables(), legacy: Self.legacy(nat: false))
+            try decide(.iptablesLegacy, nft: Self.nftables(), legacy: Self.legacy(mangle: false))
         } throws: { ($0 as? LERedirectError)?.message.contains("cannot be deleted once made") == true }
         #expect(try decide(.iptablesLegacy, nft: Self.nftables(), legacy: Self.legacy()).redirect == .iptablesLegacy)
         #expect(try decide(.nftables, nft: Self.nftables(), legacy: Self.legacy()).redirect == .nftables)
     }
 
-    /// x_tables without IPv6 needs only the IPv4 nat table.
-    @Test func anXtablesWithoutIPv6NeedsOnlyItsIPv4NatTable() throws {
+    /// x_tables without IPv6 needs only the IPv4 mangle table.
+    @Test func anXtablesWithoutIPv6NeedsOnlyItsIPv4MangleTable() throws {
         let plan = try RedirectPlan.make(options, nftables: nil, iptablesLegacy: Self.legacy(families: [.ip]), now: 0)
         #expect(plan.decision.redirect == .iptablesLegacy)
-        #expect(plan.iptablesLegacy!.redirects.map(\.chain) == [ChainRef(.ip, "nat", "PREROUTING")])
+        #expect(plan.iptablesLegacy!.steers.map(\.chain) == [ChainRef(.ip, "mangle", "PREROUTING")])
     }
 
     @Test func iptablesNftTablesAreKnownByTheirNamesAndChains() {

@@ -7,11 +7,11 @@ import Testing
 /// would then pass without its fault).
 struct FaultSpecTests {
     @Test func stepsCallsOccurrencesAndAfter() throws {
-        let specs = try Fault.parse("batch-sent, journal-intent-written iptables-legacy ip nat=stop,"
+        let specs = try Fault.parse("batch-sent, journal-intent-written iptables-legacy ip mangle=stop,"
             + "redirect-removed>netlink-send@2=EIO,fsync=5")
         #expect(specs == [
             Fault.Spec(after: nil, name: "batch-sent", occurrence: nil, action: .kill),
-            Fault.Spec(after: nil, name: "journal-intent-written iptables-legacy ip nat", occurrence: nil, action: .stop),
+            Fault.Spec(after: nil, name: "journal-intent-written iptables-legacy ip mangle", occurrence: nil, action: .stop),
             Fault.Spec(after: "redirect-removed", name: "netlink-send", occurrence: 2, action: .fail(EIO)),
             Fault.Spec(after: nil, name: "fsync", occurrence: nil, action: .fail(5)),
         ])

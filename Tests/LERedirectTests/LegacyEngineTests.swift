@@ -3,11 +3,13 @@ import Foundation
 import Logging
 import Testing
 
-/// The session logic across nftables and x_tables, against two fake kernels: commit order,
-/// the journal before each commit, removal by content and count, and recovery from a crash
-/// between two tables' commits.
+/// The session logic on x_tables, against fake kernels: the legacy path (kernels without owned
+/// tables, or `--backend iptables-legacy`) puts one steering rule per family at the head of mangle
+/// PREROUTING, journalled before each commit, removed by content and count; and an x_tables host
+/// on a kernel with owned tables gets our nftables table and nothing in x_tables.
 struct LegacyEngineTests {
-    let options = try! TakeoverOptions(ttl: .seconds(600), proxy: .external).validated()
+    let options = try! TakeoverOptions(ttl: .seconds(600), backend: .iptablesLegacy, proxy: .external).validated()
+    let auto = try! TakeoverOptions(ttl: .seconds(600), proxy: .external).validated()
     let namespace = NamespaceIdentity(device: 4, inode: 1234)
     let me = ProcessIdentity(kind: .daemon, pid: 1, startTicks: 1, bootID: "test")
 
@@ -18,11 +20,13 @@ struct LegacyEngineTests {
         var engine = SessionEngine(state: state, logger: Logger(label: "test"))
         engine.isAlive = { _ in false }
         engine.beforeCommit = { _ in }
+        engine.kernel = { KernelSupport(nftTproxy: true, xtTproxy: true, evidence: "test") }
         return (engine, state)
     }
 
-    /// x_tables with filter INPUT (policy drop) in both families, and nat PREROUTING unless `nat` is false.
-    static func legacyHost(nat: Bool = true) -> FakeKernel {
+    /// x_tables with filter INPUT (policy drop) in both families, mangle PREROUTING unless
+    /// `mangle` is false, and nat PREROUTING with a redirect of the host's own.
+    static func legacyHost(mangle: Bool = true) -> FakeKernel {
         let kernel = FakeKernel(.iptablesLegacy)
         for family in [Family.ip, .ip6] {
             let input = ChainRef(family, "filter", "INPUT")
@@ -30,22 +34,14 @@ struct LegacyEngineTests {
             kernel.addRule(input, "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
             kernel.addRule(input, "-p tcp -m multiport --dports 22,80 -j ACCEPT")
             kernel.addChain(HostChain(ChainRef(family, "filter", "OUTPUT"), hook: .output, type: "filter", priority: 0, policy: .accept))
-            if nat {
-                let prerouting = ChainRef(family, "nat", "PREROUTING")
-                kernel.addChain(HostChain(prerouting, hook: .prerouting, type: "nat", priority: -100, policy: .accept))
-                kernel.addRule(prerouting, "-p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 80")
+            if mangle {
+                let prerouting = ChainRef(family, "mangle", "PREROUTING")
+                kernel.addChain(HostChain(prerouting, hook: .prerouting, type: "filter", priority: -150, policy: .accept))
+                kernel.addRule(prerouting, "-p tcp -m tcp --dport 443 -j MARK --set-mark 1")
             }
-        }
-        return kernel
-    }
-
-    /// nftables tables laid out as iptables-nft makes them.
-    static func iptablesNftHost() -> FakeKernel {
-        let kernel = FakeKernel()
-        for family in [Family.ip, .ip6] {
-            let input = ChainRef(family, "filter", "INPUT")
-            kernel.addChain(HostChain(input, hook: .input, type: "filter", priority: 0, policy: .drop))
-            kernel.addRule(input, "tcp dport 22 counter accept")
+            let nat = ChainRef(family, "nat", "PREROUTING")
+            kernel.addChain(HostChain(nat, hook: .prerouting, type: "nat", priority: -100, policy: .accept))
+            kernel.addRule(nat, "-p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 80")
         }
         return kernel
     }
@@ -70,7 +66,7 @@ struct LegacyEngineTests {
         }
     }
 
-    @Test func anXtablesHostGetsAccountedCommitsInOrder() throws {
+    @Test func theLegacyPathGetsAccountedCommitsInOrder() throws {
         let legacy = Self.legacyHost(), nft = FakeKernel()
         let (before, nftBefore) = (legacy.listing(), nft.listing())
         let (engine, state) = try engine()
@@ -84,32 +80,47 @@ struct LegacyEngineTests {
         let journal = try engine.install(options, firewalls: firewalls, holder: me, namespace: namespace, now: 1_000_000)
         #expect(journal.backend == .iptablesLegacy)
         #expect(journal.phase == .installed)
-        // Accepts first, a table per commit, then the redirects; nothing in nftables.
-        #expect(recorder.log == [
-            "iptables-legacy ip filter insert accept", "iptables-legacy ip6 filter insert accept",
-            "iptables-legacy ip nat insert redirect", "iptables-legacy ip6 nat insert redirect",
-        ])
+        // A mangle table per commit; nothing in filter or nat, nothing in nftables.
+        #expect(recorder.log == ["iptables-legacy ip mangle insert redirect", "iptables-legacy ip6 mangle insert redirect"])
         #expect(nft.listing() == nftBefore)
         // Before each commit, the journal already counted the identical rules of that commit's chain.
         for (index, seen) in journalled.value.enumerated() {
-            #expect(seen.rules.count == 4)
+            #expect(seen.rules.count == 2)
             #expect(seen.rules.prefix(index + 1).allSatisfy { $0.preexisting == 0 }, "commit \(index)")
         }
-        #expect(journal.rules.map(\.kind) == [.accept, .accept, .redirect, .redirect])
+        #expect(journal.rules.map(\.kind) == [.redirect, .redirect])
+        #expect(journal.rules.map(\.chain) == [ChainRef(.ip, "mangle", "PREROUTING"), ChainRef(.ip6, "mangle", "PREROUTING")])
         #expect(legacy.listing().contains("--datestop 1970-01-01T00:26:40 "))  // 1,000 s + the 600 s TTL
+        #expect(legacy.listing().contains("-j TPROXY --on-port 12347"))
         #expect(try Journal.decode(try #require(try state.readJournal())) == journal)
 
         var duringDrain = ""
         let warnings = try engine.uninstall(journal, firewalls: firewalls) { duringDrain = legacy.listing() }
         #expect(warnings.isEmpty)
-        // Redirects out before the drain, accepts only after it.
-        #expect(!duringDrain.contains("REDIRECT --to-ports 12347"))
-        #expect(duringDrain.components(separatedBy: "--comment LE -j ACCEPT").count - 1 == 2)
-        #expect(Array(recorder.log.suffix(4)) == [
-            "iptables-legacy ip nat delete", "iptables-legacy ip6 nat delete", "iptables-legacy ip filter delete",
-            "iptables-legacy ip6 filter delete",
-        ])
+        // The steering is out before the drain.
+        #expect(!duringDrain.contains("TPROXY"))
+        #expect(Array(recorder.log.suffix(2)) == ["iptables-legacy ip mangle delete", "iptables-legacy ip6 mangle delete"])
         #expect(legacy.listing() == before)
+        #expect(try state.readJournal() == nil)
+    }
+
+    /// A kernel with owned tables: an x_tables-only host gets our nftables table, and x_tables is
+    /// neither read nor changed (its rules decide who reaches port 80 as always).
+    @Test func anXtablesHostOnAKernelWithOwnedTablesGetsOurTable() throws {
+        let legacy = Self.legacyHost(), nft = FakeKernel()
+        let before = legacy.listing()
+        let (engine, state) = try engine()
+        let recorder = Recorder()
+        recorder.watch(legacy)
+        let firewalls = Firewalls([nft.connect(), legacy.connect()])
+        let journal = try engine.install(auto, firewalls: firewalls, holder: me, namespace: namespace, now: 0)
+        #expect(journal.backend == .nftables)
+        #expect(journal.rules.isEmpty)
+        #expect(recorder.log.isEmpty)
+        #expect(nft.tableExists(TableRef.own))
+        _ = try engine.uninstall(journal, firewalls: firewalls)
+        #expect(legacy.listing() == before)
+        #expect(!nft.tableExists(TableRef.own))
         #expect(try state.readJournal() == nil)
     }
 
@@ -118,7 +129,7 @@ struct LegacyEngineTests {
         let before = legacy.listing()
         let (engine, state) = try engine()
         legacy.injectFault { change in
-            if case .insertRule(let chain, _) = change, chain.table == TableRef(.ip6, "nat") {
+            if case .insertRule(let chain, _) = change, chain.table == TableRef(.ip6, "mangle") {
                 return FirewallError(.notFound, doing: "inserting into \(chain)", detail: "No chain/target/match by that name")
             }
             return nil
@@ -128,15 +139,28 @@ struct LegacyEngineTests {
                 options, firewalls: Firewalls([nft.connect(), legacy.connect()]), holder: me, namespace: namespace, now: 0)
         } throws: { error in
             let e = error as? LERedirectError
-            return e?.message.contains("ip6 nat") == true && e!.message.contains("removed again")
+            return e?.message.contains("ip6 mangle") == true && e!.message.contains("removed again")
         }
         #expect(legacy.listing() == before)
         #expect(try state.readJournal() == nil)
     }
 
-    /// Invariant 3 between two tables' commits: the process dies after the filter commits (the crash
+    /// x_tables tables cannot be deleted, so begin never makes one: no mangle table, no legacy path.
+    @Test func noMangleTableIsRefusedAndNothingIsMade() throws {
+        let legacy = Self.legacyHost(mangle: false), nft = FakeKernel()
+        let before = legacy.listing()
+        let (engine, state) = try engine()
+        #expect {
+            try engine.install(
+                options, firewalls: Firewalls([nft.connect(), legacy.connect()]), holder: me, namespace: namespace, now: 0)
+        } throws: { ($0 as? LERedirectError)?.message.contains("no mangle table") == true }
+        #expect(legacy.listing() == before)
+        #expect(try state.readJournal() == nil)
+    }
+
+    /// Invariant 3 between two tables' commits: the process dies before a commit (the crash
     /// image), and recovery from the journal it left restores the ruleset exactly.
-    @Test(arguments: ["iptables-legacy ip filter", "iptables-legacy ip6 filter", "iptables-legacy ip nat", "iptables-legacy ip6 nat"])
+    @Test(arguments: ["iptables-legacy ip mangle", "iptables-legacy ip6 mangle"])
     func aCrashBeforeAnyCommitIsRecovered(at step: String) throws {
         let legacy = Self.legacyHost(), nft = FakeKernel()
         let before = legacy.listing()
@@ -150,7 +174,7 @@ struct LegacyEngineTests {
         _ = try engine.install(
             options, firewalls: Firewalls([nft.connect(), legacy.connect()]), holder: me, namespace: namespace, now: 0)
         let (crashedLegacy, crashedNft, journal) = try #require(image.value)
-        #expect(crashedLegacy.listing() != before || step == "iptables-legacy ip filter")
+        #expect(crashedLegacy.listing() != before || step == "iptables-legacy ip mangle")
 
         let (recovering, recoveredState) = try self.engine()
         try journal.write(toFile: recoveredState.journalPath, atomically: true, encoding: .utf8)
@@ -161,74 +185,81 @@ struct LegacyEngineTests {
         #expect(try recoveredState.readJournal() == nil)
     }
 
-    /// A host that kept a copy of our accept (a ruleset saved during a window and restored) keeps
+    /// A host that kept a copy of our rule (a ruleset saved during a window and restored) keeps
     /// it: removal takes out only as many copies as begin added.
     @Test func aCopyTheHostAlreadyHadIsKept() throws {
         let legacy = Self.legacyHost(), nft = FakeKernel()
-        let input = ChainRef(.ip, "filter", "INPUT")
-        legacy.addRule(input, .scopedAccept(proxyPort: 12347, originalPort: 80, form: .xtables))
+        let prerouting = ChainRef(.ip, "mangle", "PREROUTING")
+        legacy.addRule(prerouting, .expiringSteer(port: 80, proxyPort: 12347, until: 600))
         let before = legacy.listing()
         let (engine, _) = try engine()
         let firewalls = Firewalls([nft.connect(), legacy.connect()])
         let journal = try engine.install(options, firewalls: firewalls, holder: me, namespace: namespace, now: 0)
-        #expect(journal.rules.first { $0.chain == input }?.preexisting == 1)
-        #expect(legacy.listing().components(separatedBy: "--comment LE -j ACCEPT").count - 1 == 3)
+        #expect(journal.rules.first { $0.chain == prerouting }?.preexisting == 1)
+        #expect(legacy.listing().components(separatedBy: "-j TPROXY --on-port 12347").count - 1 == 3)
         _ = try engine.uninstall(journal, firewalls: firewalls)
         #expect(legacy.listing() == before)
     }
 
-    @Test func anArmedPerChallengeRedirectGoesInAndOut() throws {
+    @Test func anArmedPerChallengeSteeringGoesInAndOut() throws {
         let legacy = Self.legacyHost(), nft = FakeKernel()
         let before = legacy.listing()
         let (engine, _) = try engine()
-        let memory = try TakeoverOptions(ttl: .seconds(600), proxy: .builtIn(ProxyOptions(challenge: .memory))).validated()
+        let memory = try TakeoverOptions(
+            ttl: .seconds(600), backend: .iptablesLegacy, proxy: .builtIn(ProxyOptions(challenge: .memory))
+        ).validated()
         let firewalls = Firewalls([nft.connect(), legacy.connect()])
         let journal = try engine.install(memory, firewalls: firewalls, holder: me, namespace: namespace, now: 0)
-        let redirects = { legacy.listing().components(separatedBy: "REDIRECT --to-ports 12347").count - 1 }
-        #expect(redirects() == 0)
+        let steers = { legacy.listing().components(separatedBy: "TPROXY --on-port 12347").count - 1 }
+        #expect(steers() == 0)
         #expect(journal.rules.filter { $0.kind == .redirect }.allSatisfy { $0.preexisting == 0 })
         try engine.arm(journal, firewalls: firewalls, remaining: .seconds(60))
-        #expect(redirects() == 2)
+        #expect(steers() == 2)
         try engine.arm(journal, firewalls: firewalls, remaining: .seconds(60))  // armed already: no second copy
-        #expect(redirects() == 2)
+        #expect(steers() == 2)
         try engine.disarm(journal, firewalls: firewalls)
-        #expect(redirects() == 0)
+        #expect(steers() == 0)
         _ = try engine.uninstall(journal, firewalls: firewalls)
         #expect(legacy.listing() == before)
     }
 
-    /// Both systems hold input chains: each gets the accept (iptables-nft's chains in iptables'
-    /// form), and the owned nftables table holds the redirect.
-    @Test func bothSystemsGetTheAcceptAndNftablesHoldsTheRedirect() throws {
-        let legacy = Self.legacyHost(), nft = Self.iptablesNftHost()
-        let (before, nftBefore) = (legacy.listing(), nft.listing())
+    /// A dead session of a version that rewrote connections left accepts in filter INPUT and
+    /// redirects in nat PREROUTING, journalled with their counts: recover takes out exactly those.
+    @Test func anOlderVersionsDeadLegacySessionIsRecovered() throws {
+        let legacy = Self.legacyHost(), nft = FakeKernel()
+        let before = legacy.listing()
         let (engine, state) = try engine()
-        let recorder = Recorder()
-        recorder.watch(legacy)
-        recorder.watch(nft)
-        let firewalls = Firewalls([nft.connect(), legacy.connect()])
-        let journal = try engine.install(options, firewalls: firewalls, holder: me, namespace: namespace, now: 0)
-        #expect(journal.backend == .nftables)
-        #expect(journal.accepts.map(\.system) == [.iptablesLegacy, .iptablesLegacy, .nftables, .nftables])
-        #expect(recorder.log.prefix(2) == ["iptables-legacy ip filter insert accept", "iptables-legacy ip6 filter insert accept"])
-        #expect(recorder.log.dropFirst(2).allSatisfy { $0.hasPrefix("nftables") })
-        #expect(nft.listing().contains(RuleSpec.scopedAccept(proxyPort: 12347, originalPort: 80, form: .xtables).description))
-        #expect(!legacy.listing().contains("REDIRECT --to-ports 12347"))
-        _ = try engine.uninstall(journal, firewalls: firewalls)
+        var entries: [Journal.Entry] = []
+        let fw = legacy.connect()
+        for family in [Family.ip, .ip6] {
+            for (chain, text, kind) in [
+                (ChainRef(family, "filter", "INPUT"), "-p tcp -m tcp --dport 12347 -m conntrack --ctstate DNAT --ctorigdstport 80 -j ACCEPT", RuleKind.accept),
+                (ChainRef(family, "nat", "PREROUTING"), "-p tcp -m tcp --dport 80 -j REDIRECT --to-ports 12347", .redirect),
+            ] {
+                let location = legacy.addRule(chain, text, comment: "LE")
+                let fingerprint = try #require(try fw.rules(in: chain).last).fingerprint
+                #expect(location.chain == chain)
+                entries.append(Journal.Entry(system: .iptablesLegacy, kind: kind, chain: chain, fingerprint: fingerprint, preexisting: 0))
+            }
+        }
+        try state.writeJournal(Journal(
+            phase: .installed, holder: me, namespace: namespace, backend: .iptablesLegacy, port: 80, proxyPort: 12347,
+            proxy: "external", createdAt: 0, expiresAt: 1, rules: entries))
+        let report = try engine.recover(sweep: false, firewalls: Firewalls([nft.connect(), fw]), namespace: namespace)
+        #expect(report.removedRules == 4)
         #expect(legacy.listing() == before)
-        #expect(nft.listing() == nftBefore)
-        #expect(try state.readJournal() == nil)
     }
 
     @Test func sweepRemovesTaggedXtablesRules() throws {
         let legacy = Self.legacyHost(), nft = FakeKernel()
         let before = legacy.listing()
-        legacy.addRule(ChainRef(.ip, "filter", "INPUT"), .scopedAccept(proxyPort: 12347, originalPort: 80, form: .xtables))
-        legacy.addRule(ChainRef(.ip6, "nat", "PREROUTING"), .expiringRedirect(port: 80, proxyPort: 12347, until: 5))
-        legacy.addRule(ChainRef(.ip6, "nat", "PREROUTING"), .expiringRedirect(port: 80, proxyPort: 12347, until: 5))
+        legacy.addRule(ChainRef(.ip, "filter", "INPUT"), "-p tcp --dport 12347 -j ACCEPT", comment: "LE")
+        legacy.addRule(ChainRef(.ip6, "nat", "PREROUTING"), "-p tcp --dport 80 -j REDIRECT --to-ports 12347", comment: "LE")
+        legacy.addRule(ChainRef(.ip6, "mangle", "PREROUTING"), .expiringSteer(port: 80, proxyPort: 12347, until: 5))
+        legacy.addRule(ChainRef(.ip6, "mangle", "PREROUTING"), .expiringSteer(port: 80, proxyPort: 12347, until: 5))
         let (engine, _) = try engine()
         let report = try engine.recover(sweep: true, firewalls: Firewalls([nft.connect(), legacy.connect()]), namespace: namespace)
-        #expect(report.removedRules == 3)
+        #expect(report.removedRules == 4)
         #expect(legacy.listing() == before)
     }
 }

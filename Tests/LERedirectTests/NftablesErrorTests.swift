@@ -34,9 +34,9 @@ struct NftablesErrorTests {
     }
 
     @Test func aMissingExpressionModuleIsNamed() {
-        let change = FirewallChange.insertRule(ChainRef(.inet, "le_redirect", "prerouting"), .redirect(set: "ports", proxyPort: 1))
-        let e = NftablesFirewall.error(NetlinkError(stage: .kernel, errno: ENOENT), doing: "inserting the redirect", change: change)
-        #expect(e.reason == .notFound)
-        #expect(e.description.contains("nft_fib_inet"))
+        let change = FirewallChange.insertRule(ChainRef(.inet, "le_redirect", "prerouting"), .steer(set: "ports", proxyPort: 1))
+        let e = NftablesFirewall.error(NetlinkError(stage: .kernel, errno: ENOENT), doing: "inserting the steering rule", change: change)
+        #expect(e.reason == .unsupported)
+        #expect(e.description.contains("nft_tproxy"))
     }
 }

@@ -17,11 +17,12 @@ struct SessionEngineTests {
         try state.prepare()
         var engine = SessionEngine(state: state, logger: Logger(label: "test"))
         engine.isAlive = { _ in !dead }
+        engine.kernel = { KernelSupport(nftTproxy: true, xtTproxy: true, evidence: "test") }
         return (engine, state)
     }
 
     /// Installs a session on `kernel` and drops its connection, as the daemon's death would: the
-    /// owned table goes, the accepts and the journal stay.
+    /// owned table goes, the journal stays.
     func crash(_ engine: SessionEngine, on kernel: FakeKernel) throws {
         let daemon = kernel.connect()
         _ = try engine.install(options, firewalls: Firewalls([daemon]), holder: me, namespace: namespace, now: 0)
@@ -38,6 +39,30 @@ struct SessionEngineTests {
         }
         kernel.addChain(HostChain(ChainRef(.ip, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100))
         return kernel
+    }
+
+    /// The text of the scoped accept versions that rewrote connections put into every host input
+    /// chain (nft's form; the iptables-nft one differs only in its encoding).
+    static let oldAccept = "tcp dport 12347 ct status dnat ct original proto-dst 80 accept"
+
+    /// What a dead session of such a version left: its accepts in the host's input chains, and its
+    /// journal (the owned table died with it). `handles: false`: a crash before they were recorded.
+    func leaveOldSession(on kernel: FakeKernel, _ state: StateDirectory, handles: Bool = true) throws -> Journal {
+        let inputs = [ChainRef(.ip, "filter", "INPUT"), ChainRef(.ip6, "filter", "INPUT"), ChainRef(.inet, "firewall", "inbound")]
+        var entries: [Journal.Entry] = []
+        let fw = kernel.connect()
+        defer { fw.close() }
+        for chain in inputs {
+            let location = kernel.addRule(chain, Self.oldAccept, comment: "LE")
+            let observed = try #require(try fw.rule(at: location))
+            entries.append(
+                Journal.Entry(chain: chain, fingerprint: observed.fingerprint, handle: handles ? location.handle : nil))
+        }
+        let journal = Journal(
+            phase: handles ? .installed : .intent, holder: me, namespace: namespace, backend: .nftables, port: 80,
+            proxyPort: 12347, proxy: "external", createdAt: 0, expiresAt: 1, rules: entries)
+        try state.writeJournal(journal)
+        return journal
     }
 
     static let hosts: [(String, @Sendable () -> FakeKernel)] = [
@@ -61,41 +86,24 @@ struct SessionEngineTests {
         let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 1000)
         #expect(journal.phase == .installed)
         #expect(journal.expiresAt == 601_000)
-        #expect(journal.accepts.allSatisfy { $0.handle != nil })
+        #expect(journal.rules.isEmpty)  // everything is in the owned table
         #expect(try Journal.decode(try #require(try state.readJournal())) == journal)
         #expect(kernel.listing() != before)
-        #expect(kernel.rules(taggedWith: "LE").count == 1 + journal.accepts.count)
+        // Only our table was added: every host chain lists exactly what it did.
+        #expect(kernel.rules(taggedWith: "LE").count == 1)
+        #expect(try fw.snapshot().tables.map(\.ref).filter { $0 != TableRef.own }.sorted()
+            == (try kernel.connect().snapshot().tables.map(\.ref).filter { $0 != TableRef.own }.sorted()))
 
         var drained = false
         let warnings = try engine.uninstall(journal, firewalls: Firewalls([fw])) {
-            // While the proxy drains, nothing new is redirected (the port left the set) but the nat
-            // chain and the accepts still carry the connections in flight.
-            drained = kernel.setElements(TableRef.own, RedirectPlan.setName) == []
-                && kernel.rules(taggedWith: "LE").count == 1 + journal.accepts.count
+            // While the proxy drains, nothing new is steered (the port left the set); the table
+            // is still there.
+            drained = kernel.setElements(TableRef.own, RedirectPlan.setName) == [] && kernel.tableExists(TableRef.own)
         }
         #expect(drained)
         #expect(warnings.isEmpty)
         #expect(kernel.listing() == before)
         #expect(try state.readJournal() == nil)
-    }
-
-    /// Once nothing is redirected, conntrack's entries of what was go too: after end, and after
-    /// recovering a dead session.
-    @Test func endAndRecoverForgetTheRedirectedConnections() throws {
-        let kernel = Self.typicalHost()
-        var (engine, _) = try engine(dead: true)
-        let calls = Locked<[String]>([])
-        engine.forgetRedirectedConnections = { port, proxyPort in
-            calls.mutate { $0.append("\(port)->\(proxyPort) \(kernel.tableExists(TableRef.own) ? "while redirecting" : "after")") }
-            return 0
-        }
-        let fw = kernel.connect()
-        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
-        _ = try engine.uninstall(journal, firewalls: Firewalls([fw]))
-        #expect(calls.value == ["80->12347 after"])
-        try crash(engine, on: kernel)
-        _ = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
-        #expect(calls.value == ["80->12347 after", "80->12347 after"])
     }
 
     @Test func theJournalIsWrittenBeforeTheCommit() throws {
@@ -109,20 +117,23 @@ struct SessionEngineTests {
         _ = try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
         let intent = try #require(seen.value)
         #expect(intent.phase == .intent)
-        #expect(intent.accepts.count == 3)
-        #expect(intent.accepts.allSatisfy { $0.handle == nil })
+        #expect(intent.backend == .nftables)
     }
 
     /// Another process commits between our read and our commit: the batch is refused whole, and
-    /// rebuilt from fresh state (which now includes the chain it added).
+    /// made again from fresh state (here: a leftover copy of our table appeared, which the new
+    /// batch replaces).
     @Test func aChangedGenerationIsReplannedFromFreshState() throws {
         let kernel = Self.typicalHost()
         let (engine, _) = try engine()
-        let late = ChainRef(.ip, "late", "input")
-        kernel.beforeNextCommit { k in k.addChain(HostChain(late, hook: .input, type: "filter", priority: 0)) }
-        let journal = try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
-        #expect(journal.accepts.map(\.chain).contains(late))
-        #expect(journal.accepts.count == 4)
+        kernel.beforeNextCommit { k in
+            k.addChain(HostChain(RedirectPlan.steeringChain, hook: .prerouting, type: "filter", priority: -150))
+        }
+        let fw = kernel.connect()
+        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
+        #expect(journal.phase == .installed)
+        #expect(kernel.rules(taggedWith: "LE").count == 1)
+        #expect(try kernel.connect().snapshot().tables.first { $0.ref == TableRef.own }?.ownedByAnotherProcess == true)
     }
 
     @Test func aGenerationThatNeverSettlesFailsAndChangesNothing() throws {
@@ -148,8 +159,10 @@ struct SessionEngineTests {
         let before = kernel.listing()
         let (engine, state) = try engine()
         kernel.injectFault { change in
-            if case .insertRule(let chain, .scopedAccept) = change, chain.table.family == .ip6 {
-                return FirewallError(.notPermitted, doing: "inserting the scoped accept into \(chain)", detail: "Operation not permitted")
+            if case .insertRule(let chain, .steer) = change {
+                return FirewallError(
+                    .unsupported, doing: "inserting the steering rule into \(chain)",
+                    detail: "No such file or directory (this kernel lacks nf_tables' tproxy or fib expression)")
             }
             return nil
         }
@@ -157,7 +170,7 @@ struct SessionEngineTests {
             try engine.install(options, firewalls: Firewalls([kernel.connect()]), holder: me, namespace: namespace, now: 0)
         } throws: { error in
             let e = error as? LERedirectError
-            return e?.kind == .notPermitted && e!.message.contains("ip6 filter INPUT")
+            return e?.kind == .unsupported && e!.message.contains("inet le_redirect prerouting") && e!.message.contains("tproxy")
         }
         #expect(kernel.listing() == before)
         #expect(try state.readJournal() == nil)
@@ -176,88 +189,72 @@ struct SessionEngineTests {
         #expect(try state.readJournal() == nil)
     }
 
-    /// The daemon died (its connection closed): the owned table went with it, the accepts are
-    /// removed by recover from another connection.
+    /// The daemon died (its connection closed): the owned table went with it; recover removes the
+    /// journal and has nothing else to do.
     @Test func recoverFinishesADeadSession() throws {
         let kernel = Self.typicalHost()
         let before = kernel.listing()
         let (engine, state) = try engine(dead: true)
         try crash(engine, on: kernel)
         #expect(!kernel.tableExists(TableRef.own))
-        #expect(kernel.rules(taggedWith: "LE").count == 3)
+        #expect(kernel.listing() == before)
 
         let report = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         #expect(report.recoveredJournal)
-        #expect(report.removedRules == 3)
+        #expect(report.removedRules == 0)
         #expect(kernel.listing() == before)
         #expect(try state.readJournal() == nil)
         // Nothing left to do the second time.
         #expect(try !engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace).changedAnything)
     }
 
-    /// A crash between the commit and recording the handles leaves an intent journal: recover
-    /// finds the accepts by content in the chains it names.
-    @Test func recoverFromAnIntentJournalFindsTheRulesByContent() throws {
+    /// A dead session of a version that rewrote connections left scoped accepts in the host's
+    /// chains: this version's recover removes exactly them, by the handles its journal records.
+    @Test func recoverFinishesAnOlderVersionsDeadSession() throws {
         let kernel = Self.typicalHost()
         let before = kernel.listing()
         let (engine, state) = try engine(dead: true)
-        let daemon = kernel.connect()
-        let snapshot = try daemon.snapshot()
-        let plan = try RedirectPlan.make(options, from: snapshot)
-        try state.writeJournal(Journal(
-            phase: .intent, holder: me, namespace: namespace, backend: .nftables, port: 80, proxyPort: 12347,
-            proxy: "external", createdAt: 0, expiresAt: 1,
-            rules: plan.rules.map {
-                Journal.Entry(chain: $0.chain, fingerprint: daemon.fingerprint(of: $0.spec, family: $0.chain.table.family))
-            }))
-        _ = try daemon.commit(plan.nftablesStep!.changes, expecting: nil)
-        daemon.close()
-        // A host rule tagged "LE" with other content is not ours and stays.
-        kernel.addRule(ChainRef(.ip, "filter", "INPUT"), "tcp dport 12348 accept", comment: "LE")
-        let ours = [RuleForm.native, .xtables].map { "\t\t\(RuleSpec.scopedAccept(proxyPort: 12347, originalPort: 80, form: $0))" }
-        let hostRule = kernel.listing().split(separator: "\n", omittingEmptySubsequences: false)
-            .filter { !ours.contains(String($0)) }.joined(separator: "\n")
-
-        _ = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
-        #expect(kernel.listing() == hostRule)
-        #expect(kernel.listing() != before)
+        _ = try leaveOldSession(on: kernel, state)
+        #expect(kernel.rules(taggedWith: "LE").count == 3)
+        let report = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
+        #expect(report.recoveredJournal)
+        #expect(report.removedRules == 3)
+        #expect(kernel.listing() == before)
         #expect(try state.readJournal() == nil)
     }
 
-    /// The host reloaded its ruleset during the window: handles were reused by its own rules.
+    /// It crashed between its commit and recording the handles (an intent journal): recover finds
+    /// the accepts by content in the chains it names, and leaves a host rule tagged "LE" alone.
+    @Test func recoverFromAnIntentJournalFindsTheRulesByContent() throws {
+        let kernel = Self.typicalHost()
+        let (engine, state) = try engine(dead: true)
+        _ = try leaveOldSession(on: kernel, state, handles: false)
+        kernel.addRule(ChainRef(.ip, "filter", "INPUT"), "tcp dport 12348 accept", comment: "LE")
+        let hostRule = kernel.listing().split(separator: "\n", omittingEmptySubsequences: false)
+            .filter { !$0.contains(Self.oldAccept) }.joined(separator: "\n")
+        let report = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
+        #expect(report.removedRules == 3)
+        #expect(kernel.listing() == hostRule)
+        #expect(try state.readJournal() == nil)
+    }
+
+    /// The host reloaded its ruleset after the old session died: the handles were reused by its own rules.
     @Test func aHandleThatNoLongerHoldsOurRuleIsLeftAlone() throws {
         let kernel = Self.typicalHost()
-        let (engine, _) = try engine()
-        let fw = kernel.connect()
-        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
+        let (engine, state) = try engine(dead: true)
+        let journal = try leaveOldSession(on: kernel, state)
         let victim = journal.accepts[0].chain
         kernel.deleteTable(victim.table)
         kernel.addChain(HostChain(victim, hook: .input, type: "filter", priority: 0, policy: .drop))
         for _ in 0..<8 { kernel.addRule(victim, "tcp dport 443 accept") }
         let reloaded = kernel.listing()
 
-        let warnings = try engine.uninstall(journal, firewalls: Firewalls([fw]))
-        #expect(warnings.count == 1)
-        #expect(warnings.first?.contains("no longer le-redirect's") == true)
+        let report = try engine.recover(sweep: false, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
+        #expect(report.warnings.count == 1)
+        #expect(report.warnings.first?.contains("no longer le-redirect's") == true)
+        #expect(report.removedRules == 2)
         #expect(kernel.rules(taggedWith: "LE").isEmpty)
-        #expect(kernel.listing().contains("tcp dport 443 accept"))
         #expect(kernel.listing().components(separatedBy: "tcp dport 443 accept").count == reloaded.components(separatedBy: "tcp dport 443 accept").count)
-    }
-
-    @Test func aChainTheHostDeletedDuringTheWindowDoesNotBlockEnd() throws {
-        let kernel = Self.typicalHost()
-        let (engine, state) = try engine()
-        let fw = kernel.connect()
-        let journal = try engine.install(options, firewalls: Firewalls([fw]), holder: me, namespace: namespace, now: 0)
-        kernel.deleteTable(TableRef(.ip6, "filter"))
-        let warnings = try engine.uninstall(journal, firewalls: Firewalls([fw]))
-        // The operator hears of it; nothing else of the host's is touched.
-        #expect(warnings == [
-            "le-redirect's scoped accept in nftables ip6 filter INPUT was already gone (the host changed its ruleset "
-                + "during the session); nothing of the host's was touched",
-        ])
-        #expect(kernel.rules(taggedWith: "LE").isEmpty)
-        #expect(try state.readJournal() == nil)
     }
 
     @Test func recoverRefusesALiveSession() throws {
@@ -289,7 +286,7 @@ struct SessionEngineTests {
         let kernel = Self.typicalHost()
         let before = kernel.listing()
         let (engine, state) = try engine(dead: true)
-        try crash(engine, on: kernel)
+        _ = try leaveOldSession(on: kernel, state)
         try "le-redirect journal 1\ngarbage\n".write(toFile: state.journalPath, atomically: false, encoding: .utf8)
         let leftovers = kernel.listing()
         #expect {
@@ -311,7 +308,7 @@ struct SessionEngineTests {
         let before = kernel.listing()
         kernel.addRule(input, "tcp dport 12347 counter accept", comment: "LE")
         kernel.addRule(ChainRef(.ip6, "filter", "INPUT"), "tcp dport 12348 counter accept", comment: "LE")
-        kernel.addChain(HostChain(RedirectPlan.natChain, hook: .prerouting, type: "nat", priority: -110))
+        kernel.addChain(HostChain(RedirectPlan.steeringChain, hook: .prerouting, type: "filter", priority: -150))
         let (engine, _) = try engine()
         let report = try engine.recover(sweep: true, firewalls: Firewalls([kernel.connect()]), namespace: namespace)
         #expect(report.removedRules == 2)

@@ -76,15 +76,13 @@ int le_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
 int le_epoll_wait(int epfd, le_event *out, int max, int timeout_ms);
 
 /// A non-blocking, close-on-exec TCP listener on the wildcard address of `family` (IPv6 only
-/// for AF_INET6), with SO_REUSEADDR. The descriptor, or -1 with errno.
-int le_tcp_listen(int family, uint16_t port, int backlog);
+/// for AF_INET6), with SO_REUSEADDR; with `transparent`, IP_TRANSPARENT / IPV6_TRANSPARENT too
+/// (connections steered by tproxy reach only such a listener; needs CAP_NET_ADMIN or CAP_NET_RAW).
+/// The descriptor, or -1 with errno.
+int le_tcp_listen(int family, uint16_t port, int backlog, int transparent);
 
 /// accept4 (non-blocking, close-on-exec) with TCP_NODELAY set; fills `peer`. -1 with errno.
 int le_tcp_accept(int listener, le_endpoint *peer);
-
-/// Where a redirected connection was going before the redirect (SO_ORIGINAL_DST, or
-/// IP6T_SO_ORIGINAL_DST for IPv6). 0, or an errno value (ENOENT: no NAT entry).
-int le_original_destination(int fd, int family, le_endpoint *out);
 
 /// Starts a non-blocking connect (TCP_NODELAY, close-on-exec). Returns the descriptor with
 /// *in_progress set when the connection is still being made, or -1 with errno.

@@ -98,11 +98,11 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
 
     func redirectedPackets() throws(FirewallError) -> UInt64? {
         var packets: UInt64?
-        for family in Self.families where Self.tableNames(family).contains("nat") {
-            let chain = ChainRef(family, "nat", "PREROUTING")
-            try withTable(chain.table, doing: "reading the redirect counter") { table in
+        for family in Self.families where Self.tableNames(family).contains("mangle") {
+            let chain = ChainRef(family, "mangle", "PREROUTING")
+            try withTable(chain.table, doing: "reading the steering counter") { table in
                 table.forEachEntry(of: chain.name) { entry in
-                    guard XtablesEntry.isRedirect(entry, family: family), XtablesEntry.comment(of: entry, family: family) == ruleTag
+                    guard XtablesEntry.isSteer(entry, family: family), XtablesEntry.comment(of: entry, family: family) == ruleTag
                     else { return }
                     packets = (packets ?? 0) + XtablesEntry.packets(of: entry, family: family)
                 }

@@ -50,7 +50,7 @@ enum XtablesEntry {
         var matches: [UInt8] = []
         let target: [UInt8]
         switch spec {
-        case .expiringRedirect(let port, let proxyPort, let until):
+        case .expiringSteer(let port, let proxyPort, let until):
             matches += tcp(destinationPort: port, synOnly: true)
             var addrtype = xt_addrtype_info_v1()
             addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
@@ -65,15 +65,9 @@ enum XtablesEntry {
             time.flags = 0  // UTC, as iptables writes it without --kerneltz
             matches += object("time", revision: 0, raw(time))
             matches += object("comment", revision: 0, commentData(ruleTag))
-            target = redirectTarget(toPort: proxyPort, family: family)
-        case .scopedAccept(let proxyPort, let originalPort, _):
-            matches += tcp(destinationPort: proxyPort)
-            matches += object("conntrack", revision: 3, conntrackData(originalPort: originalPort))
-            matches += object("comment", revision: 0, commentData(ruleTag))
-            var verdict = Int32(-NF_ACCEPT - 1)  // a standard target's verdict: -(verdict) - 1
-            target = object(forInsertion ? "ACCEPT" : "", revision: 0, withUnsafeBytes(of: &verdict) { Array($0) })
-        case .redirect:
-            preconditionFailure("the nftables redirect has no x_tables form")
+            target = tproxyTarget(port: proxyPort)
+        case .steer:
+            preconditionFailure("the nftables steering rule has no x_tables form")
         }
         let l = layout(family)
         var entry = [UInt8](repeating: 0, count: l.header)
@@ -81,10 +75,16 @@ enum XtablesEntry {
             var e = ip6t_entry()
             e.ipv6.proto = UInt16(IPPROTO_TCP)
             e.ipv6.flags = UInt8(IP6T_F_PROTO)  // ip6tables matches the protocol only with this flag
+            withUnsafeMutableBytes(of: &e.ipv6.iniface) { notLoopback($0) }
+            withUnsafeMutableBytes(of: &e.ipv6.iniface_mask) { loopbackMask($0) }
+            e.ipv6.invflags = UInt8(IP6T_INV_VIA_IN)
             entry = raw(e)
         } else {
             var e = ipt_entry()
             e.ip.proto = UInt16(IPPROTO_TCP)
+            withUnsafeMutableBytes(of: &e.ip.iniface) { notLoopback($0) }
+            withUnsafeMutableBytes(of: &e.ip.iniface_mask) { loopbackMask($0) }
+            e.ip.invflags = UInt8(IPT_INV_VIA_IN)
             entry = raw(e)
         }
         put(UInt16(l.header + matches.count), at: l.targetOffset, in: &entry)
@@ -105,17 +105,6 @@ enum XtablesEntry {
         return object("tcp", revision: 0, raw(info))
     }
 
-    /// The data of `-m conntrack --ctstate DNAT --ctorigdstport PORT` (revision 3, whose port ranges
-    /// are in host order), padded to XT_ALIGN; iptables-nft hands nft_compat the same bytes.
-    static func conntrackData(originalPort: UInt16) -> [UInt8] {
-        var info = xt_conntrack_mtinfo3()
-        info.match_flags = UInt16(XT_CONNTRACK_STATE | XT_CONNTRACK_ORIGDST_PORT)
-        info.state_mask = le_xt_conntrack_state_dnat
-        info.origdst_port = originalPort
-        info.origdst_port_high = originalPort
-        return padded(raw(info))
-    }
-
     /// The data of `-m comment --comment TEXT`.
     static func commentData(_ text: String) -> [UInt8] {
         var data = [UInt8](repeating: 0, count: Int(XT_MAX_COMMENT_LEN))
@@ -127,21 +116,24 @@ enum XtablesEntry {
         data + [UInt8](repeating: 0, count: align(data.count) - data.count)
     }
 
-    /// `-j REDIRECT --to-ports PORT`: IPv4 keeps the old multi-range layout, IPv6 `nf_nat_range`.
-    private static func redirectTarget(toPort port: UInt16, family: Family) -> [UInt8] {
-        if family == .ip6 {
-            var range = nf_nat_range()
-            range.flags = UInt32(NF_NAT_RANGE_PROTO_SPECIFIED)
-            range.min_proto.all = port.bigEndian
-            range.max_proto.all = port.bigEndian
-            return object("REDIRECT", revision: 0, raw(range))
-        }
-        var range = nf_nat_ipv4_multi_range_compat()
-        range.rangesize = 1
-        range.range.flags = UInt32(NF_NAT_RANGE_PROTO_SPECIFIED)
-        range.range.min.all = port.bigEndian
-        range.range.max.all = port.bigEndian
-        return object("REDIRECT", revision: 0, raw(range))
+    /// `! -i lo`: the interface name, and the mask iptables makes for a name without "+": one
+    /// 0xff per character and one for the NUL.
+    private static func notLoopback(_ name: UnsafeMutableRawBufferPointer) {
+        name.copyBytes(from: Array("lo".utf8))
+    }
+
+    private static func loopbackMask(_ mask: UnsafeMutableRawBufferPointer) {
+        for i in 0..<3 { mask[i] = 0xff }
+    }
+
+    /// `-j TPROXY --on-port PORT --on-ip 0.0.0.0 --tproxy-mark 0x0/0x0` (revision 1, either family):
+    /// the socket listening on PORT takes the connection; the mark is left alone.
+    /// Written field by field into zeroed bytes: a struct copied whole would carry its padding
+    /// (after lport) as whatever the stack held, and iptables -D compares every byte.
+    private static func tproxyTarget(port: UInt16) -> [UInt8] {
+        var data = [UInt8](repeating: 0, count: MemoryLayout<xt_tproxy_target_info_v1>.size)
+        put(port.bigEndian, at: MemoryLayout<xt_tproxy_target_info_v1>.offset(of: \.lport)!, in: &data)
+        return object("TPROXY", revision: 1, data)
     }
 
     /// A match or target: size, NUL-padded name, revision, then the data padded to XT_ALIGN.
@@ -255,10 +247,10 @@ enum XtablesEntry {
         return found
     }
 
-    static func isRedirect(_ entry: UnsafeRawBufferPointer, family: Family) -> Bool {
+    static func isSteer(_ entry: UnsafeRawBufferPointer, family: Family) -> Bool {
         var last = -1
         forEachObject(entry, family: family) { offset, _ in last = offset }
-        return last >= 0 && hasName("REDIRECT", at: last, in: entry)
+        return last >= 0 && hasName("TPROXY", at: last, in: entry)
     }
 
     static func packets(of entry: UnsafeRawBufferPointer, family: Family) -> UInt64 {

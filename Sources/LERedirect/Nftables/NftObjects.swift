@@ -3,8 +3,7 @@ import Glibc
 import LERedirectModel
 
 /// The nf_tables encodings of le-redirect's objects: family numbers, hooks, and the exact
-/// expressions of its rules (the same ones `nft` generates for the text in rules/, and in chains
-/// iptables-nft manages, the ones `iptables-nft` generates).
+/// expressions of its steering rule (the same ones `nft` generates for the text in rules/).
 enum NftObjects {
     static func familyNumber(_ family: Family) -> UInt16 {
         switch family {
@@ -93,48 +92,27 @@ enum NftObjects {
         nftnl_rule_set_str(rule, u16(NFTNL_RULE_CHAIN), chain.name)
         let r1 = u32(NFT_REG_1)
         switch spec {
-        case .redirect(let set, let proxyPort):
-            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
-            add(rule, cmp(r1, .eq, [ipprotoTCP]))
+        case .steer(let set, let proxyPort):
+            // `iifname != "lo"`: the host's own connections (the proxy's to the app among them)
+            // are never steered.
+            add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
+            add(rule, cmp(r1, .neq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
             add(rule, fibDestinationType(into: r1))
             add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
+            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
+            add(rule, cmp(r1, .eq, [ipprotoTCP]))
             add(rule, transportPort(destination: true, into: r1))
             add(rule, lookup(r1, set: set, setID: setID))
-            // `tcp flags syn / fin,syn,rst,ack`: only connection openings. Where conntrack starts
-            // with our nat chain (a host with no tables), a connection opened before begin is first
-            // seen mid-stream, as a new flow; redirecting that packet would reset the connection.
+            // `tcp flags syn / fin,syn,rst,ack`: only connection openings; the rest of a steered
+            // connection finds its socket by the usual lookup.
             add(rule, tcpFlags(into: r1))
             add(rule, bitwise(r1, mask: [0x17], xor: [0x00]))
             add(rule, cmp(r1, .eq, [0x02]))
             add(rule, nftnl_expr_alloc("counter")!)
             add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
-            add(rule, redirect(portRegister: r1))
-        case .scopedAccept(let proxyPort, let originalPort, .xtables):
-            // What `iptables-nft -I INPUT -p tcp --dport P -m conntrack --ctstate DNAT --ctorigdstport
-            // O -m comment --comment LE -j ACCEPT` makes: native protocol and port, the conntrack and
-            // comment matches through nft_compat, a counter; no userdata.
-            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
-            add(rule, cmp(r1, .eq, [ipprotoTCP]))
-            add(rule, transportPort(destination: true, into: r1))
-            add(rule, cmp(r1, .eq, bytes(proxyPort.bigEndian)))
-            add(rule, xtMatch("conntrack", revision: 3, XtablesEntry.conntrackData(originalPort: originalPort)))
-            add(rule, xtMatch("comment", revision: 0, XtablesEntry.commentData(ruleTag)))
-            add(rule, nftnl_expr_alloc("counter")!)
-            add(rule, acceptVerdict())
-            return rule
-        case .scopedAccept(let proxyPort, let originalPort, .native):
-            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
-            add(rule, cmp(r1, .eq, [ipprotoTCP]))
-            add(rule, transportPort(destination: true, into: r1))
-            add(rule, cmp(r1, .eq, bytes(proxyPort.bigEndian)))
-            add(rule, ct(u32(NFT_CT_STATUS), direction: nil, into: r1))
-            add(rule, bitwise(r1, mask: bytes(u32(IPS_DST_NAT)), xor: bytes(UInt32(0))))
-            add(rule, cmp(r1, .neq, bytes(UInt32(0))))
-            add(rule, ct(u32(NFT_CT_PROTO_DST), direction: UInt8(u32(IP_CT_DIR_ORIGINAL)), into: r1))
-            add(rule, cmp(r1, .eq, bytes(originalPort.bigEndian)))
-            add(rule, acceptVerdict())
-        case .expiringRedirect:
-            preconditionFailure("x_tables' expiring redirect has no nftables form")
+            add(rule, tproxy(portRegister: r1))
+        case .expiringSteer:
+            preconditionFailure("x_tables' expiring steering rule has no nftables form")
         }
         tagUserdata.withUnsafeBytes { buf in
             _ = nftnl_rule_set_data(rule, u16(NFTNL_RULE_USERDATA), buf.baseAddress, UInt32(buf.count))
@@ -247,20 +225,14 @@ enum NftObjects {
         return e
     }
 
-    private static func redirect(portRegister reg: UInt32) -> OpaquePointer {
-        let e = nftnl_expr_alloc("redir")!
-        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_REDIR_REG_PROTO_MIN), reg)
-        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_REDIR_FLAGS), u32(NF_NAT_RANGE_PROTO_SPECIFIED))
+    /// `tproxy to :PORT` for either family (NFPROTO_UNSPEC: no address, the packet's own family).
+    private static func tproxy(portRegister reg: UInt32) -> OpaquePointer {
+        let e = nftnl_expr_alloc("tproxy")!
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_TPROXY_FAMILY), u32(NFPROTO_UNSPEC))
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_TPROXY_REG_PORT), reg)
         return e
     }
 
-    private static func ct(_ key: UInt32, direction: UInt8?, into reg: UInt32) -> OpaquePointer {
-        let e = nftnl_expr_alloc("ct")!
-        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_CT_KEY), key)
-        if let direction { nftnl_expr_set_u8(e, u16(NFTNL_EXPR_CT_DIR), direction) }
-        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_CT_DREG), reg)
-        return e
-    }
 
     private static func bitwise(_ reg: UInt32, mask: [UInt8], xor: [UInt8]) -> OpaquePointer {
         let e = nftnl_expr_alloc("bitwise")!
@@ -272,18 +244,6 @@ enum NftObjects {
         return e
     }
 
-    /// An x_tables match through nft_compat (its data padded to XT_ALIGN, as the kernel lists it).
-    private static func xtMatch(_ name: String, revision: UInt32, _ data: [UInt8]) -> OpaquePointer {
-        let e = nftnl_expr_alloc("match")!
-        nftnl_expr_set_str(e, u16(NFTNL_EXPR_MT_NAME), name)
-        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_MT_REV), revision)
-        // Unlike every other attribute, libnftnl keeps the match's data pointer rather than copying
-        // it, and frees it with the expression: it must be malloc'd memory handed over for good.
-        let owned = malloc(data.count)!
-        data.withUnsafeBytes { owned.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        nftnl_expr_set(e, u16(NFTNL_EXPR_MT_INFO), owned, UInt32(data.count))
-        return e
-    }
 
     private static func exprData(_ expr: OpaquePointer, _ attr: UInt32) -> [UInt8] {
         var length: UInt32 = 0
@@ -291,10 +251,4 @@ enum NftObjects {
         return Array(UnsafeRawBufferPointer(start: data, count: Int(length)))
     }
 
-    private static func acceptVerdict() -> OpaquePointer {
-        let e = nftnl_expr_alloc("immediate")!
-        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_IMM_DREG), u32(NFT_REG_VERDICT))
-        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_IMM_VERDICT), u32(NF_ACCEPT))
-        return e
-    }
 }

@@ -192,7 +192,7 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
     func redirectedPackets() throws(FirewallError) -> UInt64? {
         var packets: UInt64?
         do {
-            try eachRule(in: RedirectPlan.natChain, doing: "reading the redirect counter") { rule, observed in
+            try eachRule(in: RedirectPlan.steeringChain, doing: "reading the steering counter") { rule, observed in
                 guard observed.comment == ruleTag, let iterator = nftnl_expr_iter_create(rule) else { return }
                 defer { nftnl_expr_iter_destroy(iterator) }
                 while let expr = nftnl_expr_iter_next(iterator) {
@@ -380,7 +380,7 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
             return [Self.elementsMessage(NFT_MSG_NEWSETELEM, table, name, id: nil, [port], timeout: timeout)]
         case .deleteSetElement(let table, let name, let port):
             return [Self.elementsMessage(NFT_MSG_DELSETELEM, table, name, id: nil, [port], timeout: nil)]
-        case .addNATChain(let chain, let hook, let priority):
+        case .addBaseChain(let chain, let type, let hook, let priority):
             return [{ buf, seq in
                 let nlh = nftnl_nlmsg_build_hdr(
                     buf, u16(NFT_MSG_NEWCHAIN), NftObjects.familyNumber(chain.table.family), create, seq)!
@@ -390,7 +390,7 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
                 nftnl_chain_set_str(c, u16(NFTNL_CHAIN_NAME), chain.name)
                 nftnl_chain_set_u32(c, u16(NFTNL_CHAIN_HOOKNUM), NftObjects.hookNumber(hook))
                 nftnl_chain_set_s32(c, u16(NFTNL_CHAIN_PRIO), priority)
-                nftnl_chain_set_str(c, u16(NFTNL_CHAIN_TYPE), "nat")
+                nftnl_chain_set_str(c, u16(NFTNL_CHAIN_TYPE), type)
                 nftnl_chain_set_u32(c, u16(NFTNL_CHAIN_POLICY), u32(NF_ACCEPT))
                 nftnl_chain_nlmsg_build_payload(nlh, c)
                 return nlh
@@ -478,12 +478,10 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         switch change {
         case .addOwnedTable(let t): "creating table \(t)"
         case .addPortSet(let t, let name, _, _): "creating set \(name) in \(t)"
-        case .addNATChain(let c, _, _): "creating chain \(c)"
+        case .addBaseChain(let c, _, _, _): "creating chain \(c)"
         case .addSetElement(let t, let name, let port, _): "arming the redirect (port \(port) into set \(t) \(name))"
         case .deleteSetElement(let t, let name, let port): "disarming the redirect (port \(port) out of set \(t) \(name))"
-        case .insertRule(let c, .redirect): "inserting the redirect into \(c)"
-        case .insertRule(let c, .scopedAccept): "inserting the scoped accept into \(c)"
-        case .insertRule(let c, .expiringRedirect): "inserting the redirect into \(c)"
+        case .insertRule(let c, _): "inserting the steering rule into \(c)"
         case .deleteMatching(let c, _, _): "deleting rules of \(c)"
         case .deleteTable(let t): "deleting table \(t)"
         case .deleteRule(let l): "deleting rule \(l)"
@@ -497,7 +495,7 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
     static func error(_ error: NetlinkError, doing: String, change: FirewallChange?) -> FirewallError {
         let code = error.errno
         var detail = errnoText(code)
-        let reason: FirewallError.Reason
+        var reason: FirewallError.Reason
         switch code {
         case ERESTART:
             reason = .generationChanged
@@ -511,8 +509,10 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
             }
         case ENOENT:
             reason = .notFound
-            if case .insertRule(_, .redirect) = change {
-                detail += " (is nf_tables' fib/redir support, nft_fib_inet and nft_redir, available?)"
+            if case .insertRule(_, .steer) = change {
+                // An expression type the kernel does not know (it tried to load its module).
+                reason = .unsupported
+                detail += " (this kernel lacks nf_tables' tproxy or fib expression: nft_tproxy and nft_fib_inet are needed)"
             }
         case EEXIST:
             reason = .alreadyExists

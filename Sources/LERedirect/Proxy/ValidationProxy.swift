@@ -70,6 +70,11 @@ final class ValidationProxy: @unchecked Sendable {
     static let lingerTime: Int64 = 2000
 
     private static let listenerTag: UInt64 = 1 << 62
+    /// Connections taken from the listeners that the steering sent (refused ones included).
+    private var steeredTaken: UInt64 = 0
+    /// Set by `drain`: the steering's packet count once it stopped.
+    private let steeredTotal = Mutex<UInt64?>(nil)
+    private var steeredExpected: UInt64?
     private static let wakeTag: UInt64 = 1 << 62 | 1 << 61
 
     init(
@@ -123,7 +128,7 @@ final class ValidationProxy: @unchecked Sendable {
         }
         for family in [AF_INET, AF_INET6] {
             let injected = Fault.injectedErrno("bind")
-            let fd = injected == nil ? le_tcp_listen(family, proxyPort, 4096) : -1
+            let fd = injected == nil ? le_tcp_listen(family, proxyPort, 4096, 1) : -1
             if fd < 0 {
                 let code = injected ?? errno
                 if family == AF_INET6 && (code == EAFNOSUPPORT || code == EADDRNOTAVAIL) {
@@ -131,7 +136,10 @@ final class ValidationProxy: @unchecked Sendable {
                     continue
                 }
                 closeAll()
-                let hint = code == EADDRINUSE ? "; another program listens there: choose another --proxy-port" : ""
+                let hint =
+                    code == EADDRINUSE
+                    ? "; another program listens there: choose another --proxy-port"
+                    : code == EPERM ? " (a transparent listener, which steered connections need, takes CAP_NET_ADMIN)" : ""
                 throw LERedirectError(
                     .failed,
                     "binding the validation proxy to \(family == AF_INET ? "0.0.0.0" : "[::]"):\(proxyPort): "
@@ -147,8 +155,12 @@ final class ValidationProxy: @unchecked Sendable {
     /// Drains (new requests are no longer taken, each connection ends after its response in
     /// flight) and returns once every connection is closed or `options.drainTimeout` has passed.
     /// Call it after the redirect is gone.
-    func drain(timeout: Duration? = nil) {
+    /// `steered`: how many SYNs the steering ever sent here (its counter, read once it stopped);
+    /// the listeners close as soon as that many connections were taken from them, else after at
+    /// most a second (a SYN retransmitted, or dropped by the host's input rules, counts too).
+    func drain(timeout: Duration? = nil, steered: UInt64? = nil) {
         drainTimeoutOverride.withLock { $0 = timeout }
+        steeredTotal.withLock { $0 = steered }
         send(.drain)
         pthread_join(thread, nil)
     }
@@ -251,7 +263,11 @@ final class ValidationProxy: @unchecked Sendable {
                 resumeListening()
             }
             if draining {
-                if listening || !listeners.isEmpty, now >= listenersCloseAt { closeListeners() }
+                if listening || !listeners.isEmpty,
+                    now >= listenersCloseAt || steeredExpected.map({ steeredTaken >= $0 }) == true
+                {
+                    closeListeners()
+                }
                 if listeners.isEmpty && counters.connections.load(ordering: .relaxed) == 0 { break }
                 if now >= drainDeadline && !drainTimedOut {
                     drainTimedOut = true
@@ -276,8 +292,11 @@ final class ValidationProxy: @unchecked Sendable {
         counters.phase.store(1, ordering: .relaxed)
         let timeout = drainTimeoutOverride.withLock { $0 } ?? options.drainTimeout
         drainDeadline = now + min(max(timeout.milliseconds, 0), 3_600_000)  // as --drain-timeout's range
-        // Connections redirected just before the redirect went may still be in the accept queue.
+        // Connections steered just before the steering went may still be completing their handshake
+        // or waiting in the accept queue: the listeners stay until all of them were taken (the
+        // steering's counter says how many there were), or a second at most.
         listenersCloseAt = min(drainDeadline, now + 1000)
+        steeredExpected = steeredTotal.withLock { $0 }
         logger.info("draining", metadata: ["connections": "\(counters.connections.load(ordering: .relaxed))"])
         for case let relay? in slots { applyDrain(relay) }
         Fault.reach("drain-started")
@@ -315,13 +334,15 @@ final class ValidationProxy: @unchecked Sendable {
                 }
                 return
             }
+            // Steered connections keep their destination: the socket's own address is the
+            // original one. Anything else came to the proxy port directly, which nobody may use.
             var original = le_endpoint()
-            guard le_original_destination(fd, peer.family, &original) == 0, original.port == redirectedPort else {
-                // Not redirected from the port: nobody may use the proxy port directly.
+            guard le_local_endpoint(fd, &original) == 0, original.port == redirectedPort else {
                 ProxyCounters.bump(counters.refused)
                 closeDescriptor(fd)
                 continue
             }
+            steeredTaken &+= 1
             let source = SourceAddress(peer)
             let held = perSource[source, default: 0]
             if held >= options.maxConnectionsPerSource {

@@ -45,6 +45,7 @@ extension Session {
             throw SessionEngine.failure("detect: reading iptables-legacy", error)
         }
         return DetectionReport(
-            valid, nftables: nftables, iptablesLegacy: legacy, unavailable: unavailable, now: unixMilliseconds())
+            valid, nftables: nftables, iptablesLegacy: legacy, unavailable: unavailable,
+            kernel: ProcessFacts.kernelSupport(thorough: true), now: unixMilliseconds())
     }
 }

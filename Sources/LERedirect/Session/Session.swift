@@ -368,15 +368,17 @@ package enum Session {
             switch journal.backend {
             case .nftables:
                 status.note =
-                    "the session holder (pid \(journal.holder.pid)) is gone: port \(journal.port) is no longer redirected, "
-                    + "but its \(journal.accepts.count) scoped accept rule(s) remain until `le-redirect recover` "
-                    + "(or the next begin or end)"
+                    "the session holder (pid \(journal.holder.pid)) is gone: port \(journal.port) is no longer steered (its "
+                    + "table died with it); `le-redirect recover` (or the next begin or end) removes the journal"
+                    + (journal.accepts.isEmpty
+                        ? "" : " and the \(journal.accepts.count) scoped accept rule(s) an older version left")
             case .iptablesLegacy:
                 status.note =
-                    "the session holder (pid \(journal.holder.pid)) is gone: its iptables-legacy redirect of port "
+                    "the session holder (pid \(journal.holder.pid)) is gone: its iptables-legacy steering of port "
                     + "\(journal.port) matches until \(RFC3339.format(unixMilliseconds: journal.expiresAt)) at most; "
-                    + "`le-redirect recover` (or the next begin or end) removes it and its \(journal.accepts.count) "
-                    + "scoped accept rule(s) now"
+                    + "`le-redirect recover` (or the next begin or end) removes it now"
+                    + (journal.accepts.isEmpty
+                        ? "" : ", with the \(journal.accepts.count) scoped accept rule(s) an older version left")
             }
             return status
         }

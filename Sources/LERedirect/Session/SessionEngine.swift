@@ -21,10 +21,12 @@ public struct RecoveryReport: Sendable, Hashable {
 /// The session's decisions, over the firewall systems and the state directory: what begin commits
 /// and records, what end removes, what recovery trusts. Nothing else touches the kernel or the journal.
 ///
-/// Begin's commits go in this order: the x_tables accepts (one commit per table), the nftables batch,
-/// the x_tables redirects; end takes them out the other way round (redirect first, so that nothing
-/// new is sent to the proxy port while an accept it needs is gone). The journal is rewritten before
-/// every commit, so a crash between two of them leaves a journal that covers what is in the kernel.
+/// Begin commits one nftables batch (our owned table, with the steering), or on iptables-legacy one
+/// commit per mangle table; end takes the port out of the set (or the rules out of mangle), lets the
+/// proxy drain, then deletes the table. Nothing is rewritten, so nothing is left in conntrack. The
+/// journal is rewritten before every commit, so a crash between two of them leaves a journal that
+/// covers what is in the kernel; journals of versions that rewrote connections (scoped accepts in
+/// the host's input chains, nat redirects) are recovered the same way, by what they record.
 struct SessionEngine {
     let state: StateDirectory
     let logger: Logger
@@ -41,59 +43,23 @@ struct SessionEngine {
         usleep(UInt32((1 << min(attempt - 1, 4)) * 1000 + Int.random(in: 0..<4000)))
     }
     /// Runs just before each of begin's commits, once the journal covers it, with the commit's name
-    /// ("iptables-legacy ip nat"); debug builds can be killed there (Fault).
+    /// ("iptables-legacy ip mangle"); debug builds can be killed there (Fault).
     var beforeCommit: (String) -> Void = { Fault.reach("journal-intent-written", detail: $0) }
-    /// Removes conntrack's entries of connections redirected from a port to a proxy port, once
-    /// nothing is redirected any more; returns how many. A no-op here: `live` plugs in the kernel's.
-    var forgetRedirectedConnections: (_ port: UInt16, _ proxyPort: UInt16) throws(FirewallError) -> Int = { _, _ in 0 }
-    /// Removes conntrack's stale entries of connections to a port that would let a new connection
-    /// past the redirect (see `RedirectedConnections.forgetStale`); returns how many. A no-op here.
-    var forgetStaleConnections: (_ port: UInt16) throws(FirewallError) -> Int = { _ in 0 }
+    /// What the kernel offers for steering; tests replace it.
+    var kernel: () -> KernelSupport = { ProcessFacts.kernelSupport(thorough: false) }
 
-    /// The engine the CLI and the library run: conntrack included.
+    /// The engine the CLI and the library run.
     static func live(state: StateDirectory, logger: Logger) -> SessionEngine {
-        var engine = SessionEngine(state: state, logger: logger)
-        engine.forgetRedirectedConnections = { (port, proxyPort) throws(FirewallError) in
-            try RedirectedConnections.forget(port: port, proxyPort: proxyPort)
-        }
-        engine.forgetStaleConnections = { (port) throws(FirewallError) in try RedirectedConnections.forgetStale(port: port) }
-        return engine
-    }
-
-    /// After the redirect is gone: conntrack's entries of what it redirected go too. A failure is a
-    /// warning, returned, not an error: the ruleset is what end promises, and the entries time out.
-    private func forgetConnections(_ journal: Journal) -> String? {
-        do {
-            let count = try forgetRedirectedConnections(journal.port, journal.proxyPort)
-            logger.debug("conntrack entries of redirected connections removed", metadata: ["count": "\(count)"])
-            return nil
-        } catch {
-            let warning = "conntrack's entries of the redirected connections were not removed (\(error)); "
-                + "a client that reuses one of their source ports soon may be reset until they time out"
-            logger.debug("\(warning)")
-            return warning
-        }
+        SessionEngine(state: state, logger: logger)
     }
 
     // MARK: Begin (run by the holder, with the lock held)
 
-    /// Reads both systems, plans, and commits begin's steps, journalling before each. On any
+    /// Reads what it needs, plans, and commits begin's steps, journalling before each. On any
     /// failure nothing is left behind: what the kernel took is removed again before this throws.
+    /// x_tables is read only when it is to hold the steering (reading it costs time in proportion
+    /// to the host's rules, and nothing else of begin needs it).
     func install(
-        _ options: ValidatedOptions, firewalls: Firewalls, holder: ProcessIdentity, namespace: NamespaceIdentity,
-        now: Int64
-    ) throws(LERedirectError) -> Journal {
-        // Under the xtables lock throughout: x_tables is read once, and what the plan was made
-        // from still holds at each of its commits.
-        guard let legacy = firewalls.iptablesLegacy else {
-            return try installLocked(options, firewalls: firewalls, holder: holder, namespace: namespace, now: now)
-        }
-        return try legacy.exclusively { () throws(LERedirectError) -> Journal in
-            try installLocked(options, firewalls: firewalls, holder: holder, namespace: namespace, now: now)
-        }
-    }
-
-    private func installLocked(
         _ options: ValidatedOptions, firewalls: Firewalls, holder: ProcessIdentity, namespace: NamespaceIdentity,
         now: Int64
     ) throws(LERedirectError) -> Journal {
@@ -110,46 +76,57 @@ struct SessionEngine {
         } catch {
             throw Self.failure("begin: reading the ruleset", error)
         }
-        let legacySnapshot = try map { () throws(FirewallError) in try firewalls.iptablesLegacy?.snapshot() }
+        let support = kernel()
+        let nftablesWillDo =
+            options.backend == .nftables
+            || (options.backend == .auto
+                && BackendDecision.nftablesProblem(nftables: nftablesSnapshot, unavailable: unavailable, kernel: support) == nil)
+        guard !nftablesWillDo, let legacy = firewalls.iptablesLegacy else {
+            return try installLocked(
+                options, firewalls: firewalls, nftables: nftables, nftablesSnapshot: nftablesSnapshot, legacySnapshot: nil,
+                unavailable: unavailable, kernel: support, holder: holder, namespace: namespace, now: now)
+        }
+        // Under the xtables lock throughout: x_tables is read once, and what the plan was made
+        // from still holds at each of its commits.
+        return try legacy.exclusively { () throws(LERedirectError) -> Journal in
+            let legacySnapshot = try map { () throws(FirewallError) in try legacy.snapshot() }
+            return try installLocked(
+                options, firewalls: firewalls, nftables: nftables, nftablesSnapshot: nftablesSnapshot,
+                legacySnapshot: legacySnapshot, unavailable: unavailable, kernel: support, holder: holder,
+                namespace: namespace, now: now)
+        }
+    }
+
+    private func installLocked(
+        _ options: ValidatedOptions, firewalls: Firewalls, nftables: (any Firewall)?, nftablesSnapshot: FirewallSnapshot?,
+        legacySnapshot: FirewallSnapshot?, unavailable: [FirewallSystem: String], kernel: KernelSupport,
+        holder: ProcessIdentity, namespace: NamespaceIdentity, now: Int64
+    ) throws(LERedirectError) -> Journal {
         var plan = try RedirectPlan.make(
-            options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot, unavailable: unavailable, now: now)
+            options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot, unavailable: unavailable, kernel: kernel,
+            now: now)
         logger.debug(
-            "plan", metadata: ["redirect": "\(plan.decision.redirect)", "steps": "\(plan.installSteps.map(\.description))"])
+            "plan", metadata: ["steering": "\(plan.decision.redirect)", "steps": "\(plan.installSteps.map(\.description))"])
         var journal = Journal(
             phase: .intent, holder: holder, namespace: namespace, backend: plan.decision.redirect, port: plan.port,
             proxyPort: plan.proxyPort, proxy: options.proxy.name, createdAt: now, expiresAt: plan.expiresAt,
             rules: entries(of: plan, firewalls: firewalls))
 
-        // Before anything is redirected: no stale conntrack entry may take a new connection past it
-        // (a failure is only logged: such a collision is rare, and begin does not depend on it).
-        do {
-            let count = try forgetStaleConnections(plan.port)
-            if count > 0 { logger.info("stale conntrack entries removed", metadata: ["count": "\(count)", "port": "\(plan.port)"]) }
-        } catch {
-            logger.warning("removing conntrack's stale entries: \(error)")
-        }
-
         // Whether the nftables batch may be in the kernel: only then does undoing touch nftables.
         var nftablesApplied = false
         do {
-            for step in plan.legacyAcceptSteps {
-                try commitLegacy(step, journal: &journal, firewalls: firewalls, commit: true)
-            }
             if let nftables, plan.nftablesStep != nil {
-                try commitNftables(
-                    &plan, options: options, journal: &journal, firewall: nftables, firewalls: firewalls,
-                    applied: &nftablesApplied)
+                try commitNftables(&plan, options: options, journal: &journal, firewall: nftables, applied: &nftablesApplied)
             }
             // Counted even when not armed, so that arming later and recovery know how many identical
             // rules were the host's.
-            for step in plan.legacyRedirectSteps {
+            for step in plan.legacySteerSteps {
                 try commitLegacy(step, journal: &journal, firewalls: firewalls, commit: plan.armed)
             }
             journal.phase = .installed
             try state.writeJournal(journal)
             Fault.reach("handles-recorded")
         } catch {
-            if !nftablesApplied { journal.rules.removeAll { $0.system == .nftables } }
             let touched = nftablesApplied || journal.rules.contains { $0.preexisting != nil }
             undo(journal, firewalls: firewalls, nftablesApplied: nftablesApplied)
             throw LERedirectError(
@@ -157,7 +134,7 @@ struct SessionEngine {
                 errno: error.errno)
         }
         logger.info(
-            "redirect installed",
+            "steering installed",
             metadata: [
                 "port": "\(plan.port)", "proxyPort": "\(plan.proxyPort)", "backend": "\(plan.decision.redirect)",
                 "rules": "\(journal.rules.count)",
@@ -206,10 +183,10 @@ struct SessionEngine {
     }
 
     /// Begin's nftables batch, planned again from fresh state when another program committed
-    /// between our read and our batch. Records the kernel's handles in the journal.
+    /// between our read and our batch.
     private func commitNftables(
         _ plan: inout RedirectPlan, options: ValidatedOptions, journal: inout Journal, firewall: any Firewall,
-        firewalls: Firewalls, applied: inout Bool
+        applied: inout Bool
     ) throws(LERedirectError) {
         var attempt = 0
         while true {
@@ -217,21 +194,15 @@ struct SessionEngine {
             guard let step = plan.nftablesStep else { return }
             try state.writeJournal(journal)
             beforeCommit(step.description)
-            let inserted: [InsertedRule]
             do {
                 let started = ContinuousClock.now
-                inserted = try firewall.commit(step.changes, expecting: plan.nftables!.generation)
+                _ = try firewall.commit(step.changes, expecting: plan.nftables!.generation)
                 logger.debug("begin batch committed", metadata: ["commitMs": "\(milliseconds(since: started))"])
             } catch where error.reason == .generationChanged && attempt < maxAttempts {
                 logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
                 pauseBeforeRetry(attempt)
                 let snapshot = try map { () throws(FirewallError) in try firewall.snapshot() }
-                plan.nftables = try RedirectPlan.nftablesPart(options, snapshot, holdsRedirect: plan.nftables!.holdsRedirect)
-                // Keep what the x_tables commits recorded; take the nftables entries of the new plan.
-                let previous = journal.rules
-                journal.rules = entries(of: plan, firewalls: firewalls).map { entry in
-                    previous.first { $0.system == entry.system && $0.kind == entry.kind && $0.chain == entry.chain } ?? entry
-                }
+                plan.nftables = try RedirectPlan.nftablesPart(options, snapshot)
                 continue
             } catch where error.reason == .outcomeUnknown {
                 // The batch may have been applied: the caller takes back whatever of it is there.
@@ -243,21 +214,6 @@ struct SessionEngine {
             }
             applied = true
             Fault.reach("commit-acknowledged", detail: step.description)
-            let redirects = plan.nftables!.holdsRedirect ? 1 : 0
-            guard inserted.count == redirects + step.entries.count else {
-                throw LERedirectError(
-                    .failed, "begin: the kernel reported \(inserted.count) inserted rules, expected "
-                        + "\(redirects + step.entries.count)")
-            }
-            for (index, rule) in zip(step.entries, inserted.dropFirst(redirects)) {
-                if rule.fingerprint != journal.rules[index].fingerprint {
-                    logger.warning(
-                        "the kernel lists the scoped accept differently than planned; recording the kernel's form",
-                        metadata: ["chain": "\(rule.chain)"])
-                }
-                journal.rules[index].fingerprint = rule.fingerprint
-                journal.rules[index].handle = rule.handle
-            }
             return
         }
     }
@@ -266,14 +222,14 @@ struct SessionEngine {
     private func undo(_ journal: Journal, firewalls: Firewalls, nftablesApplied: Bool) {
         if nftablesApplied, journal.backend == .nftables, let nftables = firewalls.nftables {
             do {
-                _ = try nftables.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
+                _ = try nftables.commit(RedirectPlan.removeTableChanges, expecting: nil)
             } catch where error.reason == .notFound {
             } catch {
                 logger.error("undoing begin: \(error)")
             }
         }
         do {
-            _ = try removeRules(journal.rules.filter { $0.kind == .redirect } + journal.accepts, firewalls: firewalls)
+            _ = try removeRules(journal.rules, firewalls: firewalls)
             try state.deleteJournal()
         } catch {
             logger.error("undoing begin: \(error); the journal is kept so that `le-redirect recover` can finish")
@@ -296,7 +252,7 @@ struct SessionEngine {
             }
         case .iptablesLegacy:
             let firewall = try connection(.iptablesLegacy, firewalls)
-            let spec = RuleSpec.expiringRedirect(port: journal.port, proxyPort: journal.proxyPort, until: journal.expiresAt / 1000)
+            let spec = RuleSpec.expiringSteer(port: journal.port, proxyPort: journal.proxyPort, until: journal.expiresAt / 1000)
             for entry in journal.rules where entry.kind == .redirect {
                 try firewall.exclusively { () throws(LERedirectError) in
                     let present = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
@@ -311,8 +267,8 @@ struct SessionEngine {
         Fault.reach("redirect-armed")
     }
 
-    /// Stops redirecting new connections; connections already redirected keep their NAT. With
-    /// `warnIfGone`, an x_tables redirect that is no longer there is worth a warning.
+    /// Stops steering new connections; connections already steered keep their socket. With
+    /// `warnIfGone`, an x_tables steering rule that is no longer there is worth a warning.
     @discardableResult
     func disarm(_ journal: Journal, firewalls: Firewalls, warnIfGone: Bool = false) throws(LERedirectError) -> [String] {
         switch journal.backend {
@@ -335,10 +291,10 @@ struct SessionEngine {
 
     // MARK: End (run by the holder)
 
-    /// End's sequence: stop redirecting, let `betweenSteps` drain the proxy, remove the redirect's
-    /// table (nftables), then the accepts, then the journal. Disarming rather than deleting the
-    /// table at first matters: unregistering the namespace's last nat hook drops the NAT bindings of
-    /// the connections in flight, and the kernel would then reset every proxied connection.
+    /// End's sequence: stop steering new connections (the port leaves the set; on x_tables the
+    /// rules go), let `betweenSteps` drain the proxy, remove the table (nftables), then the
+    /// journal. Connections steered before keep their socket whatever the ruleset says: only SYNs
+    /// are steered, the rest of a connection finds its socket by the usual lookup.
     func uninstall(_ journal: Journal, firewalls: Firewalls, armed: Bool = true, betweenSteps: () -> Void = {})
         throws(LERedirectError) -> [String]
     {
@@ -348,26 +304,22 @@ struct SessionEngine {
         }
         Fault.reach("redirect-removed")
         betweenSteps()
-        var forgotten = false
-        defer { if !forgotten { _ = forgetConnections(journal) } }
         if journal.backend == .nftables, let nftables = firewalls.nftables {
             do {
                 let started = ContinuousClock.now
-                _ = try nftables.commit(RedirectPlan.removeRedirectChanges, expecting: nil)
-                logger.debug("redirect removed", metadata: ["commitMs": "\(milliseconds(since: started))"])
+                _ = try nftables.commit(RedirectPlan.removeTableChanges, expecting: nil)
+                logger.debug("table removed", metadata: ["commitMs": "\(milliseconds(since: started))"])
             } catch where error.reason == .notFound {
                 warnings.append("table \(TableRef.own) was already gone")
             } catch {
-                throw Self.failure("end: removing the redirect", error)
+                throw Self.failure("end: removing the steering", error)
             }
             Fault.reach("table-removed")
         }
+        // A journal of an older version may list accepts; one written by this one lists none.
         warnings += try removeRules(journal.accepts, firewalls: firewalls, warnIfGone: true).warnings
-        Fault.reach("accepts-removed")
         try state.deleteJournal()
         Fault.reach("journal-deleted")
-        forgotten = true
-        if let warning = forgetConnections(journal) { warnings.append(warning) }
         return warnings
     }
 
@@ -405,7 +357,7 @@ struct SessionEngine {
 
     /// The warning for a rule of ours that the host removed during the session.
     private static func goneWarning(_ entry: Journal.Entry, _ system: FirewallSystem) -> String {
-        "le-redirect's \(entry.kind == .redirect ? "redirect" : "scoped accept") in \(system) \(entry.chain) was already "
+        "le-redirect's \(entry.kind == .redirect ? "steering rule" : "scoped accept") in \(system) \(entry.chain) was already "
             + "gone (the host changed its ruleset during the session); nothing of the host's was touched"
     }
 
@@ -426,11 +378,11 @@ struct SessionEngine {
                         targets.append(location)
                     } else if observed != nil {
                         warnings.append(
-                            "\(location) is no longer le-redirect's scoped accept (the host replaced its rules?); left alone")
+                            "\(location) is no longer le-redirect's rule (the host replaced its rules?); left alone")
                     } else if warnIfGone {
                         warnings.append(Self.goneWarning(entry, .nftables))
                     } else {
-                        logger.debug("scoped accept already gone", metadata: ["rule": "\(location)"])
+                        logger.debug("rule already gone", metadata: ["rule": "\(location)"])
                     }
                 } else {
                     let rules = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
@@ -443,16 +395,16 @@ struct SessionEngine {
             if targets.isEmpty { return (0, warnings) }
             do {
                 let started = ContinuousClock.now
-                _ = try firewall.commit(RedirectPlan.removeAcceptChanges(targets), expecting: generation)
+                _ = try firewall.commit(targets.map { .deleteRule($0) }, expecting: generation)
                 logger.debug(
-                    "scoped accepts removed",
+                    "rules removed",
                     metadata: ["count": "\(targets.count)", "commitMs": "\(milliseconds(since: started))"])
                 return (targets.count, warnings)
             } catch where (error.reason == .generationChanged || error.reason == .notFound) && attempt < maxAttempts {
                 pauseBeforeRetry(attempt)
                 continue
             } catch {
-                throw Self.failure("removing the scoped accepts", error, attempts: attempt)
+                throw Self.failure("removing le-redirect's rules", error, attempts: attempt)
             }
         }
     }
@@ -509,7 +461,8 @@ struct SessionEngine {
 
     /// Finishes a dead session: removes the rules its journal lists (redirects first), a leftover
     /// table, then the journal. With `sweep` and no usable journal, removes every "LE"-tagged rule
-    /// of the host's input chains (and x_tables' nat PREROUTING) and our table instead.
+    /// of the host's input chains and x_tables' mangle and nat PREROUTING (where this version and
+    /// older ones put theirs) and our table instead.
     func recover(sweep: Bool, firewalls: Firewalls, namespace: NamespaceIdentity) throws(LERedirectError)
         -> RecoveryReport
     {
@@ -573,7 +526,6 @@ struct SessionEngine {
                 }
             }
         }
-        if let warning = forgetConnections(journal) { report.warnings.append(warning) }
         if sweep { try self.sweep(firewalls: firewalls, into: &report) }
         try state.deleteJournal()
         return report
@@ -581,12 +533,12 @@ struct SessionEngine {
 
     /// Removes every "LE"-tagged rule of the host's input base chains and our table unless a live
     /// process owns it (one nftables batch), and every "LE"-tagged rule of x_tables' filter INPUT and
-    /// nat PREROUTING (a commit per table).
+    /// mangle and nat PREROUTING (a commit per table).
     func sweep(firewalls: Firewalls, into report: inout RecoveryReport) throws(LERedirectError) {
         if let nftables = firewalls.nftables { try sweepNftables(nftables, into: &report) }
         if let legacy = firewalls.iptablesLegacy {
             let snapshot = try map { () throws(FirewallError) in try legacy.snapshot() }
-            for table in snapshot.tables.map(\.ref).sorted() where table.name == "filter" || table.name == "nat" {
+            for table in snapshot.tables.map(\.ref).sorted() where ["filter", "nat", "mangle"].contains(table.name) {
                 let chain = ChainRef(table, table.name == "filter" ? "INPUT" : "PREROUTING")
                 report.removedRules += try legacy.exclusively { () throws(LERedirectError) -> Int in
                     let tagged = try map { () throws(FirewallError) in try legacy.rules(in: chain) }.filter { $0.comment == ruleTag }

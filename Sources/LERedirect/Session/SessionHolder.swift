@@ -350,7 +350,7 @@ final class SessionHolder: @unchecked Sendable {
         firewalls.close()
     }
 
-    /// End's sequence: redirect out, accepts out, journal deleted. The connection is closed by the
+    /// End's sequence: steering out, proxy drained, table out, journal deleted. The connection is closed by the
     /// caller once everyone waiting has been told (at once here if the removal failed).
     private func finish(_ reason: EndReport.Reason, lockHeldByRequester: Bool) -> Result<EndReport, LERedirectError> {
         var lock: StateLock?
@@ -364,8 +364,10 @@ final class SessionHolder: @unchecked Sendable {
         do {
             var drained = false
             let warnings = try engine.uninstall(journal, firewalls: firewalls, armed: isArmed) {
-                // The redirect is gone: no new connection arrives; those in flight finish.
-                proxy?.drain(timeout: drainTimeout)
+                // Nothing new is steered: the connections in flight finish. The rule's counter says how
+                // many SYNs it ever steered, so the proxy knows when its accept queue holds no more.
+                let steered = journal.backend == .nftables ? (try? firewalls.nftables?.redirectedPackets()) ?? nil : nil
+                proxy?.drain(timeout: drainTimeout, steered: steered)
                 drained = true
             }
             if !drained { proxy?.stop() }

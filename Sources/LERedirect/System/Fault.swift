@@ -11,7 +11,7 @@ import Synchronization
 /// (the default: SIGKILL there) or `stop` (SIGSTOP); for a call, an errno name (`EIO`) or number
 /// that the call then fails with instead of being made. `@N` picks the Nth time the name is reached
 /// in the process (1-based), counted from when step AFTER was reached in it; without `@N`, every
-/// time. A step reached with a detail (the commit it precedes, e.g. `iptables-legacy ip nat`) also
+/// time. A step reached with a detail (the commit it precedes, e.g. `iptables-legacy ip mangle`) also
 /// answers to `NAME DETAIL`. A process inherits the variable: a fault named for a step of the
 /// session daemon fires there, not in the `begin` that started it.
 package enum Fault {
@@ -27,14 +27,14 @@ package enum Fault {
         // `challenge add` of a session armed per challenge, in the session holder
         "redirect-armed",
         // end, in the session holder
-        "redirect-removed", "drain-started", "table-removed", "accepts-removed", "journal-deleted",
+        "redirect-removed", "drain-started", "table-removed", "journal-deleted",
         // recover, after the dead session's rules are gone and before its table and journal
         "recovery-rules-removed",
     ]
 
     /// The calls that can be made to fail.
     static let calls = [
-        "netlink-send", "netlink-receive", "conntrack", "xtables-commit", "xtables-lock", "fsync", "rename", "unlink", "bind",
+        "netlink-send", "netlink-receive", "xtables-commit", "xtables-lock", "fsync", "rename", "unlink", "bind",
         // the webroot's files opened with openat2: ENOSYS takes the path of kernels without it
         "openat2",
     ]

@@ -96,6 +96,51 @@ enum ProcessFacts {
         return parts.count == 2 ? (parts[0], parts[1]) : nil
     }()
 
+    /// Whether the kernel can steer connections: nf_tables' tproxy expression and x_tables' TPROXY
+    /// target, each loaded, built in (modules.builtin) or loadable (modules.dep lists it); with
+    /// `thorough` (detect), also code present in /proc/kallsyms (a kernel built without module
+    /// lists). Unknown (nil) where nothing could be read; missing only where the module lists were
+    /// read and name neither.
+    static func kernelSupport(thorough: Bool) -> KernelSupport {
+        let release = (try? readFile("/proc/sys/kernel/osrelease")).map {
+            String(decoding: $0, as: UTF8.self).trimmingCharacters(in: " \n")
+        } ?? ""
+        let builtin = (try? readFile("/lib/modules/\(release)/modules.builtin", maxBytes: 16 << 20)).map { String(decoding: $0, as: UTF8.self) }
+        let dep = (try? readFile("/lib/modules/\(release)/modules.dep", maxBytes: 16 << 20)).map { String(decoding: $0, as: UTF8.self) }
+        var symbols: String?
+        if thorough, let bytes = try? readFile("/proc/kallsyms", maxBytes: 256 << 20) { symbols = String(decoding: bytes, as: UTF8.self) }
+        var evidence: [String] = []
+        func check(_ module: String, symbol: String) -> Bool? {
+            if access("/sys/module/\(module)", F_OK) == 0 {
+                evidence.append("\(module) loaded")
+                return true
+            }
+            if let builtin, builtin.contains("/\(module).ko") {
+                evidence.append("\(module) built in")
+                return true
+            }
+            if let dep, dep.contains("/\(module).ko") {
+                evidence.append("\(module) loadable")
+                return true
+            }
+            if let symbols, symbols.contains(symbol) {
+                evidence.append("\(module) in /proc/kallsyms")
+                return true
+            }
+            if dep != nil || symbols != nil {
+                evidence.append("\(module) in none of " + [dep != nil ? "modules.dep" : nil, symbols != nil ? "/proc/kallsyms" : nil]
+                    .compactMap { $0 }.joined(separator: ", "))
+                return false
+            }
+            return nil
+        }
+        let nft = check("nft_tproxy", symbol: " nft_tproxy_")
+        let xt = check("xt_TPROXY", symbol: " tproxy_tg")
+        return KernelSupport(
+            nftTproxy: nft, xtTproxy: xt,
+            evidence: evidence.isEmpty ? "no module list or symbol table could be read" : evidence.joined(separator: "; "))
+    }
+
     /// Whether the effective capability set holds CAP_NET_ADMIN (bit 12).
     static func hasNetAdmin() -> Bool {
         if geteuid() == 0 { return true }

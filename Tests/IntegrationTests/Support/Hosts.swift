@@ -13,7 +13,7 @@ struct Host: Sendable, CustomTestStringConvertible {
     var iptablesNft: String?
     /// Extra arguments for begin.
     var begin: [String] = []
-    /// The system status reports as holding the redirect.
+    /// The system status reports as holding the steering.
     var backend = "nftables"
 
     var testDescription: String { name }
@@ -22,18 +22,24 @@ struct Host: Sendable, CustomTestStringConvertible {
     static let nftablesPolicyAccept = Host(name: "nftables, policy accept", nft: "policy-accept")
     static let nftablesPolicyDrop = Host(name: "nftables, policy drop", nft: "policy-drop")
     static let nftablesSeveralChains = Host(name: "nftables, several input chains", nft: "several-chains")
-    static let legacyDrop = Host(name: "iptables-legacy, policy drop", legacy: "legacy-drop", backend: "iptables-legacy")
+    /// An x_tables firewall on a kernel with owned tables: the steering is in our nftables table,
+    /// and x_tables' own rules decide who reaches port 80.
+    static let legacyDrop = Host(name: "iptables-legacy, policy drop", legacy: "legacy-drop")
+    /// The same host through the legacy path (what kernels without owned tables get): mangle PREROUTING.
+    static let legacyDropForcedLegacy = Host(
+        name: "iptables-legacy, --backend iptables-legacy", legacy: "legacy-drop", begin: ["--backend", "iptables-legacy"],
+        backend: "iptables-legacy")
     static let iptablesNftDrop = Host(name: "iptables-nft, policy drop", iptablesNft: "legacy-drop")
     static let bothDrop = Host(name: "iptables-legacy and iptables-nft, both policy drop", legacy: "legacy-drop", iptablesNft: "legacy-drop")
     static let bothDropForcedLegacy = Host(
         name: "both, --backend iptables-legacy", legacy: "legacy-drop", iptablesNft: "legacy-drop",
         begin: ["--backend", "iptables-legacy"], backend: "iptables-legacy")
-    /// x_tables holds the firewall but has no nat table: the redirect goes into nftables rather than
-    /// make one (x_tables tables cannot be deleted).
-    static let legacyFilterOnly = Host(name: "iptables-legacy without a nat table", legacy: "legacy-filter-only")
+    /// x_tables holds the firewall but has no mangle or nat table: none is made (x_tables tables
+    /// cannot be deleted), and the steering is in nftables as everywhere.
+    static let legacyFilterOnly = Host(name: "iptables-legacy without a mangle table", legacy: "legacy-filter-only")
 
     static let nftables = [emptyHost, nftablesPolicyAccept, nftablesPolicyDrop, nftablesSeveralChains]
-    static let xtables = [legacyDrop, iptablesNftDrop, bothDrop, bothDropForcedLegacy, legacyFilterOnly]
+    static let xtables = [legacyDrop, legacyDropForcedLegacy, iptablesNftDrop, bothDrop, bothDropForcedLegacy, legacyFilterOnly]
     static let all = nftables + xtables
 }
 

@@ -328,8 +328,9 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Connects from `ns` to `address`:`port` and returns the tag of whoever answered ("app",
     /// "proxy", "backend"), or "failed: ..." when the connection was refused, reset or timed out.
-    func reach(_ address: String, port: Int = 80, from ns: String? = nil) throws -> String {
-        let output = try exec(ns ?? client, ["python3", Paths.peer, "get", address, "\(port)"], timeout: 10)
+    func reach(_ address: String, port: Int = 80, from ns: String? = nil, sourcePort: Int? = nil) throws -> String {
+        let output = try exec(
+            ns ?? client, ["python3", Paths.peer, "get", address, "\(port)"] + (sourcePort.map { ["\($0)"] } ?? []), timeout: 10)
         let line = output.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         guard output.status == 0 else { return "failed: \(line)" }
         return String(line.split(separator: " ").first ?? "")
@@ -382,8 +383,8 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Begins a session and SIGKILLs its daemon, as a crash would; returns once it is gone.
     @discardableResult
-    func crashSession() throws -> Int32 {
-        let begin = try leRedirect("begin", "--external-proxy")
+    func crashSession(_ extra: [String] = []) throws -> Int32 {
+        let begin = try leRedirect(["begin", "--external-proxy"] + extra)
         guard begin.status == 0, let pid = try daemonPID() else { throw TestFailure("begin: \(begin)") }
         kill(pid, SIGKILL)
         guard waitUntilGone(pid) else { throw TestFailure("daemon \(pid) survived SIGKILL") }

@@ -3,7 +3,9 @@
 
   peer.py serve PORT TAG     listen on [::]:PORT (IPv4 and IPv6); answer every connection with
                              "TAG <client-address>\n" and close. Runs until killed.
-  peer.py get HOST PORT      connect, print the line received; exit 1 on refusal, reset or timeout.
+  peer.py get HOST PORT [SOURCE-PORT]
+                             connect (from SOURCE-PORT if given), print the line received; exit 1
+                             on refusal, reset or timeout.
 """
 import socket
 import sys
@@ -14,6 +16,9 @@ def serve(port, tag):
     listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    # Transparent (IPV6_TRANSPARENT, 75): the stand-in for an external proxy gets the connections
+    # le-redirect steers to it (tproxy hands them only to such a listener); harmless elsewhere.
+    listener.setsockopt(socket.IPPROTO_IPV6, 75, 1)
     listener.bind(("::", port))
     listener.listen(128)
     print("listening", flush=True)
@@ -30,9 +35,10 @@ def serve(port, tag):
         threading.Thread(target=answer, args=(conn, addr), daemon=True).start()
 
 
-def get(host, port):
+def get(host, port, source_port=0):
     try:
-        with socket.create_connection((host, port), timeout=3) as conn:
+        source = ("::" if ":" in host else "0.0.0.0", source_port) if source_port else None
+        with socket.create_connection((host, port), timeout=3, source_address=source) as conn:
             data = b""
             while not data.endswith(b"\n"):
                 chunk = conn.recv(256)
@@ -50,4 +56,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]), sys.argv[3])
     else:
-        sys.exit(get(sys.argv[2], int(sys.argv[3])))
+        sys.exit(get(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0))
