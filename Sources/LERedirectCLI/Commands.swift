@@ -180,6 +180,7 @@ struct Begin: ParsableCommand {
 
 func printBegun(_ status: SessionStatus) {
     print(begunLine(status) + "; `le-redirect end` removes it")
+    if let note = status.note { printNote(note) }
 }
 
 func begunLine(_ status: SessionStatus) -> String {

@@ -59,6 +59,11 @@ func printError(_ message: String) {
     print("le-redirect: error: \(message)", to: &stderr)
 }
 
+func printNote(_ message: String) {
+    var stderr = StandardError()
+    print("le-redirect: note: \(message)", to: &stderr)
+}
+
 func printWarning(_ message: String) {
     var stderr = StandardError()
     print("le-redirect: warning: \(message)", to: &stderr)

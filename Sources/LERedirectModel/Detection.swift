@@ -25,6 +25,16 @@ package struct DetectionReport: Sendable {
         }
     }
 
+    /// The plan's notes (the identity binding on a host with nat of its own, and what it means on a
+    /// host that publishes container ports), with both systems' chains to go by.
+    package var notes: [String] {
+        guard case .success(let plan) = plan else { return [] }
+        let chains = (nftables?.chains ?? []) + (iptablesLegacy?.chains ?? [])
+        return plan.notes(
+            containerChains: RedirectPlan.containerNAT(nftables) + RedirectPlan.containerNAT(iptablesLegacy).map { "iptables-legacy \($0)" },
+            inputDropsByDefault: chains.contains { $0.hook == .input && $0.policy == .drop })
+    }
+
     /// The systems holding the host's firewall, e.g. ["iptables-legacy", "iptables-nft"].
     package var firewall: [HostFirewallKind] {
         BackendDecision.hostFirewall(nftables: nftables, iptablesLegacy: iptablesLegacy)
@@ -40,6 +50,7 @@ package struct DetectionReport: Sendable {
         case .success(let plan):
             lines.append("redirect: \(plan.decision.redirect)")
             lines += plan.decision.reasons.map { "  because \($0)" }
+            lines += notes.map { "note: \($0)" }
         case .failure(let error):
             lines.append("redirect: none: \(error.message)")
         }
@@ -109,10 +120,15 @@ package struct DetectionReport: Sendable {
             members += [
                 ("redirect", .string(plan.decision.redirect.rawValue)),
                 ("reasons", .array(plan.decision.reasons.map { .string($0) })),
+                ("notes", .array(notes.map { .string($0) })),
+                ("hostNAT", .array((plan.nftables?.hostNAT ?? []).map { .string($0) })),
                 ("error", .null),
             ]
         case .failure(let error):
-            members += [("redirect", .null), ("reasons", .array([])), ("error", .string(error.message))]
+            members += [
+                ("redirect", .null), ("reasons", .array([])), ("notes", .array([])), ("hostNAT", .array([])),
+                ("error", .string(error.message)),
+            ]
         }
         members.append(
             (

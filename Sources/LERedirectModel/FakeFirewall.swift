@@ -397,6 +397,11 @@ package final class FakeFirewall: Firewall, Sendable {
         return kernel.snapshot(connection: connection)
     }
 
+    package func tableList() throws(FirewallError) -> [TableRef] {
+        try checkOpen("listing tables")
+        return kernel.snapshot(connection: connection).tables.map(\.ref)
+    }
+
     package func commit(_ changes: [FirewallChange], expecting generation: UInt32?) throws(FirewallError)
         -> [InsertedRule]
     {

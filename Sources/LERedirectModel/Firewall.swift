@@ -52,6 +52,10 @@ package protocol Firewall: AnyObject {
     /// inserted rule, in order.
     func commit(_ changes: [FirewallChange], expecting generation: UInt32?) throws(FirewallError) -> [InsertedRule]
 
+    /// The tables that exist, without reading anything in them (x_tables: its table-name lists;
+    /// reading a table's rules takes time in proportion to them).
+    func tableList() throws(FirewallError) -> [TableRef]
+
     /// The fingerprint the kernel will report for `spec` inserted into a chain of `family`.
     func fingerprint(of spec: RuleSpec, family: Family) -> RuleFingerprint
 

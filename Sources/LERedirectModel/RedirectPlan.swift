@@ -26,6 +26,12 @@ package struct RedirectPlan: Hashable, Sendable {
         /// A leftover `inet le_redirect` that no live process owns (restored from a saved ruleset,
         /// say): the same batch deletes it before creating ours.
         package let replacesLeftoverTable: Bool
+        /// The host translates destinations in prerouting (these nat chains): the steered SYNs get
+        /// an identity binding from a nat chain of ours that runs first, so that the host's nat
+        /// leaves them alone (a SYN DNAT'ed away after tproxy gave it a socket would be dropped).
+        package let hostNAT: [String]
+
+        package var keepsDestinations: Bool { !hostNAT.isEmpty }
     }
 
     /// What goes into x_tables: one commit per mangle table.
@@ -48,6 +54,11 @@ package struct RedirectPlan: Hashable, Sendable {
 
     package static let setName = "ports"
     package static let steeringChain = ChainRef(TableRef.own, "prerouting")
+    /// Where steered SYNs get their identity binding on a host with nat chains of its own.
+    package static let natChain = ChainRef(TableRef.own, "keep-destination")
+    /// dstnat - 10: ahead of every nat prerouting chain a host usually has (dstnat = -100),
+    /// x_tables' nat table (and so Docker's published ports) included.
+    package static let natPriority: Int32 = -110
     /// mangle (-150), where transparent proxying is done: after conntrack (-200) and the host's raw
     /// chains, before its nat (dstnat = -100) and filter chains, which all still see the packet.
     package static let steeringPriority: Int32 = -150
@@ -59,9 +70,12 @@ package struct RedirectPlan: Hashable, Sendable {
         try make(options, nftables: snapshot, iptablesLegacy: nil, now: now)
     }
 
+    /// `legacyTables`: the x_tables tables that exist, when x_tables itself was not read (begin on
+    /// the nftables path reads only its table names); taken from `iptablesLegacy` otherwise.
     package static func make(
         _ options: ValidatedOptions, nftables: FirewallSnapshot?, iptablesLegacy: FirewallSnapshot?,
-        unavailable: [FirewallSystem: String] = [:], kernel: KernelSupport = KernelSupport(), now: Int64
+        legacyTables: [TableRef]? = nil, unavailable: [FirewallSystem: String] = [:], kernel: KernelSupport = KernelSupport(),
+        now: Int64
     ) throws(LERedirectError) -> RedirectPlan {
         let decision = try BackendDecision.make(
             options.backend, nftables: nftables, iptablesLegacy: iptablesLegacy, unavailable: unavailable, kernel: kernel)
@@ -79,7 +93,7 @@ package struct RedirectPlan: Hashable, Sendable {
         }
         var nft: NftablesPart?
         if decision.redirect == .nftables, let snapshot = nftables {
-            nft = try nftablesPart(options, snapshot)
+            nft = try nftablesPart(options, snapshot, legacyTables: legacyTables ?? iptablesLegacy?.tables.map(\.ref) ?? [])
         }
         return RedirectPlan(
             port: options.port, proxyPort: options.proxyPort, ttl: options.ttl, expiresAt: expiresAt,
@@ -88,7 +102,7 @@ package struct RedirectPlan: Hashable, Sendable {
 
     /// The nftables part alone, from a fresh snapshot: begin plans it again when another program
     /// committed between its read and its batch.
-    package static func nftablesPart(_ options: ValidatedOptions, _ snapshot: FirewallSnapshot)
+    package static func nftablesPart(_ options: ValidatedOptions, _ snapshot: FirewallSnapshot, legacyTables: [TableRef])
         throws(LERedirectError) -> NftablesPart
     {
         var leftover = false
@@ -102,7 +116,54 @@ package struct RedirectPlan: Hashable, Sendable {
             }
             leftover = true
         }
-        return NftablesPart(generation: snapshot.generation, replacesLeftoverTable: leftover)
+        return NftablesPart(
+            generation: snapshot.generation, replacesLeftoverTable: leftover,
+            hostNAT: hostNAT(nftables: snapshot, legacyTables: legacyTables))
+    }
+
+    /// The host's own nat on prerouting: nat-type prerouting base chains of nftables (iptables-nft's
+    /// included), and x_tables nat tables. Read off the chain and table lists alone: begin never
+    /// reads the host's rules.
+    package static func hostNAT(nftables: FirewallSnapshot?, legacyTables: [TableRef]) -> [String] {
+        let nft = (nftables?.chains ?? []).filter {
+            $0.hook == .prerouting && $0.type == "nat" && $0.ref.table != TableRef.own
+        }.map { "nftables \($0.ref)" }.sorted()
+        let legacy = legacyTables.filter { $0.name == "nat" }.sorted().map { "iptables-legacy \($0) PREROUTING" }
+        return nft + legacy
+    }
+
+    /// The chains of the host's nat tables whose names container engines and orchestrators give
+    /// theirs (Docker, Podman's netavark, CNI's portmap, kube-proxy, LXD): their published ports
+    /// are DNAT'ed to addresses that are not the host's.
+    package static func containerNAT(_ snapshot: FirewallSnapshot?) -> [String] {
+        let prefixes = ["DOCKER", "NETAVARK", "CNI-HOSTPORT", "CNI-DN", "KUBE-", "prert."]
+        let natTables = Set((snapshot?.chains ?? []).filter { $0.type == "nat" }.map(\.ref.table))
+        return (snapshot?.chains ?? []).filter { chain in
+            natTables.contains(chain.ref.table) && prefixes.contains { chain.ref.name.hasPrefix($0) }
+        }.map { "\($0.ref)" }.sorted()
+    }
+
+    /// What the operator should know about this plan, said by detect, logged by begin and shown by
+    /// status: the identity binding, and on a host that publishes container ports, that the
+    /// steered connections then pass the host's INPUT chains instead of its FORWARD chains.
+    package func notes(containerChains: [String] = [], inputDropsByDefault: Bool = false) -> [String] {
+        guard let nft = nftables, nft.keepsDestinations else { return [] }
+        var notes = [
+            "the host translates destinations in prerouting (\(nft.hostNAT.joined(separator: ", "))): the steered SYNs "
+                + "get an identity binding first (chain \(Self.natChain), priority dstnat - 10), so the host's own nat leaves "
+                + "them alone, and the proxy connects to their original destination from the host itself, where the host's "
+                + "output nat (published container ports) takes it on"
+        ]
+        if !containerChains.isEmpty {
+            notes.append(
+                "this host publishes container ports (\(containerChains.joined(separator: ", "))): during the window the "
+                    + "steered connections to port \(port) pass its INPUT chains, not FORWARD, so rules in DOCKER-USER or "
+                    + "FORWARD do not see them"
+                    + (inputDropsByDefault
+                        ? ", and an input chain here drops by default: if it does not accept port \(port), they are dropped"
+                        : ""))
+        }
+        return notes
     }
 
     package var steeringRule: RuleSpec { .steer(set: Self.setName, proxyPort: proxyPort) }
@@ -150,6 +211,14 @@ package struct RedirectPlan: Hashable, Sendable {
             .addBaseChain(Self.steeringChain, type: "filter", hook: .prerouting, priority: Self.steeringPriority),
             .insertRule(Self.steeringChain, steeringRule),
         ]
+        if nft.keepsDestinations {
+            // Each rule goes in at the head: IPv6's first, so that IPv4's is listed first.
+            changes += [
+                .addBaseChain(Self.natChain, type: "nat", hook: .prerouting, priority: Self.natPriority),
+                .insertRule(Self.natChain, .keepDestination(set: Self.setName, family: .ip6)),
+                .insertRule(Self.natChain, .keepDestination(set: Self.setName, family: .ip)),
+            ]
+        }
         return Step(system: .nftables, table: nil, changes: changes, entries: [])
     }
 

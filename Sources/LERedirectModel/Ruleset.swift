@@ -155,9 +155,16 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
     /// `until` (Unix seconds, UTC), after which the kernel's time match stops matching, whether or
     /// not anyone is left to remove the rule.
     case expiringSteer(port: UInt16, proxyPort: UInt16, until: Int64)
+    /// In our own nftables nat prerouting chain, on a host with nat of its own: the same SYNs (of
+    /// `family`, ip or ip6) get an identity DNAT (to their own destination), so that the host's
+    /// later nat chains skip them; nothing of the packet changes.
+    case keepDestination(set: String, family: Family)
 
     package var description: String {
         switch self {
+        case .keepDestination(let set, let family):
+            "meta nfproto \(family == .ip6 ? "ipv6" : "ipv4") iifname != \"lo\" fib daddr type local tcp dport @\(set) "
+                + "tcp flags syn / fin,syn,rst,ack dnat \(family) to \(family) daddr comment \"LE\""
         case .steer(let set, let proxyPort):
             "iifname != \"lo\" fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack counter tproxy to :\(proxyPort) comment \"LE\""
         case .expiringSteer(let port, let proxyPort, let until):

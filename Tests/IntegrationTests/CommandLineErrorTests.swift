@@ -23,7 +23,7 @@ struct CommandLineErrorTests {
         Case(arguments: ["--external-proxy", "--ttl", "1500ms"], status: 2, message: "out of range"),
         Case(arguments: ["--external-proxy", "--backend", "pf"], status: 2, message: "is not a backend"),
         // The host has no x_tables nat table, and begin never makes one (it could not be deleted).
-        Case(arguments: ["--external-proxy", "--backend", "iptables-legacy"], status: 1, message: "has no nat table"),
+        Case(arguments: ["--external-proxy", "--backend", "iptables-legacy"], status: 1, message: "has no mangle table"),
         Case(arguments: ["--webroot", "/srv/acme", "--in-memory"], status: 2, message: "exclude each other"),
         Case(arguments: ["--external-proxy", "--forwarded"], status: 2, message: "do not apply"),
         Case(arguments: ["--proxy-protocol", "v1"], status: 2, message: "only v2"),

@@ -19,8 +19,8 @@ struct ConcurrencyTests {
             #expect(failed.stderr.contains("already active"), "\(failed)")
         }
         let listing = try net.ruleset()
-        #expect(listing.components(separatedBy: "redirect to :12347").count - 1 == 1)
-        #expect(listing.components(separatedBy: "ct status dnat ct original proto-dst 80").count - 1 == 3)
+        #expect(listing.components(separatedBy: "tproxy to :12347").count - 1 == 1)
+        #expect(listing.components(separatedBy: "table inet le_redirect").count - 1 == 1)
         #expect(try net.daemons().count == 1)
         #expect(try net.leRedirect("end").status == 0)
         #expect(try net.ruleset() == before)
@@ -51,7 +51,7 @@ struct ConcurrencyTests {
             net.host,
             ["sh", "-c", "out=$(\(Paths.binary) begin --external-proxy 2>&1); echo \"captured: $out\""], timeout: 20)
         #expect(output.status == 0, "\(output)")
-        #expect(output.stdout.contains("captured: le-redirect: redirecting"))
+        #expect(output.stdout.contains("captured: le-redirect: steering"))
         #expect(Date().timeIntervalSince(started) < 5)
         #expect(try net.status()["active"] as? Bool == true)
         #expect(try net.leRedirect("end").status == 0)

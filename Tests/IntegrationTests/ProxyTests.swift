@@ -164,17 +164,22 @@ struct ProxyTests {
         #expect(try net.leRedirect("end").status == 0)
     }
 
-    /// An app behind another DNAT (a container's published port): the proxy connects to the
-    /// original destination, and the host's own DNAT takes it on from there.
-    @Test func theOriginalDestinationSurvivesASecondDNAT() throws {
+    /// A host that publishes a container's port 80 the way Docker does (nat PREROUTING and OUTPUT
+    /// jump to a DOCKER chain that DNATs to the container): a SYN tproxy gave our socket would be
+    /// DNAT'ed away after it and dropped, so the steered SYNs get an identity binding first; the
+    /// proxy connects to the original destination from the host, where the host's OUTPUT DNAT
+    /// takes it to the container. The container serves through the window and after, the
+    /// challenge is answered, and detect and begin say what is done.
+    @Test func aContainerPublishedOnPortEightyKeepsServing() throws {
         let net = try TestNetwork(ruleset: "empty", router: true)
         defer { net.close() }
         try net.startApp(tag: "container", in: net.server!)
         let dnat = """
-            table ip published {
-              chain pre { type nat hook prerouting priority dstnat; ip daddr \(Self.v4) tcp dport 80 dnat to 10.98.0.2:80; }
-              chain out { type nat hook output priority -100; ip daddr \(Self.v4) tcp dport 80 dnat to 10.98.0.2:80; }
-              chain post { type nat hook postrouting priority srcnat; ip daddr 10.98.0.2 masquerade; }
+            table ip nat {
+              chain DOCKER { iifname != "docker0" ip daddr \(Self.v4) tcp dport 80 dnat to 10.98.0.2:80; }
+              chain PREROUTING { type nat hook prerouting priority dstnat; fib daddr type local jump DOCKER; }
+              chain OUTPUT { type nat hook output priority -100; ip daddr != 127.0.0.0/8 fib daddr type local jump DOCKER; }
+              chain POSTROUTING { type nat hook postrouting priority srcnat; ip daddr 10.98.0.2 masquerade; }
             }
             """
         let file = net.stateDirectory + "-published.nft"
@@ -182,7 +187,15 @@ struct ProxyTests {
         defer { try? FileManager.default.removeItem(atPath: file) }
         #expect(try net.exec(net.host, ["nft", "-f", file]).status == 0)
         #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))
-        #expect(try net.leRedirect("begin", "--in-memory").status == 0)
+        let detect = try net.leRedirect("detect", "--json")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(detect.stdout.utf8)) as? [String: Any])
+        #expect(json["hostNAT"] as? [String] == ["nftables ip nat PREROUTING"])
+        let notes = (json["notes"] as? [String] ?? []).joined(separator: " ")
+        #expect(notes.contains("identity binding") && notes.contains("publishes container ports (ip nat DOCKER)"), "\(notes)")
+        let begin = try net.leRedirect("begin", "--in-memory")
+        #expect(begin.status == 0, "\(begin)")
+        #expect(begin.stderr.contains("note: the host translates destinations in prerouting"), "\(begin)")
+        #expect(try net.nftRuleset().contains("dnat ip to ip daddr"))
         #expect(try net.leRedirect("challenge", "add", "t", "t.k").status == 0)
         #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/t") == "200 t.k")
         #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))

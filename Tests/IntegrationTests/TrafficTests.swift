@@ -179,6 +179,60 @@ struct TrafficTests {
         #expect(try net.leRedirect("end").status == 0)
     }
 
+    /// `--external-proxy` with a real proxy: HAProxy in front of the app, listening transparently
+    /// on the proxy port (`bind ... transparent`), gets the steered connections (the app then sees
+    /// HAProxy's address, not the visitor's), over IPv4 and IPv6; a host whose firewall drops by
+    /// default keeps the proxy port closed. Without `transparent`, begin refuses (nothing would
+    /// reach HAProxy).
+    @Test func haproxyListeningTransparentlyIsTheExternalProxy() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.start(net.host, ["python3", Paths.peer, "serve", "80", "app"])
+        try net.waitForListener(net.host, 80)
+        let config = net.stateDirectory + "-haproxy.cfg"
+        defer { unlink(config) }
+        for transparent in [false, true] {
+            let bind = transparent ? " transparent" : ""
+            try """
+                global
+                  nbthread 1
+                defaults
+                  mode tcp
+                  timeout connect 5s
+                  timeout client 30s
+                  timeout server 30s
+                frontend f
+                  bind :12347\(bind)
+                  bind :::12347 v6only\(bind)
+                  default_backend b
+                backend b
+                  server app 127.0.0.1:80
+
+                """.write(toFile: config, atomically: true, encoding: .utf8)
+            let check = try net.exec(net.host, ["haproxy", "-c", "-f", config])
+            try #require(check.status == 0, "\(check)")
+            try net.start(net.host, ["haproxy", "-db", "-f", config])
+            try net.waitForListener(net.host, 12347)
+            let begin = try net.leRedirect("begin", "--external-proxy")
+            if !transparent {
+                #expect(begin.status == 1 && begin.stderr.contains("is not transparent"), "\(begin)")
+                #expect(try net.reach(TestNetwork.hostAddress4) == "app")
+                for pid in try net.processes(matching: "haproxy") { kill(pid, SIGTERM) }
+                let gone = Date().addingTimeInterval(10)
+                while try net.exec(net.host, ["ss", "-Hltn", "sport = :12347"]).stdout.contains("LISTEN"), Date() < gone { usleep(20_000) }
+                continue
+            }
+            #expect(begin.status == 0, "\(begin)")
+            for address in [TestNetwork.hostAddress4, TestNetwork.hostAddress6] {
+                #expect(try net.reach(address) == "app")
+                #expect(try net.peerAddress(address) == "127.0.0.1", "through HAProxy, over \(address)")
+                #expect(try net.reach(address, port: 12347, timeout: 1.5).hasPrefix("failed"))
+            }
+            #expect(try net.leRedirect("end").status == 0)
+            #expect(try net.peerAddress(TestNetwork.hostAddress4) == TestNetwork.clientAddress4)
+        }
+    }
+
     @Test func anotherPortCanBeTakenOver() throws {
         let net = try TestNetwork(ruleset: "empty")
         defer { net.close() }

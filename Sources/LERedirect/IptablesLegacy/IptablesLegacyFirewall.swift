@@ -58,6 +58,10 @@ final class IptablesLegacyFirewall: Firewall, @unchecked Sendable {
 
     // MARK: Reading
 
+    func tableList() throws(FirewallError) -> [TableRef] {
+        Self.families.flatMap { family in Self.tableNames(family).map { TableRef(family, $0) } }
+    }
+
     func snapshot() throws(FirewallError) -> FirewallSnapshot {
         var tables: [HostTable] = []
         var chains: [HostChain] = []

@@ -66,8 +66,8 @@ enum XtablesEntry {
             matches += object("time", revision: 0, raw(time))
             matches += object("comment", revision: 0, commentData(ruleTag))
             target = tproxyTarget(port: proxyPort)
-        case .steer:
-            preconditionFailure("the nftables steering rule has no x_tables form")
+        case .steer, .keepDestination:
+            preconditionFailure("the nftables rules have no x_tables form")
         }
         let l = layout(family)
         var entry = [UInt8](repeating: 0, count: l.header)

@@ -111,6 +111,24 @@ enum NftObjects {
             add(rule, nftnl_expr_alloc("counter")!)
             add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
             add(rule, tproxy(portRegister: r1))
+        case .keepDestination(let set, let family):
+            let v6 = family == .ip6
+            add(rule, meta(u32(NFT_META_NFPROTO), into: r1))
+            add(rule, cmp(r1, .eq, [UInt8(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)]))
+            add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
+            add(rule, cmp(r1, .neq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
+            add(rule, fibDestinationType(into: r1))
+            add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
+            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
+            add(rule, cmp(r1, .eq, [ipprotoTCP]))
+            add(rule, transportPort(destination: true, into: r1))
+            add(rule, lookup(r1, set: set, setID: setID))
+            add(rule, tcpFlags(into: r1))
+            add(rule, bitwise(r1, mask: [0x17], xor: [0x00]))
+            add(rule, cmp(r1, .eq, [0x02]))
+            // The destination address, as the packet has it, becomes the binding's: an identity.
+            add(rule, networkDestination(v6: v6, into: r1))
+            add(rule, dnat(family: v6 ? u32(NFPROTO_IPV6) : u32(NFPROTO_IPV4), addressRegister: r1))
         case .expiringSteer:
             preconditionFailure("x_tables' expiring steering rule has no nftables form")
         }
@@ -222,6 +240,24 @@ enum NftObjects {
         let e = nftnl_expr_alloc("immediate")!
         nftnl_expr_set_u32(e, u16(NFTNL_EXPR_IMM_DREG), reg)
         setData(e, u32(NFTNL_EXPR_IMM_DATA), data)
+        return e
+    }
+
+    /// `ip daddr` (offset 16, 4 bytes) or `ip6 daddr` (offset 24, 16 bytes).
+    private static func networkDestination(v6: Bool, into reg: UInt32) -> OpaquePointer {
+        let e = nftnl_expr_alloc("payload")!
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_BASE), u32(NFT_PAYLOAD_NETWORK_HEADER))
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_OFFSET), v6 ? 24 : 16)
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_LEN), v6 ? 16 : 4)
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_PAYLOAD_DREG), reg)
+        return e
+    }
+
+    private static func dnat(family: UInt32, addressRegister reg: UInt32) -> OpaquePointer {
+        let e = nftnl_expr_alloc("nat")!
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_NAT_TYPE), u32(NFT_NAT_DNAT))
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_NAT_FAMILY), family)
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_NAT_REG_ADDR_MIN), reg)
         return e
     }
 

@@ -56,6 +56,10 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         }
     }
 
+    func tableList() throws(FirewallError) -> [TableRef] {
+        try withSocket("listing tables") { (nl) throws(NetlinkError) in try Self.tables(nl).map(\.ref) }
+    }
+
     private static func generation(_ nl: NetlinkSocket) throws(NetlinkError) -> UInt32 {
         var id: UInt32?
         try nl.request(
@@ -479,8 +483,8 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         case .addOwnedTable(let t): "creating table \(t)"
         case .addPortSet(let t, let name, _, _): "creating set \(name) in \(t)"
         case .addBaseChain(let c, _, _, _): "creating chain \(c)"
-        case .addSetElement(let t, let name, let port, _): "arming the redirect (port \(port) into set \(t) \(name))"
-        case .deleteSetElement(let t, let name, let port): "disarming the redirect (port \(port) out of set \(t) \(name))"
+        case .addSetElement(let t, let name, let port, _): "arming the steering (port \(port) into set \(t) \(name))"
+        case .deleteSetElement(let t, let name, let port): "disarming the steering (port \(port) out of set \(t) \(name))"
         case .insertRule(let c, _): "inserting the steering rule into \(c)"
         case .deleteMatching(let c, _, _): "deleting rules of \(c)"
         case .deleteTable(let t): "deleting table \(t)"

@@ -131,11 +131,12 @@ package enum Session {
         Fault.reach("daemon-spawned")
 
         let line = readLine(pipeFDs[0], timeout: readyTimeout)
-        if line == "ok" {
+        if let line, line == "ok" || line.hasPrefix("ok ") {
             // From the journal: asking the daemon would have it read its counters, which on
-            // x_tables means reading whole nat tables again.
+            // x_tables means reading whole tables again. After "ok ", what the plan's notes say.
             var begun = status(state: state, askingTheHolder: false)
             begun.armed = !valid.proxy.armsPerChallenge
+            if line.hasPrefix("ok ") { begun.note = String(line.dropFirst(3)) }
             return begun
         }
         // Not ready: make sure the daemon is gone, then undo whatever it left (we still hold the lock).
@@ -233,7 +234,8 @@ package enum Session {
                 options, state: state, kind: .daemon, stopSignals: stopSignals >= 0 ? stopSignals : nil,
                 endsWithLastToken: values["--ends-with-last-token"] == "1", following: followed, logger: logger)
             logger.info("session started", metadata: ["expires": "\(RFC3339.format(unixMilliseconds: holder.journal.expiresAt))"])
-            let told = report("ok")
+            let notes = holder.engineNotes.map { String($0.map { $0 == "\n" ? " " : $0 }) }
+            let told = report(notes.isEmpty ? "ok" : "ok " + notes.joined(separator: "; "))
             Fault.reach("ready-reported")
             closeDescriptor(lockFD)
             if !told {
@@ -399,6 +401,8 @@ package enum Session {
             status.armed = reply.values("armed").first.map { $0 == "yes" }
             status.challengeSource = reply.values("challenge-source").first
             status.clientPid = reply.values("client-pid").first.flatMap { Int32($0) }
+            let notes = reply.values("note")
+            if !notes.isEmpty { status.note = notes.joined(separator: "; ") }
             for (key, value) in reply.lines where key.hasPrefix("proxy-") || key == "tokens" {
                 let name = String(key.dropFirst(key.hasPrefix("proxy-") ? 6 : 0))
                 if let number = UInt64(value) { status.counters.append((name, number)) } else if name == "phase" {

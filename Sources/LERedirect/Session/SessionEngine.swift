@@ -45,8 +45,18 @@ struct SessionEngine {
     /// Runs just before each of begin's commits, once the journal covers it, with the commit's name
     /// ("iptables-legacy ip mangle"); debug builds can be killed there (Fault).
     var beforeCommit: (String) -> Void = { Fault.reach("journal-intent-written", detail: $0) }
+    /// What begin's plan says the operator should know (RedirectPlan.notes), set by `install`.
+    var notes: [String] {
+        get { noteBox.value }
+        nonmutating set { noteBox.value = newValue }
+    }
+    private let noteBox = NoteBox()
     /// What the kernel offers for steering; tests replace it.
     var kernel: () -> KernelSupport = { ProcessFacts.kernelSupport(thorough: false) }
+
+    final class NoteBox: @unchecked Sendable {
+        var value: [String] = []
+    }
 
     /// The engine the CLI and the library run.
     static func live(state: StateDirectory, logger: Logger) -> SessionEngine {
@@ -82,9 +92,12 @@ struct SessionEngine {
             || (options.backend == .auto
                 && BackendDecision.nftablesProblem(nftables: nftablesSnapshot, unavailable: unavailable, kernel: support) == nil)
         guard !nftablesWillDo, let legacy = firewalls.iptablesLegacy else {
+            // x_tables' table names alone: whether it has nat of its own.
+            let legacyTables = (try? firewalls.iptablesLegacy?.tableList()) ?? []
             return try installLocked(
                 options, firewalls: firewalls, nftables: nftables, nftablesSnapshot: nftablesSnapshot, legacySnapshot: nil,
-                unavailable: unavailable, kernel: support, holder: holder, namespace: namespace, now: now)
+                legacyTables: legacyTables, unavailable: unavailable, kernel: support, holder: holder, namespace: namespace,
+                now: now)
         }
         // Under the xtables lock throughout: x_tables is read once, and what the plan was made
         // from still holds at each of its commits.
@@ -92,19 +105,23 @@ struct SessionEngine {
             let legacySnapshot = try map { () throws(FirewallError) in try legacy.snapshot() }
             return try installLocked(
                 options, firewalls: firewalls, nftables: nftables, nftablesSnapshot: nftablesSnapshot,
-                legacySnapshot: legacySnapshot, unavailable: unavailable, kernel: support, holder: holder,
-                namespace: namespace, now: now)
+                legacySnapshot: legacySnapshot, legacyTables: legacySnapshot.tables.map(\.ref), unavailable: unavailable,
+                kernel: support, holder: holder, namespace: namespace, now: now)
         }
     }
 
     private func installLocked(
         _ options: ValidatedOptions, firewalls: Firewalls, nftables: (any Firewall)?, nftablesSnapshot: FirewallSnapshot?,
-        legacySnapshot: FirewallSnapshot?, unavailable: [FirewallSystem: String], kernel: KernelSupport,
-        holder: ProcessIdentity, namespace: NamespaceIdentity, now: Int64
+        legacySnapshot: FirewallSnapshot?, legacyTables: [TableRef], unavailable: [FirewallSystem: String],
+        kernel: KernelSupport, holder: ProcessIdentity, namespace: NamespaceIdentity, now: Int64
     ) throws(LERedirectError) -> Journal {
         var plan = try RedirectPlan.make(
-            options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot, unavailable: unavailable, kernel: kernel,
-            now: now)
+            options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot, legacyTables: legacyTables,
+            unavailable: unavailable, kernel: kernel, now: now)
+        notes = plan.notes(
+            containerChains: RedirectPlan.containerNAT(nftablesSnapshot),
+            inputDropsByDefault: (nftablesSnapshot?.chains ?? []).contains { $0.hook == .input && $0.policy == .drop })
+        for note in notes { logger.notice("\(note)") }
         logger.debug(
             "plan", metadata: ["steering": "\(plan.decision.redirect)", "steps": "\(plan.installSteps.map(\.description))"])
         var journal = Journal(
@@ -116,7 +133,9 @@ struct SessionEngine {
         var nftablesApplied = false
         do {
             if let nftables, plan.nftablesStep != nil {
-                try commitNftables(&plan, options: options, journal: &journal, firewall: nftables, applied: &nftablesApplied)
+                try commitNftables(
+                    &plan, options: options, journal: &journal, firewall: nftables, legacyTables: legacyTables,
+                    applied: &nftablesApplied)
             }
             // Counted even when not armed, so that arming later and recovery know how many identical
             // rules were the host's.
@@ -186,7 +205,7 @@ struct SessionEngine {
     /// between our read and our batch.
     private func commitNftables(
         _ plan: inout RedirectPlan, options: ValidatedOptions, journal: inout Journal, firewall: any Firewall,
-        applied: inout Bool
+        legacyTables: [TableRef], applied: inout Bool
     ) throws(LERedirectError) {
         var attempt = 0
         while true {
@@ -202,7 +221,7 @@ struct SessionEngine {
                 logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
                 pauseBeforeRetry(attempt)
                 let snapshot = try map { () throws(FirewallError) in try firewall.snapshot() }
-                plan.nftables = try RedirectPlan.nftablesPart(options, snapshot)
+                plan.nftables = try RedirectPlan.nftablesPart(options, snapshot, legacyTables: legacyTables)
                 continue
             } catch where error.reason == .outcomeUnknown {
                 // The batch may have been applied: the caller takes back whatever of it is there.
@@ -248,7 +267,7 @@ struct SessionEngine {
                     RedirectPlan.armChanges(port: journal.port, remaining: remaining), expecting: nil)
             } catch where error.reason == .alreadyExists {
             } catch {
-                throw Self.failure("arming the redirect", error)
+                throw Self.failure("arming the steering", error)
             }
         case .iptablesLegacy:
             let firewall = try connection(.iptablesLegacy, firewalls)
@@ -259,7 +278,7 @@ struct SessionEngine {
                         .filter { $0.fingerprint == entry.fingerprint }.count
                     guard present <= entry.preexisting ?? 0 else { return }  // armed already
                     do throws(FirewallError) { _ = try firewall.commit([.insertRule(entry.chain, spec)], expecting: nil) } catch {
-                        throw Self.failure("arming the redirect", error)
+                        throw Self.failure("arming the steering", error)
                     }
                 }
             }
@@ -280,7 +299,7 @@ struct SessionEngine {
             } catch where error.reason == .notFound {
                 // Not armed (armed per challenge, or the TTL passed), or the table is gone.
             } catch {
-                throw Self.failure("removing the redirect", error)
+                throw Self.failure("removing the steering", error)
             }
             return []
         case .iptablesLegacy:

@@ -196,7 +196,18 @@ final class SessionHolder: @unchecked Sendable {
                     + "port 80 is not handed to it (name its user with --challenge-owner if it is your proxy). Nothing was changed")
         }
         if listeners.isEmpty {
-            logger.warning("begin --external-proxy: nothing listens on port \(options.proxyPort) yet; port 80 reaches no one until your proxy does")
+            logger.warning(
+                "begin --external-proxy: nothing listens on port \(options.proxyPort) yet; port \(options.port) reaches no one until your proxy does (transparently: HAProxy's `bind :\(options.proxyPort) transparent`)")
+        }
+        // tproxy hands a connection only to a transparent listener: without one, steered SYNs
+        // would go on to the app and every challenge fail, with nothing to say why.
+        let opaque = listeners.filter { $0.transparent == false }
+        if !opaque.isEmpty && opaque.count == listeners.count {
+            throw LERedirectError(
+                .failed,
+                "begin --external-proxy: the listener on port \(options.proxyPort) is not transparent (IP_TRANSPARENT / "
+                    + "IPV6_TRANSPARENT), and steered connections reach only a transparent one; make your proxy listen "
+                    + "transparently (HAProxy: `bind :\(options.proxyPort) transparent`; it needs CAP_NET_ADMIN). Nothing was changed")
         }
     }
 
@@ -400,6 +411,7 @@ final class SessionHolder: @unchecked Sendable {
             lines.append(("redirected-packets", "\(packets)"))
         }
         lines.append(("armed", isArmed ? "yes" : "no"))
+        for note in engine.notes { lines.append(("note", note)) }
         if let proxy {
             lines.append(("challenge-source", proxy.options.challenge.description))
             lines.append(("tokens", "\(tokens.count)"))
@@ -411,6 +423,9 @@ final class SessionHolder: @unchecked Sendable {
     // MARK: Challenges held in memory
 
     var isArmed: Bool { armed.withLock { $0 } }
+
+    /// What begin's plan said the operator should know.
+    var engineNotes: [String] { engine.notes }
 
     /// Answers a `challenge-add` / `challenge-remove` client with the tokens left and the arming.
     private func answerChallenge(_ client: Int32, _ change: () throws(LERedirectError) -> Int) {

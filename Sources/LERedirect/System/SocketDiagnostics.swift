@@ -15,6 +15,9 @@ enum SocketDiagnostics {
         var port: UInt16
         var uid: UInt32
         var inode: UInt32
+        /// IP_TRANSPARENT / IPV6_TRANSPARENT (INET_DIAG_SOCKOPT, Linux 5.10 and newer); nil where
+        /// the kernel did not say. Only a transparent listener gets the connections tproxy steers.
+        var transparent: Bool? = nil
 
         /// Whether `uid` is the owner's. sock_diag reports uid 0 for a socket that no file holds:
         /// request sockets (SYN_RECV), TIME_WAIT ones, and, on kernels before 6.17 or so, a
@@ -89,8 +92,29 @@ enum SocketDiagnostics {
         let address = withUnsafeBytes(of: message.id.idiag_src) { Array($0.prefix(length)) }
         return Socket(
             family: message.idiag_family, state: message.idiag_state, address: address,
-            port: UInt16(bigEndian: message.id.idiag_sport), uid: message.idiag_uid, inode: message.idiag_inode)
+            port: UInt16(bigEndian: message.id.idiag_sport), uid: message.idiag_uid, inode: message.idiag_inode,
+            transparent: transparent(reply))
     }
+
+    /// The `transparent` bit of the reply's INET_DIAG_SOCKOPT attribute (bit 5 of its first byte:
+    /// recverr, is_icsk, freebind, hdrincl, mc_loop, transparent, ...), if it has one.
+    private static func transparent(_ reply: UnsafePointer<nlmsghdr>) -> Bool? {
+        let total = Int(reply.pointee.nlmsg_len)
+        let base = UnsafeRawPointer(reply)
+        var offset = align4(MemoryLayout<nlmsghdr>.size) + align4(MemoryLayout<inet_diag_msg>.size)
+        while offset + 4 <= total {
+            let length = Int(base.loadUnaligned(fromByteOffset: offset, as: UInt16.self))
+            let type = base.loadUnaligned(fromByteOffset: offset + 2, as: UInt16.self) & 0x3fff
+            guard length >= 4, offset + length <= total else { return nil }
+            if type == UInt16(INET_DIAG_SOCKOPT), length >= 5 {
+                return base.load(fromByteOffset: offset + 4, as: UInt8.self) & (1 << 5) != 0
+            }
+            offset += align4(length)
+        }
+        return nil
+    }
+
+    private static func align4(_ n: Int) -> Int { (n + 3) & ~3 }
 }
 
 /// Who may answer challenges through a local listener: root, and the users the operator named

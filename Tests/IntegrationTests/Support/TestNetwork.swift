@@ -328,9 +328,15 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Connects from `ns` to `address`:`port` and returns the tag of whoever answered ("app",
     /// "proxy", "backend"), or "failed: ..." when the connection was refused, reset or timed out.
-    func reach(_ address: String, port: Int = 80, from ns: String? = nil, sourcePort: Int? = nil) throws -> String {
-        let output = try exec(
-            ns ?? client, ["python3", Paths.peer, "get", address, "\(port)"] + (sourcePort.map { ["\($0)"] } ?? []), timeout: 10)
+    func reach(
+        _ address: String, port: Int = 80, from ns: String? = nil, sourcePort: Int? = nil, sourceAddress: String? = nil,
+        timeout: Double? = nil
+    ) throws -> String {
+        var extra: [String] = []
+        if sourcePort != nil || sourceAddress != nil || timeout != nil {
+            extra = ["\(sourcePort ?? 0)", sourceAddress ?? "-", "\(timeout ?? 3)"]
+        }
+        let output = try exec(ns ?? client, ["python3", Paths.peer, "get", address, "\(port)"] + extra, timeout: 10)
         let line = output.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         guard output.status == 0 else { return "failed: \(line)" }
         return String(line.split(separator: " ").first ?? "")

@@ -3,9 +3,9 @@
 
   peer.py serve PORT TAG     listen on [::]:PORT (IPv4 and IPv6); answer every connection with
                              "TAG <client-address>\n" and close. Runs until killed.
-  peer.py get HOST PORT [SOURCE-PORT]
-                             connect (from SOURCE-PORT if given), print the line received; exit 1
-                             on refusal, reset or timeout.
+  peer.py get HOST PORT [SOURCE-PORT [SOURCE-ADDRESS|- [TIMEOUT]]]
+                             connect (from SOURCE-PORT, 0 for any, and SOURCE-ADDRESS if given),
+                             print the line received; exit 1 on refusal, reset or timeout (3 s).
 """
 import socket
 import sys
@@ -18,7 +18,10 @@ def serve(port, tag):
     listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     # Transparent (IPV6_TRANSPARENT, 75): the stand-in for an external proxy gets the connections
     # le-redirect steers to it (tproxy hands them only to such a listener); harmless elsewhere.
-    listener.setsockopt(socket.IPPROTO_IPV6, 75, 1)
+    try:
+        listener.setsockopt(socket.IPPROTO_IPV6, 75, 1)
+    except PermissionError:
+        pass  # an unprivileged user's listener: it cannot be transparent
     listener.bind(("::", port))
     listener.listen(128)
     print("listening", flush=True)
@@ -35,10 +38,12 @@ def serve(port, tag):
         threading.Thread(target=answer, args=(conn, addr), daemon=True).start()
 
 
-def get(host, port, source_port=0):
+def get(host, port, source_port=0, source_address=None, timeout=3.0):
     try:
-        source = ("::" if ":" in host else "0.0.0.0", source_port) if source_port else None
-        with socket.create_connection((host, port), timeout=3, source_address=source) as conn:
+        source = None
+        if source_port or source_address:
+            source = (source_address or ("::" if ":" in host else "0.0.0.0"), source_port)
+        with socket.create_connection((host, port), timeout=timeout, source_address=source) as conn:
             data = b""
             while not data.endswith(b"\n"):
                 chunk = conn.recv(256)
@@ -56,4 +61,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]), sys.argv[3])
     else:
-        sys.exit(get(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0))
+        extra = sys.argv[4:]
+        sys.exit(get(sys.argv[2], int(sys.argv[3]), int(extra[0]) if len(extra) > 0 else 0,
+                     extra[1] if len(extra) > 1 and extra[1] != "-" else None,
+                     float(extra[2]) if len(extra) > 2 else 3.0))
