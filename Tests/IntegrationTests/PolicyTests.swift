@@ -68,18 +68,21 @@ struct PolicyTests {
             zip(Self.banned + Self.allowed, [s.bannedReaches, s.bannedReaches, s.allowedReaches, s.allowedReaches])
                 .map { "\($0.0): " + ($0.1 ? answer : "nothing") }
         }
-        #expect(try probe(net) == expected("app"))
+        let outside = try probe(net)
+        #expect(outside == expected("app"), "before: \(outside)")
 
         let begin = try net.leRedirect(["begin", "--external-proxy"] + s.host.begin)
         try #require(begin.status == 0, "\(begin)")
         #expect(try net.status()["backend"] as? String == s.host.backend)
-        #expect(try probe(net) == expected("proxy"))
+        let during = try probe(net)
+        #expect(during == expected("proxy"), "during: \(during)")
         // The proxy port itself is reachable by nobody where the host drops what it does not let in.
         for target in [TestNetwork.hostAddress4, TestNetwork.hostAddress6] where s.proxyPortClosed {
             #expect(try net.reach(target, port: 12347, sourceAddress: target.contains(":") ? "fd99::3" : "10.99.0.3", timeout: 1.5).hasPrefix("failed"))
         }
         #expect(try net.leRedirect("end").status == 0)
-        #expect(try probe(net) == expected("app"))
+        let after = try probe(net)
+        #expect(after == expected("app"), "after: \(after)")
         #expect(try net.ruleset() == before)
     }
 
@@ -95,12 +98,14 @@ struct PolicyTests {
                 return answer.hasPrefix("failed") ? "nothing" : answer
             }
         }
-        #expect(try three() == ["app", "app", "nothing"])
+        let outside = try three()
+        #expect(outside == ["app", "app", "nothing"], "before: \(outside)")
         // A fresh limit for the window: the host's table loaded again (ours is not there yet).
         #expect(try net.exec(net.host, ["nft", "flush", "ruleset"]).status == 0)
         #expect(try net.exec(net.host, ["nft", "-f", Paths.ruleset("rate-limit")]).status == 0)
         #expect(try net.leRedirect("begin", "--external-proxy").status == 0)
-        #expect(try three() == ["proxy", "proxy", "nothing"])
+        let during = try three()
+        #expect(during == ["proxy", "proxy", "nothing"], "during: \(during)")
         #expect(try net.leRedirect("end").status == 0)
     }
 }

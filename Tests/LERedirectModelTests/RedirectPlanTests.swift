@@ -33,11 +33,43 @@ struct RedirectPlanTests {
         kernel.addChain(HostChain(ChainRef(fw, "early/input"), hook: .input, type: "filter", priority: -150))
         kernel.addChain(HostChain(ChainRef(fw, "input"), hook: .input, type: "filter", priority: 0, policy: .drop))
         kernel.addChain(HostChain(ChainRef(.ip, "filter", "INPUT"), hook: .input, type: "filter", priority: 0, policy: .drop))
-        kernel.addChain(HostChain(ChainRef(.ip, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100))
+        kernel.addChain(HostChain(ChainRef(fw, "prerouting"), hook: .prerouting, type: "filter", priority: -300))
         let plan = try plan(kernel)
         #expect(batch(plan) == Self.steeringBatch)
         #expect(batch(plan).allSatisfy { $0.table == TableRef.own })
         #expect(plan.rules.isEmpty)
+        #expect(plan.notes().isEmpty)
+    }
+
+    /// A host with nat of its own on prerouting (nftables, iptables-nft's, or x_tables' nat
+    /// table): the steered SYNs get an identity binding in a nat chain of ours that runs first,
+    /// and the plan says so; where the chains look like a container engine's, it also says that
+    /// INPUT, not FORWARD, decides about them during the window.
+    @Test(arguments: ["nftables", "iptables-legacy"])
+    func aHostWithNatOfItsOwnGetsTheIdentityBinding(_ system: String) throws {
+        let kernel = FakeKernel()
+        var legacyTables: [TableRef] = []
+        if system == "nftables" {
+            kernel.addChain(HostChain(ChainRef(.ip, "nat", "PREROUTING"), hook: .prerouting, type: "nat", priority: -100))
+            kernel.addChain(HostChain(ChainRef(.ip, "nat", "DOCKER")))
+        } else {
+            legacyTables = [TableRef(.ip, "filter"), TableRef(.ip, "nat")]
+        }
+        kernel.addChain(HostChain(ChainRef(.inet, "fw", "input"), hook: .input, type: "filter", priority: 0, policy: .drop))
+        let snapshot = try kernel.connect().snapshot()
+        let plan = try RedirectPlan.make(options, nftables: snapshot, iptablesLegacy: nil, legacyTables: legacyTables, now: 0)
+        #expect(plan.nftables!.hostNAT == [system == "nftables" ? "nftables ip nat PREROUTING" : "iptables-legacy ip nat PREROUTING"])
+        #expect(Array(batch(plan).suffix(3)) == [
+            .addBaseChain(RedirectPlan.natChain, type: "nat", hook: .prerouting, priority: -110),
+            .insertRule(RedirectPlan.natChain, .keepDestination(set: "ports", family: .ip6)),
+            .insertRule(RedirectPlan.natChain, .keepDestination(set: "ports", family: .ip)),
+        ])
+        let containers = RedirectPlan.containerNAT(snapshot)
+        #expect(containers == (system == "nftables" ? ["ip nat DOCKER"] : []))
+        let notes = plan.notes(containerChains: containers, inputDropsByDefault: true)
+        #expect(notes.first?.contains("identity binding") == true)
+        #expect(notes.count == (system == "nftables" ? 2 : 1))
+        if system == "nftables" { #expect(notes[1].contains("pass its INPUT chains, not FORWARD") && notes[1].contains("drops by default")) }
     }
 
     @Test func armedPerChallengeTheSetStartsEmpty() throws {
