@@ -50,8 +50,13 @@ struct BeginOptions: ParsableArguments {
         help: "Only tokens given by `le-redirect challenge add` (or the certbot manual hooks) are answered; the redirect is armed only while one is registered.")
     var inMemory = false
 
-    @Flag(name: .customLong("external-proxy"), help: "You run the proxy on --proxy-port yourself (IPv4 and IPv6).")
+    @Flag(name: .customLong("external-proxy"), help: "You run the proxy on --proxy-port yourself, listening transparently (IPv4 and IPv6).")
     var externalProxy = false
+
+    @Flag(
+        name: .customLong("through-input"),
+        help: "On a host that publishes container ports (Docker), accept that during the window steered connections to the port are decided by INPUT, not FORWARD/DOCKER-USER; begin refuses there without it.")
+    var throughInput = false
 
     @Flag(
         name: .customLong("until-parent-exits"),
@@ -116,7 +121,7 @@ struct BeginOptions: ParsableArguments {
             }
             return TakeoverOptions(
                 port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external,
-                stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners())
+                stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput)
         }
         var challenge = ChallengeSource.port(ChallengeSource.defaultPort)
         if let challengePort {
@@ -139,7 +144,7 @@ struct BeginOptions: ParsableArguments {
             maxConnectionsPerSource: maxConnectionsPerSource, maxHeadBytes: maxHeadSize, headTimeout: headTimeout, idleTimeout: idleTimeout, drainTimeout: drainTimeout)
         return TakeoverOptions(
             port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .builtIn(proxy),
-            stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners())
+            stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput)
     }
 
     /// --challenge-owner's users as uids: a name from the user database, or a number.
@@ -265,13 +270,18 @@ struct Detect: ParsableCommand {
     @Option(help: "auto, nftables or iptables-legacy.")
     var backend: String = "auto"
 
+    @Flag(name: .customLong("through-input"), help: "As begin's --through-input.")
+    var throughInput = false
+
     func run() throws {
         guard let choice = BackendChoice(rawValue: backend) else {
             throw LERedirectError(.invalidArgument, "--backend '\(backend)' is not a backend: use auto, nftables or iptables-legacy")
         }
-        let report = try Session.detect(TakeoverOptions(port: port, proxyPort: proxyPort, backend: choice, proxy: .external))
+        let report = try Session.detect(
+            TakeoverOptions(port: port, proxyPort: proxyPort, backend: choice, proxy: .external, throughInput: throughInput))
         print(json ? report.json.rendered(pretty: true) : report.text)
         if case .failure = report.plan { throw ExitCode(1) }
+        if report.refusal != nil { throw ExitCode(1) }
     }
 }
 

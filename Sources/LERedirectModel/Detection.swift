@@ -6,6 +6,8 @@ package struct DetectionReport: Sendable {
     package var unavailable: [FirewallSystem: String]
     package var kernel: KernelSupport
     package var plan: Result<RedirectPlan, LERedirectError>
+    /// Why begin would refuse the plan on this host (RedirectPlan.refusal), if it would.
+    package var refusal: LERedirectError?
 
     package init(
         _ options: ValidatedOptions, nftables: FirewallSnapshot?, iptablesLegacy: FirewallSnapshot?,
@@ -22,6 +24,9 @@ package struct DetectionReport: Sendable {
                     now: now))
         } catch {
             plan = .failure(error)
+        }
+        if case .success(let made) = plan {
+            refusal = made.refusal(options, nftables: nftables, iptablesLegacy: iptablesLegacy)
         }
     }
 
@@ -51,6 +56,7 @@ package struct DetectionReport: Sendable {
             lines.append("redirect: \(plan.decision.redirect)")
             lines += plan.decision.reasons.map { "  because \($0)" }
             lines += notes.map { "note: \($0)" }
+            if let refusal { lines.append("begin refuses: \(refusal.message)") }
         case .failure(let error):
             lines.append("redirect: none: \(error.message)")
         }
@@ -122,7 +128,7 @@ package struct DetectionReport: Sendable {
                 ("reasons", .array(plan.decision.reasons.map { .string($0) })),
                 ("notes", .array(notes.map { .string($0) })),
                 ("hostNAT", .array((plan.nftables?.hostNAT ?? []).map { .string($0) })),
-                ("error", .null),
+                ("error", refusal.map { .string($0.message) } ?? .null),
             ]
         case .failure(let error):
             members += [

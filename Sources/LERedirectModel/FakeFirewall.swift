@@ -303,7 +303,8 @@ package final class FakeKernel: Sendable {
             s.tables[t].nextHandle += 1
             let fingerprint = FakeFirewall.fingerprint(spec, ref.table.family)
             s.tables[t].chains[c].rules.insert(
-                Rule(handle: handle, text: spec.description, fingerprint: fingerprint, comment: ruleTag), at: 0)
+                Rule(handle: handle, text: spec.description, fingerprint: fingerprint, comment: ruleTag),
+                at: spec.appendsToChain ? s.tables[t].chains[c].rules.count : 0)
             return InsertedRule(ref, handle: system == .nftables ? handle : nil, fingerprint: fingerprint)
         case .deleteTable(let ref):
             let t = try table(ref)

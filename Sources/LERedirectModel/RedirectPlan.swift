@@ -34,10 +34,13 @@ package struct RedirectPlan: Hashable, Sendable {
         package var keepsDestinations: Bool { !hostNAT.isEmpty }
     }
 
-    /// What goes into x_tables: one commit per mangle table.
+    /// What goes into x_tables: one commit per table.
     package struct LegacyPart: Hashable, Sendable {
         /// mangle PREROUTING of each family.
         package let steers: [PlannedRule]
+        /// nat PREROUTING of each family whose nat table exists (the host's nat, Docker's published
+        /// ports among it): the identity binding's x_tables form, committed before the steering.
+        package let keepDestinations: [PlannedRule]
     }
 
     package struct PlannedRule: Hashable, Sendable {
@@ -84,11 +87,16 @@ package struct RedirectPlan: Hashable, Sendable {
         if decision.redirect == .iptablesLegacy, let snapshot = iptablesLegacy {
             // Whole seconds: the time match compares seconds, and stops matching after `until`.
             let until = expiresAt / 1000
+            let tables = Set(snapshot.tables.map(\.ref))
             legacy = LegacyPart(
                 steers: snapshot.families.sorted().map {
                     PlannedRule(
                         .iptablesLegacy, ChainRef($0, "mangle", "PREROUTING"),
                         .expiringSteer(port: options.port, proxyPort: options.proxyPort, until: until))
+                },
+                keepDestinations: snapshot.families.sorted().filter { tables.contains(TableRef($0, "nat")) }.map {
+                    PlannedRule(
+                        .iptablesLegacy, ChainRef($0, "nat", "PREROUTING"), .expiringKeepDestination(port: options.port, until: until))
                 })
         }
         var nft: NftablesPart?
@@ -98,6 +106,31 @@ package struct RedirectPlan: Hashable, Sendable {
         return RedirectPlan(
             port: options.port, proxyPort: options.proxyPort, ttl: options.ttl, expiresAt: expiresAt,
             armed: !options.proxy.armsPerChallenge, decision: decision, nftables: nft, iptablesLegacy: legacy)
+    }
+
+    /// Why begin refuses this plan on this host, if it does: a host that publishes container ports
+    /// and filters by default (FORWARD, DOCKER-USER's policy, or INPUT): the steered connections
+    /// would be decided by INPUT instead of FORWARD. Only with the operator's word (--through-input).
+    package func refusal(
+        _ options: ValidatedOptions, nftables: FirewallSnapshot?, iptablesLegacy: FirewallSnapshot?
+    ) -> LERedirectError? {
+        let containers = Self.containerNAT(nftables) + Self.containerNAT(iptablesLegacy).map { "iptables-legacy \($0)" }
+        let chains = (nftables?.chains ?? []) + (iptablesLegacy?.chains ?? [])
+        let drops = chains.filter { ($0.hook == .input || $0.hook == .forward) && $0.policy == .drop && $0.ref.table != TableRef.own }
+        guard keepsDestinations, !containers.isEmpty, !drops.isEmpty, !options.throughInput else { return nil }
+        return LERedirectError(
+            .failed,
+            "this host publishes container ports (\(containers.joined(separator: ", "))) and filters by default "
+                + "(\(drops.map { "\($0.ref) \($0.hook!.rawValue)" }.joined(separator: ", ")) drop): during the window the steered "
+                + "connections to port \(options.port) would pass its INPUT chains, not FORWARD, so FORWARD's and DOCKER-USER's "
+                + "rules would not apply to them, and an INPUT that does not accept port \(options.port) would drop them. If INPUT "
+                + "accepts port \(options.port) from whoever may reach the published port, run begin with --through-input. "
+                + "Nothing was changed")
+    }
+
+    /// Whether steered SYNs get an identity binding (the host has nat of its own).
+    package var keepsDestinations: Bool {
+        (nftables?.keepsDestinations ?? false) || !(iptablesLegacy?.keepDestinations.isEmpty ?? true)
     }
 
     /// The nftables part alone, from a fresh snapshot: begin plans it again when another program
@@ -147,13 +180,19 @@ package struct RedirectPlan: Hashable, Sendable {
     /// status: the identity binding, and on a host that publishes container ports, that the
     /// steered connections then pass the host's INPUT chains instead of its FORWARD chains.
     package func notes(containerChains: [String] = [], inputDropsByDefault: Bool = false) -> [String] {
-        guard let nft = nftables, nft.keepsDestinations else { return [] }
-        var notes = [
-            "the host translates destinations in prerouting (\(nft.hostNAT.joined(separator: ", "))): the steered SYNs "
-                + "get an identity binding first (chain \(Self.natChain), priority dstnat - 10), so the host's own nat leaves "
-                + "them alone, and the proxy connects to their original destination from the host itself, where the host's "
-                + "output nat (published container ports) takes it on"
-        ]
+        var notes: [String] = []
+        let how = "so the host's own nat leaves them alone, and the proxy connects to their original destination from the "
+            + "host itself, where the host's output nat (published container ports) takes it on"
+        if let nft = nftables, nft.keepsDestinations {
+            notes.append(
+                "the host translates destinations in prerouting (\(nft.hostNAT.joined(separator: ", "))): the steered SYNs "
+                    + "get an identity binding first (chain \(Self.natChain), priority dstnat - 10), " + how)
+        } else if let legacy = iptablesLegacy, !legacy.keepDestinations.isEmpty {
+            notes.append(
+                "the host has x_tables nat tables (\(legacy.keepDestinations.map { "\($0.chain)" }.joined(separator: ", "))): the "
+                    + "steered SYNs are accepted at their head first, " + how)
+        }
+        guard !notes.isEmpty else { return [] }
         if !containerChains.isEmpty {
             notes.append(
                 "this host publishes container ports (\(containerChains.joined(separator: ", "))): during the window the "
@@ -170,7 +209,7 @@ package struct RedirectPlan: Hashable, Sendable {
 
     /// Every rule the session inserts into chains it does not own, in commit order: the journal's
     /// entries (x_tables only; on nftables everything is in the owned table).
-    package var rules: [PlannedRule] { iptablesLegacy?.steers ?? [] }
+    package var rules: [PlannedRule] { (iptablesLegacy?.keepDestinations ?? []) + (iptablesLegacy?.steers ?? []) }
 
     /// One atomic commit of begin.
     package struct Step: Hashable, Sendable, CustomStringConvertible {
@@ -190,10 +229,11 @@ package struct RedirectPlan: Hashable, Sendable {
         (nftablesStep.map { [$0] } ?? []) + (armed ? legacySteerSteps : [])
     }
 
-    /// One per mangle table, whether or not begin commits them (armed per challenge, it does not).
+    /// One per table, nat tables first (the identity binding must be there before a SYN is
+    /// steered), whether or not begin commits them (armed per challenge, it does not).
     package var legacySteerSteps: [Step] {
         let all = rules
-        return Set(all.map(\.chain.table)).sorted().map { table in
+        return Set(all.map(\.chain.table)).sorted { ($0.name == "nat" ? 0 : 1, $0) < ($1.name == "nat" ? 0 : 1, $1) }.map { table in
             let indices = all.indices.filter { all[$0].chain.table == table }
             return Step(
                 system: .iptablesLegacy, table: table, changes: indices.map { .insertRule(all[$0].chain, all[$0].spec) },
@@ -369,7 +409,8 @@ package struct BackendDecision: Hashable, Sendable {
     }
 
     private static let legacyTTLNote =
-        "x_tables has no owned tables: if the session dies, its time match ends the steering at the TTL, "
+        "x_tables has no owned tables: if the session dies, its time match ends the steering at the TTL (until then "
+        + "x_tables' TPROXY drops the port's new connections, as it drops any it finds no transparent listener for), "
         + "and recover (or the next begin or end) removes it"
 }
 

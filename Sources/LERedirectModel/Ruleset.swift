@@ -155,6 +155,11 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
     /// `until` (Unix seconds, UTC), after which the kernel's time match stops matching, whether or
     /// not anyone is left to remove the rule.
     case expiringSteer(port: UInt16, proxyPort: UInt16, until: Int64)
+    /// At the head of an x_tables nat PREROUTING, on the legacy path of a host with nat of its own:
+    /// the SYNs the steering takes (until `until`) are accepted there, so that the host's DNAT
+    /// rules after it (Docker's published ports) leave them alone (the kernel gives them a null
+    /// binding). Nothing of the packet changes, and no filter decision is made.
+    case expiringKeepDestination(port: UInt16, until: Int64)
     /// In our own nftables nat prerouting chain, on a host with nat of its own: the same SYNs (of
     /// `family`, ip or ip6) get an identity DNAT (to their own destination), so that the host's
     /// later nat chains skip them; nothing of the packet changes.
@@ -162,11 +167,14 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
 
     package var description: String {
         switch self {
+        case .expiringKeepDestination(let port, let until):
+            "! -i lo -p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
+                + "\(RFC3339.format(unixMilliseconds: until * 1000).dropLast()) -m comment --comment LE -j ACCEPT"
         case .keepDestination(let set, let family):
             "meta nfproto \(family == .ip6 ? "ipv6" : "ipv4") iifname != \"lo\" fib daddr type local tcp dport @\(set) "
                 + "tcp flags syn / fin,syn,rst,ack dnat \(family) to \(family) daddr comment \"LE\""
         case .steer(let set, let proxyPort):
-            "iifname != \"lo\" fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack counter tproxy to :\(proxyPort) comment \"LE\""
+            "iifname != \"lo\" fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack tproxy to :\(proxyPort) counter comment \"LE\""
         case .expiringSteer(let port, let proxyPort, let until):
             // --datestop as iptables-save prints it: UTC, without the "Z".
             "! -i lo -p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
@@ -177,6 +185,14 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
 
     /// What the journal records it as.
     package var kind: RuleKind { .redirect }
+
+    /// Whether it goes at the end of its chain rather than the head: x_tables' TPROXY ends a
+    /// packet's walk through mangle PREROUTING, so the host's own rules there (an ipset blocklist,
+    /// a MARK for policy routing) must see the SYN first.
+    package var appendsToChain: Bool {
+        if case .expiringSteer = self { return true }
+        return false
+    }
 }
 
 /// The jobs a rule of le-redirect's does, as a journal records them.
@@ -203,7 +219,8 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
     case addSetElement(table: TableRef, set: String, port: UInt16, timeout: Duration)
     /// Takes one port out of a port set (disarming the redirect).
     case deleteSetElement(table: TableRef, set: String, port: UInt16)
-    /// Inserts a rule at the head of the chain; the commit reports its handle.
+    /// Inserts a rule at the head of the chain (at its end where `spec.appendsToChain`); the commit
+    /// reports its handle.
     case insertRule(ChainRef, RuleSpec)
     case deleteTable(TableRef)
     case deleteRule(RuleLocation)
@@ -231,7 +248,7 @@ package enum FirewallChange: Hashable, Sendable, CustomStringConvertible {
         case .addSetElement(let t, let set, let port, let timeout):
             "add element \(t) \(set) { \(port) timeout \(DurationText.format(timeout)) }"
         case .deleteSetElement(let t, let set, let port): "delete element \(t) \(set) { \(port) }"
-        case .insertRule(let c, let spec): "insert rule \(c) \(spec)"
+        case .insertRule(let c, let spec): "\(spec.appendsToChain ? "append" : "insert") rule \(c) \(spec)"
         case .deleteTable(let t): "delete table \(t)"
         case .deleteRule(let location): "delete rule \(location)"
         case .deleteMatching(let c, let fingerprint, let count): "delete \(count) rule(s) \(fingerprint) from \(c)"

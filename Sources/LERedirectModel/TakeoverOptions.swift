@@ -48,10 +48,15 @@ public struct TakeoverOptions: Sendable, Hashable {
     /// Users besides root (uids) whose listeners may answer: the challenge port's (or a loopback
     /// --challenge-url's) server and the external proxy. A listener of anyone else gets nothing.
     public var listenerOwners: [UInt32]
+    /// On a host that publishes container ports through its nat (Docker's DNAT), the operator
+    /// accepts that during the window the steered connections to the port are decided by the
+    /// host's INPUT chains, not its FORWARD chains (DOCKER-USER): without it, begin refuses there.
+    public var throughInput: Bool
 
     public init(
         port: Int = 80, proxyPort: Int = 12347, ttl: Duration = .seconds(15 * 60),
-        backend: BackendChoice = .auto, proxy: ProxyMode, stateDirectory: String? = nil, listenerOwners: [UInt32] = []
+        backend: BackendChoice = .auto, proxy: ProxyMode, stateDirectory: String? = nil, listenerOwners: [UInt32] = [],
+        throughInput: Bool = false
     ) {
         self.port = port
         self.proxyPort = proxyPort
@@ -60,6 +65,7 @@ public struct TakeoverOptions: Sendable, Hashable {
         self.proxy = proxy
         self.stateDirectory = stateDirectory
         self.listenerOwners = listenerOwners
+        self.throughInput = throughInput
     }
 
     /// The shortest and longest TTL begin accepts.
@@ -101,7 +107,7 @@ public struct TakeoverOptions: Sendable, Hashable {
         }
         return ValidatedOptions(
             port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy,
-            listenerOwners: Array(Set(listenerOwners.filter { $0 != 0 })).sorted())
+            listenerOwners: Array(Set(listenerOwners.filter { $0 != 0 })).sorted(), throughInput: throughInput)
     }
 }
 
@@ -114,4 +120,6 @@ public struct ValidatedOptions: Sendable, Hashable {
     public let proxy: ProxyMode
     /// Users besides root whose listeners may answer (sorted, without root).
     public let listenerOwners: [UInt32]
+    /// See `TakeoverOptions.throughInput`.
+    public let throughInput: Bool
 }

@@ -34,8 +34,9 @@ struct CrashTests {
     }
 
     /// The dead session's rules are removed first: exactly one session's rules are there after
-    /// (nftables: the steering rule in our table; x_tables: one steering rule per family).
-    @Test(arguments: [(Host.nftablesPolicyAccept, 1), (.legacyDropForcedLegacy, 2)])
+    /// (nftables: the steering rule in our table; x_tables: per family, a steering rule in mangle
+    /// and, the host having nat tables, an identity binding in nat).
+    @Test(arguments: [(Host.nftablesPolicyAccept, 1), (.legacyDropForcedLegacy, 4)])
     func theNextBeginRecoversADeadSession(host: Host, rules: Int) throws {
         let net = try TestNetwork(host)
         defer { net.close() }

@@ -49,8 +49,9 @@ struct FaultTests {
         var cases: [Case] = []
         for host in [nft, legacy] {
             let isLegacy = host.backend == "iptables-legacy"
-            // The commits begin makes, first and last: one nftables batch, or two x_tables mangle tables.
-            let commits = isLegacy ? ["iptables-legacy ip mangle", "iptables-legacy ip6 mangle"] : ["nftables batch"]
+            // The commits begin makes, first and last: one nftables batch, or x_tables' nat tables (the
+            // identity bindings) then its mangle tables.
+            let commits = isLegacy ? ["iptables-legacy ip nat", "iptables-legacy ip6 mangle"] : ["nftables batch"]
             var begin: [(String, Expected)] = [
                 ("lock-taken", .commandKilled), ("daemon-spawned", .commandKilled), ("daemon-started", .daemonKilled),
                 ("listeners-bound", .daemonKilled),
@@ -71,7 +72,7 @@ struct FaultTests {
             if isLegacy {
                 begin += [
                     ("daemon-started>xtables-lock@1=EIO", .failed("xtables lock")),
-                    ("daemon-started>xtables-commit@1=ENOMEM", .failed("begin: iptables-legacy ip mangle")),
+                    ("daemon-started>xtables-commit@1=ENOMEM", .failed("begin: iptables-legacy ip nat")),
                     ("commit-acknowledged iptables-legacy ip mangle>xtables-commit@1=ENOMEM",
                      .failed("anything begin had applied was removed again")),
                 ]

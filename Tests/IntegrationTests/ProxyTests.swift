@@ -165,42 +165,98 @@ struct ProxyTests {
     }
 
     /// A host that publishes a container's port 80 the way Docker does (nat PREROUTING and OUTPUT
-    /// jump to a DOCKER chain that DNATs to the container): a SYN tproxy gave our socket would be
-    /// DNAT'ed away after it and dropped, so the steered SYNs get an identity binding first; the
-    /// proxy connects to the original destination from the host, where the host's OUTPUT DNAT
-    /// takes it to the container. The container serves through the window and after, the
-    /// challenge is answered, and detect and begin say what is done.
-    @Test func aContainerPublishedOnPortEightyKeepsServing() throws {
+    /// jump to a DOCKER chain that DNATs to the container; FORWARD drops by default and lets the
+    /// published port through): a SYN tproxy gave our socket would be DNAT'ed away after it and
+    /// dropped, so the steered SYNs get an identity binding first; the proxy connects to the
+    /// original destination from the host, where the host's OUTPUT DNAT takes it to the container.
+    /// begin refuses without --through-input (FORWARD would not see the window's connections);
+    /// with it, the container serves through the window and after, and the challenge is answered.
+    /// On nftables (the ruleset as iptables-nft would list it) and through the legacy path
+    /// (iptables-legacy's nat, an ACCEPT at the head of nat PREROUTING as the binding).
+    @Test(arguments: ["nftables", "iptables-legacy"])
+    func aContainerPublishedOnPortEightyKeepsServing(_ backend: String) throws {
         let net = try TestNetwork(ruleset: "empty", router: true)
         defer { net.close() }
         try net.startApp(tag: "container", in: net.server!)
-        let dnat = """
-            table ip nat {
-              chain DOCKER { iifname != "docker0" ip daddr \(Self.v4) tcp dport 80 dnat to 10.98.0.2:80; }
-              chain PREROUTING { type nat hook prerouting priority dstnat; fib daddr type local jump DOCKER; }
-              chain OUTPUT { type nat hook output priority -100; ip daddr != 127.0.0.0/8 fib daddr type local jump DOCKER; }
-              chain POSTROUTING { type nat hook postrouting priority srcnat; ip daddr 10.98.0.2 masquerade; }
-            }
-            """
-        let file = net.stateDirectory + "-published.nft"
-        try dnat.write(toFile: file, atomically: true, encoding: .utf8)
-        defer { try? FileManager.default.removeItem(atPath: file) }
-        #expect(try net.exec(net.host, ["nft", "-f", file]).status == 0)
+        let legacy = backend == "iptables-legacy"
+        if legacy {
+            let rules = """
+                *mangle
+                :PREROUTING ACCEPT [0:0]
+                :INPUT ACCEPT [0:0]
+                :FORWARD ACCEPT [0:0]
+                :OUTPUT ACCEPT [0:0]
+                :POSTROUTING ACCEPT [0:0]
+                COMMIT
+                *nat
+                :PREROUTING ACCEPT [0:0]
+                :INPUT ACCEPT [0:0]
+                :OUTPUT ACCEPT [0:0]
+                :POSTROUTING ACCEPT [0:0]
+                :DOCKER - [0:0]
+                -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+                -A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+                -A POSTROUTING -d 10.98.0.2/32 -j MASQUERADE
+                -A DOCKER ! -i docker0 -d \(Self.v4)/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.98.0.2:80
+                COMMIT
+                *filter
+                :INPUT ACCEPT [0:0]
+                :FORWARD DROP [0:0]
+                :OUTPUT ACCEPT [0:0]
+                -A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+                -A FORWARD -d 10.98.0.2/32 -p tcp -m tcp --dport 80 -j ACCEPT
+                COMMIT
+
+                """
+            let out = try net.exec(net.host, ["sh", "-c", "printf '%s' \"$0\" | iptables-legacy-restore", rules])
+            try #require(out.status == 0, "\(out)")
+            // The legacy path needs IPv6's mangle table too (it makes none).
+            let v6 = try net.exec(net.host, ["ip6tables-legacy", "-t", "mangle", "-L", "-n"])
+            try #require(v6.status == 0, "\(v6)")
+        } else {
+            let dnat = """
+                table ip nat {
+                  chain DOCKER { iifname != "docker0" ip daddr \(Self.v4) tcp dport 80 dnat to 10.98.0.2:80; }
+                  chain PREROUTING { type nat hook prerouting priority dstnat; fib daddr type local jump DOCKER; }
+                  chain OUTPUT { type nat hook output priority -100; ip daddr != 127.0.0.0/8 fib daddr type local jump DOCKER; }
+                  chain POSTROUTING { type nat hook postrouting priority srcnat; ip daddr 10.98.0.2 masquerade; }
+                }
+                table ip filter {
+                  chain FORWARD { type filter hook forward priority filter; policy drop; ct state established,related accept; ip daddr 10.98.0.2 tcp dport 80 accept; }
+                }
+                """
+            let file = net.stateDirectory + "-published.nft"
+            try dnat.write(toFile: file, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(atPath: file) }
+            #expect(try net.exec(net.host, ["nft", "-f", file]).status == 0)
+        }
         #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))
-        let detect = try net.leRedirect("detect", "--json")
+        let backendArgs = legacy ? ["--backend", "iptables-legacy"] : []
+        let detect = try net.leRedirect(["detect", "--json"] + backendArgs)
+        #expect(detect.status == 1, "begin would refuse: \(detect)")
+        #expect(detect.stdout.contains("--through-input"), "\(detect)")
         let json = try #require(try JSONSerialization.jsonObject(with: Data(detect.stdout.utf8)) as? [String: Any])
-        #expect(json["hostNAT"] as? [String] == ["nftables ip nat PREROUTING"])
         let notes = (json["notes"] as? [String] ?? []).joined(separator: " ")
-        #expect(notes.contains("identity binding") && notes.contains("publishes container ports (ip nat DOCKER)"), "\(notes)")
-        let begin = try net.leRedirect("begin", "--in-memory")
+        if legacy {
+            #expect(notes.contains("accepted at their head first"), "\(detect)")
+        } else {
+            #expect(json["hostNAT"] as? [String] == ["nftables ip nat PREROUTING"])
+            #expect(notes.contains("identity binding") && notes.contains("publishes container ports (ip nat DOCKER)"), "\(notes)")
+        }
+        let before = try net.ruleset()
+        let refused = try net.leRedirect(["begin", "--in-memory"] + backendArgs)
+        #expect(refused.status == 1 && refused.stderr.contains("--through-input"), "\(refused)")
+        #expect(try net.ruleset() == before)
+        let begin = try net.leRedirect(["begin", "--in-memory", "--through-input"] + backendArgs)
         #expect(begin.status == 0, "\(begin)")
-        #expect(begin.stderr.contains("note: the host translates destinations in prerouting"), "\(begin)")
-        #expect(try net.nftRuleset().contains("dnat ip to ip daddr"))
+        #expect(begin.stderr.contains("note: the host"), "\(begin)")
+        if !legacy { #expect(try net.nftRuleset().contains("dnat ip to ip daddr")) }
         #expect(try net.leRedirect("challenge", "add", "t", "t.k").status == 0)
         #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/t") == "200 t.k")
         #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))
         #expect(try net.leRedirect("end").status == 0)
         #expect(try net.httpClient("get", Self.v4, "/").hasPrefix("200 container"))
+        #expect(try net.ruleset() == before)
     }
 
     /// Invariant 2 across end: keep-alive and connection-close load, IPv4 and IPv6, sees no

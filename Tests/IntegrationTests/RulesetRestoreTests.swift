@@ -45,10 +45,14 @@ struct RulesetRestoreTests {
             #expect(legacy == legacyBefore)
         } else {
             #expect(nft == nftBefore)
-            // One expiring steering rule per family, at the head of x_tables' mangle PREROUTING.
+            // One expiring steering rule per family, at the end of x_tables' mangle PREROUTING; with
+            // a nat table of the host's, one identity binding (ACCEPT) per family at its head.
             let ours = legacy.split(separator: "\n", omittingEmptySubsequences: false).filter { $0.contains("--comment LE") }
-            #expect(ours.count == 2)
-            #expect(ours.allSatisfy { $0.hasPrefix("-A PREROUTING ! -i lo -p tcp") && $0.contains("-j TPROXY --on-port 12347 --on-ip ") && $0.hasSuffix(" --tproxy-mark 0x0/0x0") })
+            let natTables = legacy.components(separatedBy: "*nat").count - 1
+            #expect(ours.count == 2 + natTables)
+            #expect(ours.allSatisfy { $0.hasPrefix("-A PREROUTING ! -i lo -p tcp") })
+            #expect(ours.filter { $0.contains("-j TPROXY --on-port 12347 --on-ip ") && $0.hasSuffix(" --tproxy-mark 0x0/0x0") }.count == 2)
+            #expect(ours.filter { $0.hasSuffix("-m comment --comment LE -j ACCEPT") }.count == natTables)
             let rest = legacy.split(separator: "\n", omittingEmptySubsequences: false).filter { !$0.contains("--comment LE") }
             #expect(rest.joined(separator: "\n") == legacyBefore)
         }

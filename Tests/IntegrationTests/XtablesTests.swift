@@ -70,11 +70,15 @@ struct XtablesTests {
         let steer = ["!", "-i", "lo", "-p", "tcp", "--dport", "80", "--syn", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "time",
                      "--datestop", datestop, "-m", "comment", "--comment", "LE", "-j", "TPROXY", "--on-port", "12347",
                      "--on-ip", "0.0.0.0", "--tproxy-mark", "0x0/0x0"]
+        let keep = ["!", "-i", "lo", "-p", "tcp", "--dport", "80", "--syn", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "time",
+                    "--datestop", datestop, "-m", "comment", "--comment", "LE", "-j", "ACCEPT"]
         for tool in ["iptables-legacy", "ip6tables-legacy"] {
             let on = tool == "iptables-legacy" ? "0.0.0.0" : "::"
             let args = steer.map { $0 == "0.0.0.0" ? on : $0 }
             let mangle = try net.exec(net.host, [tool, "-t", "mangle", "-D", "PREROUTING"] + args)
             #expect(mangle.status == 0, "\(mangle)")
+            let nat = try net.exec(net.host, [tool, "-t", "nat", "-D", "PREROUTING"] + keep)
+            #expect(nat.status == 0, "\(nat)")
         }
         #expect(try net.ruleset() == before)
         let end = try net.leRedirect("end")
@@ -120,8 +124,8 @@ struct XtablesTests {
         #expect(try counted() == before)
     }
 
-    /// Invariant 3 across two tables' commits: the daemon dies after x_tables' IPv4 mangle commit and
-    /// before the IPv6 one (a debug build's fault point stops it there), with begin killed too;
+    /// Invariant 3 across tables' commits: the daemon dies after x_tables' nat commits and IPv4
+    /// mangle commit and before the IPv6 mangle one (a debug build's fault point stops it there), with begin killed too;
     /// `recover` then restores the ruleset exactly.
     @Test func aCrashBetweenTheTwoMangleCommitsIsRecovered() throws {
         let net = try TestNetwork(.legacyDrop)
@@ -214,7 +218,7 @@ struct XtablesTests {
             guard Date() < done else { throw TestFailure("begin did not finish once the lock was free") }
             usleep(20_000)
         }
-        #expect(try net.legacyRuleset().components(separatedBy: "--comment LE").count - 1 == 2)
+        #expect(try net.legacyRuleset().components(separatedBy: "--comment LE").count - 1 == 4)
         #expect(try net.exec(net.host, [Paths.binary, "end"], environment: ["XTABLES_LOCKFILE": lock]).status == 0)
     }
 

@@ -80,16 +80,26 @@ struct LegacyEngineTests {
         let journal = try engine.install(options, firewalls: firewalls, holder: me, namespace: namespace, now: 1_000_000)
         #expect(journal.backend == .iptablesLegacy)
         #expect(journal.phase == .installed)
-        // A mangle table per commit; nothing in filter or nat, nothing in nftables.
-        #expect(recorder.log == ["iptables-legacy ip mangle insert redirect", "iptables-legacy ip6 mangle insert redirect"])
+        // A table per commit: the identity bindings in nat first, then the steering in mangle;
+        // nothing in filter, nothing in nftables.
+        #expect(recorder.log == [
+            "iptables-legacy ip nat insert redirect", "iptables-legacy ip6 nat insert redirect",
+            "iptables-legacy ip mangle insert redirect", "iptables-legacy ip6 mangle insert redirect",
+        ])
         #expect(nft.listing() == nftBefore)
         // Before each commit, the journal already counted the identical rules of that commit's chain.
         for (index, seen) in journalled.value.enumerated() {
-            #expect(seen.rules.count == 2)
+            #expect(seen.rules.count == 4)
             #expect(seen.rules.prefix(index + 1).allSatisfy { $0.preexisting == 0 }, "commit \(index)")
         }
-        #expect(journal.rules.map(\.kind) == [.redirect, .redirect])
-        #expect(journal.rules.map(\.chain) == [ChainRef(.ip, "mangle", "PREROUTING"), ChainRef(.ip6, "mangle", "PREROUTING")])
+        #expect(journal.rules.map(\.kind) == [.redirect, .redirect, .redirect, .redirect])
+        #expect(journal.rules.map(\.chain) == [
+            ChainRef(.ip, "nat", "PREROUTING"), ChainRef(.ip6, "nat", "PREROUTING"),
+            ChainRef(.ip, "mangle", "PREROUTING"), ChainRef(.ip6, "mangle", "PREROUTING"),
+        ])
+        // The steering goes after the host's own mangle rules (they must see the SYN first); the
+        // identity binding before the host's nat rules.
+        #expect(legacy.listing().contains("MARK --set-mark 1\n\t\t! -i lo"), "\(legacy.listing())")
         #expect(legacy.listing().contains("--datestop 1970-01-01T00:26:40 "))  // 1,000 s + the 600 s TTL
         #expect(legacy.listing().contains("-j TPROXY --on-port 12347"))
         #expect(try Journal.decode(try #require(try state.readJournal())) == journal)
@@ -99,7 +109,10 @@ struct LegacyEngineTests {
         #expect(warnings.isEmpty)
         // The steering is out before the drain.
         #expect(!duringDrain.contains("TPROXY"))
-        #expect(Array(recorder.log.suffix(2)) == ["iptables-legacy ip mangle delete", "iptables-legacy ip6 mangle delete"])
+        #expect(Array(recorder.log.suffix(4)) == [
+            "iptables-legacy ip mangle delete", "iptables-legacy ip nat delete", "iptables-legacy ip6 mangle delete",
+            "iptables-legacy ip6 nat delete",
+        ])
         #expect(legacy.listing() == before)
         #expect(try state.readJournal() == nil)
     }

@@ -343,11 +343,16 @@ private struct XtablesTable: @unchecked Sendable {
         switch change {
         case .insertRule(let chain, let spec):
             let entry = XtablesEntry.build(spec, family: ref.family, forInsertion: true)
-            // Position 0: the head of the chain.
+            // Position 0, the head of the chain; or its end.
+            let append = spec.appendsToChain
             let ok = entry.withUnsafeBytes { bytes in
                 v6
-                    ? ip6tc_insert_entry(chain.name, bytes.baseAddress!.assumingMemoryBound(to: ip6t_entry.self), 0, handle)
-                    : iptc_insert_entry(chain.name, bytes.baseAddress!.assumingMemoryBound(to: ipt_entry.self), 0, handle)
+                    ? (append
+                        ? ip6tc_append_entry(chain.name, bytes.baseAddress!.assumingMemoryBound(to: ip6t_entry.self), handle)
+                        : ip6tc_insert_entry(chain.name, bytes.baseAddress!.assumingMemoryBound(to: ip6t_entry.self), 0, handle))
+                    : (append
+                        ? iptc_append_entry(chain.name, bytes.baseAddress!.assumingMemoryBound(to: ipt_entry.self), handle)
+                        : iptc_insert_entry(chain.name, bytes.baseAddress!.assumingMemoryBound(to: ipt_entry.self), 0, handle))
             }
             guard ok != 0 else { throw Self.error(errno, v6: v6, doing: doing, change: change) }
             return [InsertedRule(chain, handle: nil, fingerprint: XtablesEntry.fingerprint(entry, family: ref.family))]

@@ -55,17 +55,18 @@ enum XtablesEntry {
             var addrtype = xt_addrtype_info_v1()
             addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
             matches += object("addrtype", revision: 1, raw(addrtype))
-            var time = xt_time_info()
-            time.date_start = 0
-            time.date_stop = UInt32(clamping: until)
-            time.daytime_start = UInt32(XT_TIME_MIN_DAYTIME)
-            time.daytime_stop = UInt32(XT_TIME_MAX_DAYTIME)
-            time.monthdays_match = UInt32(truncatingIfNeeded: XT_TIME_ALL_MONTHDAYS)
-            time.weekdays_match = UInt8(XT_TIME_ALL_WEEKDAYS)
-            time.flags = 0  // UTC, as iptables writes it without --kerneltz
-            matches += object("time", revision: 0, raw(time))
+            matches += object("time", revision: 0, raw(timeInfo(until: until)))
             matches += object("comment", revision: 0, commentData(ruleTag))
             target = tproxyTarget(port: proxyPort)
+        case .expiringKeepDestination(let port, let until):
+            matches += tcp(destinationPort: port, synOnly: true)
+            var addrtype = xt_addrtype_info_v1()
+            addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
+            matches += object("addrtype", revision: 1, raw(addrtype))
+            matches += object("time", revision: 0, raw(timeInfo(until: until)))
+            matches += object("comment", revision: 0, commentData(ruleTag))
+            var verdict = Int32(-NF_ACCEPT - 1)  // a standard target's verdict: -(verdict) - 1
+            target = object(forInsertion ? "ACCEPT" : "", revision: 0, withUnsafeBytes(of: &verdict) { Array($0) })
         case .steer, .keepDestination:
             preconditionFailure("the nftables rules have no x_tables form")
         }
@@ -90,6 +91,19 @@ enum XtablesEntry {
         put(UInt16(l.header + matches.count), at: l.targetOffset, in: &entry)
         put(UInt16(l.header + matches.count + target.count), at: l.nextOffset, in: &entry)
         return entry + matches + target
+    }
+
+    /// `-m time --datestop UNTIL` (UTC, as iptables writes it without --kerneltz).
+    private static func timeInfo(until: Int64) -> xt_time_info {
+        var time = xt_time_info()
+        time.date_start = 0
+        time.date_stop = UInt32(clamping: until)
+        time.daytime_start = UInt32(XT_TIME_MIN_DAYTIME)
+        time.daytime_stop = UInt32(XT_TIME_MAX_DAYTIME)
+        time.monthdays_match = UInt32(truncatingIfNeeded: XT_TIME_ALL_MONTHDAYS)
+        time.weekdays_match = UInt8(XT_TIME_ALL_WEEKDAYS)
+        time.flags = 0
+        return time
     }
 
     /// `-p tcp -m tcp --dport PORT`, with `synOnly` also `--syn` (`--tcp-flags FIN,SYN,RST,ACK SYN`):

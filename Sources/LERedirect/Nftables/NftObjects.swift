@@ -108,9 +108,12 @@ enum NftObjects {
             add(rule, tcpFlags(into: r1))
             add(rule, bitwise(r1, mask: [0x17], xor: [0x00]))
             add(rule, cmp(r1, .eq, [0x02]))
-            add(rule, nftnl_expr_alloc("counter")!)
             add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
             add(rule, tproxy(portRegister: r1))
+            // After tproxy: a SYN it found no transparent listener for stops the rule there, so
+            // the counter counts exactly the connections handed to the proxy (end's drain waits
+            // for that many).
+            add(rule, nftnl_expr_alloc("counter")!)
         case .keepDestination(let set, let family):
             let v6 = family == .ip6
             add(rule, meta(u32(NFT_META_NFPROTO), into: r1))
@@ -129,8 +132,8 @@ enum NftObjects {
             // The destination address, as the packet has it, becomes the binding's: an identity.
             add(rule, networkDestination(v6: v6, into: r1))
             add(rule, dnat(family: v6 ? u32(NFPROTO_IPV6) : u32(NFPROTO_IPV4), addressRegister: r1))
-        case .expiringSteer:
-            preconditionFailure("x_tables' expiring steering rule has no nftables form")
+        case .expiringSteer, .expiringKeepDestination:
+            preconditionFailure("x_tables' rules have no nftables form")
         }
         tagUserdata.withUnsafeBytes { buf in
             _ = nftnl_rule_set_data(rule, u16(NFTNL_RULE_USERDATA), buf.baseAddress, UInt32(buf.count))

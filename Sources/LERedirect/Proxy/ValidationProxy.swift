@@ -303,8 +303,11 @@ final class ValidationProxy: @unchecked Sendable {
     }
 
     private func closeListeners() {
-        // Take what is already queued first: those connections were redirected before the redirect went.
-        for fd in listeners { acceptConnections(fd) }
+        // Take what is already queued first: those connections were steered before the steering
+        // went. The whole queue, not one batch of it (the connection limit aside).
+        for fd in listeners {
+            while acceptConnections(fd) > 0 {}
+        }
         for fd in listeners { closeDescriptor(fd) }
         listeners = []
         listening = false
@@ -312,12 +315,16 @@ final class ValidationProxy: @unchecked Sendable {
 
     // MARK: Accepting
 
-    private func acceptConnections(_ listener: Int32) {
+    /// Takes up to 64 connections from `listener`; returns how many it took (0 once the queue is
+    /// empty or the connection limit is reached).
+    @discardableResult
+    private func acceptConnections(_ listener: Int32) -> Int {
         var peer = le_endpoint()
+        var taken = 0
         for _ in 0..<64 {
             if counters.connections.load(ordering: .relaxed) >= connectionLimit {
                 pauseListening()
-                return
+                return taken
             }
             let fd = le_tcp_accept(listener, &peer)
             if fd < 0 {
@@ -332,8 +339,9 @@ final class ValidationProxy: @unchecked Sendable {
                         logger.warning("the validation proxy cannot accept: \(errnoText(code)); pausing its listeners")
                     }
                 }
-                return
+                return taken
             }
+            taken += 1
             // Steered connections keep their destination: the socket's own address is the
             // original one. Anything else came to the proxy port directly, which nobody may use.
             var original = le_endpoint()
@@ -377,6 +385,7 @@ final class ValidationProxy: @unchecked Sendable {
             _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.readable, relay.tag(upstream: false))
             relay.clientInterest = Epoll.readable
         }
+        return taken
     }
 
     /// The index of the interface that has `address`, or nil when no interface of this host has it.

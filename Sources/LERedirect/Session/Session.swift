@@ -106,6 +106,7 @@ package enum Session {
             executablePath(), "__session", "--state-dir", state.path, "--port", "\(valid.port)", "--proxy-port",
             "\(valid.proxyPort)", "--ttl", "\(valid.ttl.milliseconds / 1000)s", "--backend", valid.backend.rawValue,
         ] + DaemonArguments.encode(valid.proxy) + (endsWithLastToken ? ["--ends-with-last-token", "1"] : [])
+        if valid.throughInput { arguments += ["--through-input", "1"] }
         if !valid.listenerOwners.isEmpty {
             arguments += ["--listener-owners", valid.listenerOwners.map(String.init).joined(separator: ",")]
         }
@@ -224,7 +225,7 @@ package enum Session {
             let owners = (values["--listener-owners"] ?? "").split(separator: ",").compactMap { UInt32($0) }
             let options = try TakeoverOptions(
                 port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: proxy, stateDirectory: statePath,
-                listenerOwners: owners
+                listenerOwners: owners, throughInput: values["--through-input"] == "1"
             ).validated()
             let followed = values["--client-pid"].flatMap(Int32.init).map {
                 SessionHolder.Followed(fd: clientFD, pid: $0, name: values["--client-name"] ?? "?")

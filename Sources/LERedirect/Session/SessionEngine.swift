@@ -118,6 +118,7 @@ struct SessionEngine {
         var plan = try RedirectPlan.make(
             options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot, legacyTables: legacyTables,
             unavailable: unavailable, kernel: kernel, now: now)
+        if let refusal = plan.refusal(options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot) { throw refusal }
         notes = plan.notes(
             containerChains: RedirectPlan.containerNAT(nftablesSnapshot),
             inputDropsByDefault: (nftablesSnapshot?.chains ?? []).contains { $0.hook == .input && $0.policy == .drop })
@@ -271,8 +272,14 @@ struct SessionEngine {
             }
         case .iptablesLegacy:
             let firewall = try connection(.iptablesLegacy, firewalls)
-            let spec = RuleSpec.expiringSteer(port: journal.port, proxyPort: journal.proxyPort, until: journal.expiresAt / 1000)
-            for entry in journal.rules where entry.kind == .redirect {
+            let until = journal.expiresAt / 1000
+            // The identity bindings (nat) before the steering (mangle), as begin commits them.
+            let entries = journal.rules.filter { $0.kind == .redirect }.sorted { ($0.chain.table.name == "nat" ? 0 : 1) < ($1.chain.table.name == "nat" ? 0 : 1) }
+            for entry in entries {
+                let spec: RuleSpec =
+                    entry.chain.table.name == "nat"
+                    ? .expiringKeepDestination(port: journal.port, until: until)
+                    : .expiringSteer(port: journal.port, proxyPort: journal.proxyPort, until: until)
                 try firewall.exclusively { () throws(LERedirectError) in
                     let present = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
                         .filter { $0.fingerprint == entry.fingerprint }.count

@@ -199,15 +199,31 @@ final class SessionHolder: @unchecked Sendable {
             logger.warning(
                 "begin --external-proxy: nothing listens on port \(options.proxyPort) yet; port \(options.port) reaches no one until your proxy does (transparently: HAProxy's `bind :\(options.proxyPort) transparent`)")
         }
-        // tproxy hands a connection only to a transparent listener: without one, steered SYNs
-        // would go on to the app and every challenge fail, with nothing to say why.
-        let opaque = listeners.filter { $0.transparent == false }
-        if !opaque.isEmpty && opaque.count == listeners.count {
+        // tproxy hands a connection only to a transparent listener on the wildcard address (or the
+        // incoming interface's first address): without one, steered SYNs would go on to the app
+        // (nftables) or be dropped (x_tables' TPROXY), and every challenge fail with nothing to say why.
+        guard !listeners.isEmpty else { return }
+        for (family, name, any) in [(UInt8(AF_INET), "IPv4", "0.0.0.0"), (UInt8(AF_INET6), "IPv6", "[::]")] {
+            let covering = listeners.filter {
+                $0.wildcard && ($0.family == family || (family == UInt8(AF_INET) && $0.family == UInt8(AF_INET6) && $0.v6only == false))
+            }
+            if covering.contains(where: { $0.transparent == true }) { continue }
+            if let unknown = covering.first(where: { $0.transparent == nil }) {
+                logger.warning(
+                    "begin --external-proxy: this kernel does not say whether the listener on \(any):\(options.proxyPort) (uid \(unknown.uid)) is transparent (Linux 5.10 or newer does); steered \(name) connections reach it only if it is")
+                continue
+            }
+            let what = covering.isEmpty ? "nothing listens on \(any):\(options.proxyPort)" : "the listener on \(any):\(options.proxyPort) is not transparent (IP_TRANSPARENT / IPV6_TRANSPARENT)"
+            if family == UInt8(AF_INET6) && listeners.allSatisfy({ $0.family == UInt8(AF_INET) }) {
+                // An IPv4-only proxy: IPv6 visitors would not reach it.
+                logger.warning("begin --external-proxy: \(what); steered IPv6 connections reach no one")
+                continue
+            }
             throw LERedirectError(
                 .failed,
-                "begin --external-proxy: the listener on port \(options.proxyPort) is not transparent (IP_TRANSPARENT / "
-                    + "IPV6_TRANSPARENT), and steered connections reach only a transparent one; make your proxy listen "
-                    + "transparently (HAProxy: `bind :\(options.proxyPort) transparent`; it needs CAP_NET_ADMIN). Nothing was changed")
+                "begin --external-proxy: \(what), and steered \(name) connections reach only a transparent listener on the "
+                    + "wildcard address; make your proxy listen there transparently (HAProxy: `bind :\(options.proxyPort) transparent` "
+                    + "and `bind :::\(options.proxyPort) v6only transparent`; it needs CAP_NET_ADMIN). Nothing was changed")
         }
     }
 

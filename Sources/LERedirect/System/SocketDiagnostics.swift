@@ -18,6 +18,11 @@ enum SocketDiagnostics {
         /// IP_TRANSPARENT / IPV6_TRANSPARENT (INET_DIAG_SOCKOPT, Linux 5.10 and newer); nil where
         /// the kernel did not say. Only a transparent listener gets the connections tproxy steers.
         var transparent: Bool? = nil
+        /// IPV6_V6ONLY of an IPv6 socket (INET_DIAG_SKV6ONLY); nil where the kernel did not say.
+        var v6only: Bool? = nil
+
+        /// Bound to the wildcard address of its family.
+        var wildcard: Bool { address.allSatisfy { $0 == 0 } }
 
         /// Whether `uid` is the owner's. sock_diag reports uid 0 for a socket that no file holds:
         /// request sockets (SYN_RECV), TIME_WAIT ones, and, on kernels before 6.17 or so, a
@@ -93,12 +98,14 @@ enum SocketDiagnostics {
         return Socket(
             family: message.idiag_family, state: message.idiag_state, address: address,
             port: UInt16(bigEndian: message.id.idiag_sport), uid: message.idiag_uid, inode: message.idiag_inode,
-            transparent: transparent(reply))
+            transparent: attribute(reply, UInt16(INET_DIAG_SOCKOPT)).map { $0 & (1 << 5) != 0 },
+            v6only: attribute(reply, UInt16(INET_DIAG_SKV6ONLY)).map { $0 != 0 })
     }
 
-    /// The `transparent` bit of the reply's INET_DIAG_SOCKOPT attribute (bit 5 of its first byte:
-    /// recverr, is_icsk, freebind, hdrincl, mc_loop, transparent, ...), if it has one.
-    private static func transparent(_ reply: UnsafePointer<nlmsghdr>) -> Bool? {
+    /// The first byte of the reply's attribute `kind`, if it has one. INET_DIAG_SOCKOPT's first byte
+    /// holds recverr, is_icsk, freebind, hdrincl, mc_loop, transparent, ... from bit 0 (bitfields
+    /// of a little-endian build: the only kind this project builds for).
+    private static func attribute(_ reply: UnsafePointer<nlmsghdr>, _ kind: UInt16) -> UInt8? {
         let total = Int(reply.pointee.nlmsg_len)
         let base = UnsafeRawPointer(reply)
         var offset = align4(MemoryLayout<nlmsghdr>.size) + align4(MemoryLayout<inet_diag_msg>.size)
@@ -106,9 +113,7 @@ enum SocketDiagnostics {
             let length = Int(base.loadUnaligned(fromByteOffset: offset, as: UInt16.self))
             let type = base.loadUnaligned(fromByteOffset: offset + 2, as: UInt16.self) & 0x3fff
             guard length >= 4, offset + length <= total else { return nil }
-            if type == UInt16(INET_DIAG_SOCKOPT), length >= 5 {
-                return base.load(fromByteOffset: offset + 4, as: UInt8.self) & (1 << 5) != 0
-            }
+            if type == kind, length >= 5 { return base.load(fromByteOffset: offset + 4, as: UInt8.self) }
             offset += align4(length)
         }
         return nil
