@@ -181,8 +181,10 @@ struct XtablesTests {
         #expect(try net.reach(TestNetwork.hostAddress4) == "app")
         #expect(try net.reach(TestNetwork.hostAddress6) == "app")
         #expect(try net.legacyRuleset().contains("-j TPROXY --on-port 12347"))  // still there, inert
-        #expect(try net.leRedirect("recover").status == 0)
-        #expect(try net.ruleset() == before)
+        let recover = try net.leRedirect("recover")
+        #expect(recover.status == 0, "\(recover)")
+        let after = try net.ruleset()
+        #expect(after == before, "before:\n\(before)\nafter:\n\(after)\nrecover: \(recover)")
     }
 
     /// begin takes the xtables lock around its read-modify-commit, as iptables does: while another

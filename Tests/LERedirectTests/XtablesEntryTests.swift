@@ -33,6 +33,22 @@ struct XtablesEntryTests {
         #expect(data[26...].allSatisfy { $0 == 0 })  // the struct's padding too: iptables -D compares it
     }
 
+    /// The entry is the same bytes every time it is built: begin journals the fingerprint of one
+    /// build and commits another, and recovery finds the rule by it (a struct's padding copied as
+    /// the stack held it once made these differ, and recover left the rule behind).
+    @Test(arguments: [Family.ip, .ip6])
+    func buildingTwiceGivesTheSameBytes(_ family: Family) {
+        for spec in [Self.steer, RuleSpec.expiringKeepDestination(port: 80, until: Self.until)] {
+            var builds: Set<[UInt8]> = []
+            for n in 0..<16 {
+                // Something else on the stack between builds.
+                let noise = (0..<(64 * (n + 1))).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ n) }
+                builds.insert(XtablesEntry.build(spec, family: family) + (noise.isEmpty ? [1] : []))
+            }
+            #expect(builds.count == 1, "\(spec)")
+        }
+    }
+
     /// What the kernel keeps to itself, and name bytes it leaves unwritten, do not change a fingerprint.
     @Test func theFingerprintIgnoresCountersHookBookkeepingAndNamePadding() {
         let built = XtablesEntry.build(Self.steer, family: .ip)

@@ -51,20 +51,10 @@ enum XtablesEntry {
         let target: [UInt8]
         switch spec {
         case .expiringSteer(let port, let proxyPort, let until):
-            matches += tcp(destinationPort: port, synOnly: true)
-            var addrtype = xt_addrtype_info_v1()
-            addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
-            matches += object("addrtype", revision: 1, raw(addrtype))
-            matches += object("time", revision: 0, raw(timeInfo(until: until)))
-            matches += object("comment", revision: 0, commentData(ruleTag))
+            matches = steeredSYNMatches(port: port, until: until)
             target = tproxyTarget(port: proxyPort)
         case .expiringKeepDestination(let port, let until):
-            matches += tcp(destinationPort: port, synOnly: true)
-            var addrtype = xt_addrtype_info_v1()
-            addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
-            matches += object("addrtype", revision: 1, raw(addrtype))
-            matches += object("time", revision: 0, raw(timeInfo(until: until)))
-            matches += object("comment", revision: 0, commentData(ruleTag))
+            matches = steeredSYNMatches(port: port, until: until)
             var verdict = Int32(-NF_ACCEPT - 1)  // a standard target's verdict: -(verdict) - 1
             target = object(forInsertion ? "ACCEPT" : "", revision: 0, withUnsafeBytes(of: &verdict) { Array($0) })
         case .steer, .keepDestination:
@@ -79,31 +69,44 @@ enum XtablesEntry {
             withUnsafeMutableBytes(of: &e.ipv6.iniface) { notLoopback($0) }
             withUnsafeMutableBytes(of: &e.ipv6.iniface_mask) { loopbackMask($0) }
             e.ipv6.invflags = UInt8(IP6T_INV_VIA_IN)
-            entry = raw(e)
+            entry = raw(&e)
         } else {
             var e = ipt_entry()
             e.ip.proto = UInt16(IPPROTO_TCP)
             withUnsafeMutableBytes(of: &e.ip.iniface) { notLoopback($0) }
             withUnsafeMutableBytes(of: &e.ip.iniface_mask) { loopbackMask($0) }
             e.ip.invflags = UInt8(IPT_INV_VIA_IN)
-            entry = raw(e)
+            entry = raw(&e)
         }
         put(UInt16(l.header + matches.count), at: l.targetOffset, in: &entry)
         put(UInt16(l.header + matches.count + target.count), at: l.nextOffset, in: &entry)
         return entry + matches + target
     }
 
-    /// `-m time --datestop UNTIL` (UTC, as iptables writes it without --kerneltz).
-    private static func timeInfo(until: Int64) -> xt_time_info {
-        var time = xt_time_info()
-        time.date_start = 0
-        time.date_stop = UInt32(clamping: until)
-        time.daytime_start = UInt32(XT_TIME_MIN_DAYTIME)
-        time.daytime_stop = UInt32(XT_TIME_MAX_DAYTIME)
-        time.monthdays_match = UInt32(truncatingIfNeeded: XT_TIME_ALL_MONTHDAYS)
-        time.weekdays_match = UInt8(XT_TIME_ALL_WEEKDAYS)
-        time.flags = 0
-        return time
+    /// What both of our x_tables rules match (with `! -i lo` in the entry's header): `-p tcp -m tcp
+    /// --dport PORT --syn -m addrtype --dst-type LOCAL -m time --datestop UNTIL -m comment --comment LE`.
+    private static func steeredSYNMatches(port: UInt16, until: Int64) -> [UInt8] {
+        var addrtype = xt_addrtype_info_v1()
+        addrtype.dest = UInt16(XT_ADDRTYPE_LOCAL)
+        return tcp(destinationPort: port, synOnly: true) + object("addrtype", revision: 1, raw(&addrtype))
+            + object("time", revision: 0, timeData(until: until)) + object("comment", revision: 0, commentData(ruleTag))
+    }
+
+    /// `-m time --datestop UNTIL` (UTC, as iptables writes it without --kerneltz), field by field into
+    /// zeroed bytes: a struct copied whole can carry its padding as whatever the stack held (a
+    /// struct returned from a function did), and both iptables -D and the fingerprint compare
+    /// every byte.
+    private static func timeData(until: Int64) -> [UInt8] {
+        typealias T = xt_time_info
+        var data = [UInt8](repeating: 0, count: MemoryLayout<T>.size)
+        put(UInt32(0), at: MemoryLayout<T>.offset(of: \.date_start)!, in: &data)
+        put(UInt32(clamping: until), at: MemoryLayout<T>.offset(of: \.date_stop)!, in: &data)
+        put(UInt32(XT_TIME_MIN_DAYTIME), at: MemoryLayout<T>.offset(of: \.daytime_start)!, in: &data)
+        put(UInt32(XT_TIME_MAX_DAYTIME), at: MemoryLayout<T>.offset(of: \.daytime_stop)!, in: &data)
+        put(UInt32(truncatingIfNeeded: XT_TIME_ALL_MONTHDAYS), at: MemoryLayout<T>.offset(of: \.monthdays_match)!, in: &data)
+        put(UInt8(XT_TIME_ALL_WEEKDAYS), at: MemoryLayout<T>.offset(of: \.weekdays_match)!, in: &data)
+        put(UInt8(0), at: MemoryLayout<T>.offset(of: \.flags)!, in: &data)  // UTC
+        return data
     }
 
     /// `-p tcp -m tcp --dport PORT`, with `synOnly` also `--syn` (`--tcp-flags FIN,SYN,RST,ACK SYN`):
@@ -116,7 +119,7 @@ enum XtablesEntry {
             info.flg_mask = 0x17  // FIN | SYN | RST | ACK
             info.flg_cmp = 0x02  // SYN
         }
-        return object("tcp", revision: 0, raw(info))
+        return object("tcp", revision: 0, raw(&info))
     }
 
     /// The data of `-m comment --comment TEXT`.
@@ -161,8 +164,10 @@ enum XtablesEntry {
         return bytes
     }
 
-    private static func raw<T>(_ value: T) -> [UInt8] {
-        withUnsafeBytes(of: value) { Array($0) }
+    /// The bytes of a variable as it lies in memory (a C struct's `init()` zeroes all of it, padding
+    /// included). Through `inout`: a copy of the value need not carry its padding bytes along.
+    private static func raw<T>(_ value: inout T) -> [UInt8] {
+        withUnsafeBytes(of: &value) { Array($0) }
     }
 
     private static func put<T: FixedWidthInteger>(_ value: T, at offset: Int, in bytes: inout [UInt8]) {

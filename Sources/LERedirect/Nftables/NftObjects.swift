@@ -93,21 +93,7 @@ enum NftObjects {
         let r1 = u32(NFT_REG_1)
         switch spec {
         case .steer(let set, let proxyPort):
-            // `iifname != "lo"`: the host's own connections (the proxy's to the app among them)
-            // are never steered.
-            add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
-            add(rule, cmp(r1, .neq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
-            add(rule, fibDestinationType(into: r1))
-            add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
-            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
-            add(rule, cmp(r1, .eq, [ipprotoTCP]))
-            add(rule, transportPort(destination: true, into: r1))
-            add(rule, lookup(r1, set: set, setID: setID))
-            // `tcp flags syn / fin,syn,rst,ack`: only connection openings; the rest of a steered
-            // connection finds its socket by the usual lookup.
-            add(rule, tcpFlags(into: r1))
-            add(rule, bitwise(r1, mask: [0x17], xor: [0x00]))
-            add(rule, cmp(r1, .eq, [0x02]))
+            matchSteeredSYN(rule, set: set, setID: setID)
             add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
             add(rule, tproxy(portRegister: r1))
             // After tproxy: a SYN it found no transparent listener for stops the rule there, so
@@ -118,17 +104,7 @@ enum NftObjects {
             let v6 = family == .ip6
             add(rule, meta(u32(NFT_META_NFPROTO), into: r1))
             add(rule, cmp(r1, .eq, [UInt8(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)]))
-            add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
-            add(rule, cmp(r1, .neq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
-            add(rule, fibDestinationType(into: r1))
-            add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
-            add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
-            add(rule, cmp(r1, .eq, [ipprotoTCP]))
-            add(rule, transportPort(destination: true, into: r1))
-            add(rule, lookup(r1, set: set, setID: setID))
-            add(rule, tcpFlags(into: r1))
-            add(rule, bitwise(r1, mask: [0x17], xor: [0x00]))
-            add(rule, cmp(r1, .eq, [0x02]))
+            matchSteeredSYN(rule, set: set, setID: setID)
             // The destination address, as the packet has it, becomes the binding's: an identity.
             add(rule, networkDestination(v6: v6, into: r1))
             add(rule, dnat(family: v6 ? u32(NFPROTO_IPV6) : u32(NFPROTO_IPV4), addressRegister: r1))
@@ -172,6 +148,25 @@ enum NftObjects {
         var length: UInt32 = 0
         guard let data = nftnl_rule_get_data(rule, u16(NFTNL_RULE_USERDATA), &length) else { return [] }
         return Array(UnsafeRawBufferPointer(start: data, count: Int(length)))
+    }
+
+    /// What both of our nftables rules match: `iifname != "lo" fib daddr type local tcp dport @SET
+    /// tcp flags syn / fin,syn,rst,ack`. Not from lo: the host's own connections (the proxy's to
+    /// the app among them) are never steered. SYN only: connection openings; the rest of a steered
+    /// connection finds its socket by the usual lookup.
+    private static func matchSteeredSYN(_ rule: OpaquePointer, set: String, setID: UInt32) {
+        let r1 = u32(NFT_REG_1)
+        add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
+        add(rule, cmp(r1, .neq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
+        add(rule, fibDestinationType(into: r1))
+        add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
+        add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
+        add(rule, cmp(r1, .eq, [ipprotoTCP]))
+        add(rule, transportPort(destination: true, into: r1))
+        add(rule, lookup(r1, set: set, setID: setID))
+        add(rule, tcpFlags(into: r1))
+        add(rule, bitwise(r1, mask: [0x17], xor: [0x00]))
+        add(rule, cmp(r1, .eq, [0x02]))
     }
 
     // MARK: Expressions

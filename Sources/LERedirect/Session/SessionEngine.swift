@@ -454,7 +454,12 @@ struct SessionEngine {
                 } else if warnIfGone {
                     warnings.append(Self.goneWarning(entry, .iptablesLegacy))
                 } else {
-                    logger.debug("rule already gone", metadata: ["chain": "\(entry.chain)", "kind": "\(entry.kind.rawValue)"])
+                    logger.debug(
+                        "rule already gone",
+                        metadata: [
+                            "chain": "\(entry.chain)", "kind": "\(entry.kind.rawValue)", "fingerprint": "\(entry.fingerprint)",
+                            "present": "\(present)", "chainHolds": "\(observed[entry.chain]!.map { "\($0.fingerprint)" }.joined(separator: ","))",
+                        ])
                 }
             }
             if changes.isEmpty { return (0, warnings) }
