@@ -3,7 +3,8 @@ import Logging
 
 /// Takes over a port (80) for the duration of an ACME HTTP-01 challenge without stopping the
 /// application that owns it: new TCP connections to the host's own addresses on that port are
-/// redirected to a proxy port, and the host's ruleset comes back exactly as it was.
+/// steered (tproxy) to the proxy's transparent listener, without a byte of them rewritten, so the
+/// host's own rules still decide who may connect; and the host's ruleset comes back exactly as it was.
 ///
 /// ```swift
 /// let session = try await Takeover.begin(TakeoverOptions(proxy: .external))
@@ -11,17 +12,18 @@ import Logging
 /// let report = try await session.end()
 /// ```
 ///
-/// The session is held by this process: if it dies, the kernel deletes the redirect with it, and
+/// The session is held by this process: if it dies, the kernel deletes the steering with it, and
 /// the next `begin`, `end` or `recover` (from any process) removes what is left. `le-redirect status`
 /// and `le-redirect end` see and end an embedded session like one held by the CLI's daemon.
 public enum Takeover {
-    /// Installs the redirect, held by this process, and returns once it is live.
+    /// Installs the steering, held by this process, and returns once it is live.
     ///
-    /// Takes the state lock, recovers what a dead session left, then commits: a scoped accept at the
-    /// head of every input filter chain of the host, in nftables and x_tables, and the redirect,
-    /// either in an owned `inet le_redirect` table (it dies with this process) or in x_tables' nat
-    /// PREROUTING, as `options.backend` and the host decide (`le-redirect detect` explains). Either
-    /// way the redirect ends after `options.ttl` even if this process hangs.
+    /// Takes the state lock, recovers what a dead session left, then commits the steering: either
+    /// an owned `inet le_redirect` table (it dies with this process), or on the legacy path a TPROXY
+    /// rule at the end of x_tables' mangle PREROUTING (and, where the host has a nat table, an
+    /// identity-binding ACCEPT at the head of nat PREROUTING), as `options.backend` and the host
+    /// decide (`le-redirect detect` explains). Either way it ends after `options.ttl` even if this
+    /// process hangs.
     ///
     /// - Throws: `LERedirectError` with kind `.invalidArgument` for bad options, `.notPermitted`
     ///   without root or CAP_NET_ADMIN, `.conflict` when a session is already active, and `.failed`
@@ -47,8 +49,8 @@ public enum Takeover {
     }
 
     /// Removes what a dead session left (by its journal). With `sweep` and no usable journal,
-    /// removes every "LE"-tagged rule of the host's input chains, of x_tables' nat PREROUTING, and
-    /// table `inet le_redirect`.
+    /// removes every "LE"-tagged rule of the host's input chains (older versions'), of x_tables'
+    /// mangle and nat PREROUTING, and table `inet le_redirect`.
     public static func recover(
         sweep: Bool = false, stateDirectory: String? = nil, logger: Logger = Logger(label: "le-redirect")
     ) async throws(LERedirectError) -> RecoveryReport {
@@ -73,7 +75,8 @@ public final class TakeoverSession: Sendable {
 
     init(holder: SessionHolder) { self.holder = holder }
 
-    /// Removes the redirect, then the scoped accepts, then the journal. Calling it again, or after
+    /// Stops the steering, drains the proxy, removes the table (or the x_tables rules), then the
+    /// journal. Calling it again, or after
     /// the session ended by itself, returns the same report.
     public func end() async throws(LERedirectError) -> EndReport {
         try await holder.end().get()

@@ -19,19 +19,19 @@ struct DrainOptions: ParsableArguments {
     var drainTimeout: Duration?
 }
 
-/// What begin (and the certbot auth hook) take: where the redirect goes and how the proxy behaves.
+/// What begin (and the certbot auth hook) take: where the steering goes and how the proxy behaves.
 struct BeginOptions: ParsableArguments {
     @Option(help: "The port to take over.")
     var port: Int = 80
 
-    @Option(name: .customLong("proxy-port"), help: "The local port that receives the redirected connections.")
+    @Option(name: .customLong("proxy-port"), help: "The local port whose transparent listener receives the steered connections.")
     var proxyPort: Int = 12347
 
-    @Option(help: ArgumentHelp("Longest life of the redirect (e.g. 15m, 900s, 1h).", valueName: "duration"), transform: parseDuration)
+    @Option(help: ArgumentHelp("Longest life of the steering (e.g. 15m, 900s, 1h).", valueName: "duration"), transform: parseDuration)
     var ttl: Duration = .seconds(900)
 
     @Option(
-        help: "Where the steering lives: auto (what `le-redirect detect` picks: nftables wherever the kernel has owned tables), nftables or iptables-legacy. Nothing goes into the host's own chains either way.")
+        help: "Where the steering lives: auto (what `le-redirect detect` picks: nftables wherever the kernel has owned tables), nftables (a table of its own) or iptables-legacy (a rule per family at the end of mangle PREROUTING, and at the head of nat PREROUTING where there is one). Nothing goes into the host's filter chains either way.")
     var backend: String = "auto"
 
     @Option(
@@ -47,7 +47,7 @@ struct BeginOptions: ParsableArguments {
 
     @Flag(
         name: .customLong("in-memory"),
-        help: "Only tokens given by `le-redirect challenge add` (or the certbot manual hooks) are answered; the redirect is armed only while one is registered.")
+        help: "Only tokens given by `le-redirect challenge add` (or the certbot manual hooks) are answered; the steering is armed only while one is registered.")
     var inMemory = false
 
     @Flag(name: .customLong("external-proxy"), help: "You run the proxy on --proxy-port yourself, listening transparently (IPv4 and IPv6).")
@@ -55,7 +55,7 @@ struct BeginOptions: ParsableArguments {
 
     @Flag(
         name: .customLong("through-input"),
-        help: "On a host that publishes container ports (Docker), accept that during the window steered connections to the port are decided by INPUT, not FORWARD/DOCKER-USER; begin refuses there without it.")
+        help: "On a host that publishes container ports (Docker) and filters by default (an input or forward chain with policy drop), accept that during the window steered connections to the port are decided by INPUT, not FORWARD/DOCKER-USER; begin refuses there without it.")
     var throughInput = false
 
     @Flag(
@@ -168,9 +168,9 @@ struct Begin: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Redirect new connections to this host's port 80 to the validation proxy, until `end`.",
         discussion: """
-            Returns once the redirect is live, held by a session daemon in the background that runs the \
+            Returns once the steering is live, held by a session daemon in the background that runs the \
             validation proxy: challenge requests go to the challenge source, everything else to the app, \
-            bytes unchanged. The redirect expires by itself after --ttl even if nothing is left to remove it.
+            bytes unchanged. The steering expires by itself after --ttl even if nothing is left to remove it.
             """)
 
     @OptionGroup var begin: BeginOptions
@@ -198,7 +198,7 @@ func begunLine(_ status: SessionStatus) -> String {
 
 struct End: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Remove the redirect and everything begin added; exits 0 when nothing is active.")
+        abstract: "Stop the steering and remove everything begin added; exits 0 when nothing is active.")
 
     @OptionGroup var drain: DrainOptions
 
@@ -254,7 +254,7 @@ struct Detect: ParsableCommand {
         discussion: """
             Reads nftables (telling tables written for nft from those iptables-nft manages) and iptables-legacy \
             (x_tables), and prints their tables and chains with hooks, priorities, policies and rule counts, \
-            where begin would put the redirect and why, and begin's commits in order. Exits 1 when begin \
+            where begin would put the steering and why, and begin's commits in order. Exits 1 when begin \
             would refuse.
             """)
 
@@ -264,7 +264,7 @@ struct Detect: ParsableCommand {
     @Option(help: "The port to take over.")
     var port: Int = 80
 
-    @Option(name: .customLong("proxy-port"), help: "The local port that receives the redirected connections.")
+    @Option(name: .customLong("proxy-port"), help: "The local port whose transparent listener receives the steered connections.")
     var proxyPort: Int = 12347
 
     @Option(help: "auto, nftables or iptables-legacy.")
@@ -288,7 +288,7 @@ struct Detect: ParsableCommand {
 struct Recover: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Remove what a dead session left behind, by its journal.",
-        discussion: "With --sweep and no usable journal: remove every \"LE\"-tagged rule of the input chains and table inet le_redirect.")
+        discussion: "With --sweep and no usable journal: remove every \"LE\"-tagged rule of the input chains, of x_tables' mangle and nat PREROUTING, and table inet le_redirect.")
 
     @Flag(help: "Without a usable journal, remove every \"LE\"-tagged rule.")
     var sweep = false
@@ -310,7 +310,7 @@ struct Recover: ParsableCommand {
 
 struct Challenge: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Hand challenge tokens to the active session's proxy (begin --in-memory arms the redirect per token).",
+        abstract: "Hand challenge tokens to the active session's proxy (begin --in-memory arms the steering per token).",
         subcommands: [ChallengeAdd.self, ChallengeRemove.self, CertbotAuth.self, CertbotCleanup.self])
 }
 
@@ -396,7 +396,7 @@ private func addChallenge(_ token: String, _ keyAuthorization: String, beginning
     }
     do {
         let reply = try Session.challengeAdd(token: token, keyAuthorization: keyAuthorization, stateDirectory: stateDirectory)
-        print("le-redirect: serving token \(token) (\(reply.tokens) registered; redirect \(reply.armed ? "armed" : "not armed"))")
+        print("le-redirect: serving token \(token) (\(reply.tokens) registered; steering \(reply.armed ? "armed" : "not armed"))")
     } catch {
         if begun { _ = try? Session.end(stateDirectory: stateDirectory, logger: logger) }
         throw error
@@ -424,7 +424,7 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Begin, run COMMAND, end: also when COMMAND fails or this process gets SIGINT, SIGTERM or SIGHUP.",
         discussion: """
-            COMMAND runs in the foreground with this process's descriptors and environment once the redirect \
+            COMMAND runs in the foreground with this process's descriptors and environment once the steering \
             is live; signals this process gets are passed on to it. Exits with COMMAND's exit status (128 + \
             the signal if a signal ended it, 127 if it could not start), or with end's exit code if COMMAND \
             succeeded and end failed. If begin fails, COMMAND does not run. le-redirect's own messages go to \

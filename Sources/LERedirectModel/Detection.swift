@@ -127,7 +127,12 @@ package struct DetectionReport: Sendable {
                 ("redirect", .string(plan.decision.redirect.rawValue)),
                 ("reasons", .array(plan.decision.reasons.map { .string($0) })),
                 ("notes", .array(notes.map { .string($0) })),
-                ("hostNAT", .array((plan.nftables?.hostNAT ?? []).map { .string($0) })),
+                (
+                    "hostNAT",
+                    .array(
+                        (plan.nftables?.hostNAT ?? (plan.iptablesLegacy?.keepDestinations ?? []).map { "iptables-legacy \($0.chain)" })
+                            .map { .string($0) })
+                ),
                 ("error", refusal.map { .string($0.message) } ?? .null),
             ]
         case .failure(let error):

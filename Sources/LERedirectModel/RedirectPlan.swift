@@ -1,8 +1,9 @@
 /// What begin commits, worked out from what it read: which system steers new connections to the
-/// proxy, and how. Nothing goes into a chain of the host's: on nftables the steering lives in
-/// le-redirect's own owned table; on iptables-legacy (kernels without owned tables) it is one rule
-/// per family at the head of mangle PREROUTING. The packets keep destination port `port`, so the
-/// host's input rules decide who reaches the proxy exactly as they decide who reaches the app.
+/// proxy, and how. On nftables everything lives in le-redirect's own owned table; on
+/// iptables-legacy (kernels without owned tables) it is one rule per family at the end of mangle
+/// PREROUTING, and where the host has a nat table an identity-binding ACCEPT at the head of nat
+/// PREROUTING: nothing in any filter chain. The packets keep destination port `port`, so the host's
+/// input rules decide who reaches the proxy exactly as they decide who reaches the app.
 /// Pure: the same snapshots and options always give the same plan.
 package struct RedirectPlan: Hashable, Sendable {
     package let port: UInt16
@@ -17,7 +18,7 @@ package struct RedirectPlan: Hashable, Sendable {
     package let decision: BackendDecision
     /// Our owned table, when nftables holds the steering.
     package var nftables: NftablesPart?
-    /// The mangle PREROUTING rules, when iptables-legacy holds it.
+    /// The mangle (and nat) PREROUTING rules, when iptables-legacy holds it.
     package let iptablesLegacy: LegacyPart?
 
     package struct NftablesPart: Hashable, Sendable {

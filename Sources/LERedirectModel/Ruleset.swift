@@ -143,9 +143,11 @@ package struct FirewallSnapshot: Hashable, Sendable {
     package func chains(of table: TableRef) -> [HostChain] { chains.filter { $0.ref.table == table } }
 }
 
-/// The rules le-redirect inserts, all tagged with the comment "LE". Both steer: they assign a new
-/// connection to the proxy's transparent listener without rewriting a byte of it, so the packet
-/// keeps its destination port and the host's own input rules decide whether it is let in.
+/// The rules le-redirect inserts, all tagged with the comment "LE": the steering (nftables and
+/// x_tables forms), which assigns a new connection to the proxy's transparent listener without
+/// rewriting a byte of it, so the packet keeps its destination port and the host's own input rules
+/// decide whether it is let in; and, on hosts with nat of their own, the identity binding that keeps
+/// the host's nat from taking steered SYNs away (both forms).
 package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
     /// In our own nftables prerouting chain: the SYN of a new TCP connection to a local address,
     /// not arriving on loopback, whose destination port is in `set`, goes to the listener on

@@ -23,7 +23,8 @@ public struct SessionStatus: Sendable, Hashable {
     /// Unix milliseconds.
     public var createdAt: Int64?
     public var expiresAt: Int64?
-    /// Scoped accepts inserted into host input chains.
+    /// Scoped accepts in host input chains that a dead session of an older version left (this one
+    /// inserts none).
     public var acceptRules: Int?
     /// Packets the redirect rule sent to the proxy port (first packets of connections).
     public var redirectedPackets: UInt64?

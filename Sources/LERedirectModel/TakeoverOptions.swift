@@ -1,8 +1,8 @@
-/// Which firewall system holds the redirect. The scoped accepts go into the input chains of both
-/// systems whichever it is.
+/// Which firewall system holds the steering. Neither way does anything go into the host's filter
+/// chains.
 public enum BackendChoice: String, Sendable, Hashable, CaseIterable {
-    /// Follow the host, as `le-redirect detect` explains: x_tables when it alone holds the firewall
-    /// and has its nat tables (or nftables cannot own tables), nftables otherwise.
+    /// As `le-redirect detect` explains: nftables wherever the kernel has owned tables and
+    /// nft_tproxy, iptables-legacy (mangle PREROUTING) otherwise.
     case auto
     case nftables
     case iptablesLegacy = "iptables-legacy"

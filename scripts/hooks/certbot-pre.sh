@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # certbot pre-hook: take over port 80 for `certbot --standalone --http-01-port 12348`, until the
 # post-hook gives it back, or until certbot exits (--until-parent-exits: a killed certbot does not
-# leave the redirect up until the TTL).
+# leave the steering up until the TTL).
 #   certbot certonly --standalone --http-01-port 12348 --pre-hook PATH/certbot-pre.sh --post-hook PATH/certbot-post.sh
 # or installed as /etc/letsencrypt/renewal-hooks/pre/le-redirect for `certbot renew`
 # (scripts/install does that). le-redirect's begin options can be given in

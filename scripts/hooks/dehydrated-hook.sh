@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # dehydrated's HOOK for HTTP-01 through le-redirect: the tokens are served from the session's memory,
-# and port 80 is redirected only while at least one is registered.
+# and port 80 is steered only while at least one is registered.
 #
 #   HOOK=/usr/local/share/le-redirect/hooks/dehydrated-hook.sh   (in dehydrated's config)
 #

@@ -418,7 +418,7 @@ private struct XtablesTable: @unchecked Sendable {
         case ENOENT:
             reason = .notFound
             if change == nil {
-                detail += " (are the kernel's xt_tcpudp, xt_addrtype, xt_time, xt_conntrack, xt_comment and REDIRECT available?)"
+                detail += " (are the kernel's xt_tcpudp, xt_addrtype, xt_time, xt_comment and xt_TPROXY available?)"
             }
         case ENOPROTOOPT, EAFNOSUPPORT:
             reason = .unsupported

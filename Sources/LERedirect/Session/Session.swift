@@ -275,7 +275,7 @@ package enum Session {
             throw LERedirectError(
                 .failed,
                 "end: \(state.journalPath): \(error). Nothing was changed; `le-redirect recover --sweep` removes every "
-                    + "\"LE\"-tagged rule of the input chains and table \(TableRef.own) instead")
+                    + "\"LE\"-tagged rule of the input chains, of x_tables' mangle and nat PREROUTING, and table \(TableRef.own) instead")
         }
         let engine = SessionEngine.live(state: state, logger: logger)
         let here = try namespace()

@@ -22,7 +22,8 @@ public struct RecoveryReport: Sendable, Hashable {
 /// and records, what end removes, what recovery trusts. Nothing else touches the kernel or the journal.
 ///
 /// Begin commits one nftables batch (our owned table, with the steering), or on iptables-legacy one
-/// commit per mangle table; end takes the port out of the set (or the rules out of mangle), lets the
+/// commit per table (nat tables first, then mangle); end takes the port out of the set (or the rules
+/// out of x_tables), lets the
 /// proxy drain, then deletes the table. Nothing is rewritten, so nothing is left in conntrack. The
 /// journal is rewritten before every commit, so a crash between two of them leaves a journal that
 /// covers what is in the kernel; journals of versions that rewrote connections (scoped accepts in
@@ -258,8 +259,8 @@ struct SessionEngine {
 
     // MARK: Arming (sessions armed per challenge)
 
-    /// Starts redirecting: the port goes into the set (nftables) until `remaining` passes, or the
-    /// expiring redirects go into x_tables' nat tables.
+    /// Starts steering: the port goes into the set (nftables) until `remaining` passes, or the
+    /// expiring rules go into x_tables (the identity ACCEPTs in nat, then TPROXY in mangle).
     func arm(_ journal: Journal, firewalls: Firewalls, remaining: Duration) throws(LERedirectError) {
         switch journal.backend {
         case .nftables:
@@ -514,7 +515,7 @@ struct SessionEngine {
                 throw LERedirectError(
                     .failed,
                     "\(state.journalPath): \(error). Nothing was changed; `le-redirect recover --sweep` removes every "
-                        + "\"LE\"-tagged rule of the input chains and table \(TableRef.own) instead")
+                        + "\"LE\"-tagged rule of the input chains, of x_tables' mangle and nat PREROUTING, and table \(TableRef.own) instead")
             }
             logger.warning("\(error); sweeping instead")
             try self.sweep(firewalls: firewalls, into: &report)
