@@ -97,14 +97,15 @@ enum ProcessFacts {
     }()
 
     /// Whether the kernel can steer connections: nf_tables' tproxy expression and x_tables' TPROXY
-    /// target, each loaded, built in (modules.builtin) or loadable (modules.dep lists it); with
-    /// `thorough` (detect), also code present in /proc/kallsyms (a kernel built without module
-    /// lists). Unknown (nil) where nothing could be read; missing only where the module lists were
-    /// read and name neither.
+    /// target. With `thorough` (detect): each loaded, built in (modules.builtin), loadable
+    /// (modules.dep lists it), or its code present in /proc/kallsyms; unknown (nil) where nothing
+    /// could be read; missing only where the module lists were read and name neither. Without it
+    /// (begin): only what a few stat calls tell (see quickKernelSupport); never "missing".
     static func kernelSupport(thorough: Bool) -> KernelSupport {
         let release = (try? readFile("/proc/sys/kernel/osrelease")).map {
             String(decoding: $0, as: UTF8.self).trimmingCharacters(in: " \n")
         } ?? ""
+        guard thorough else { return quickKernelSupport(release: release) }
         let builtin = (try? readFile("/lib/modules/\(release)/modules.builtin", maxBytes: 16 << 20)).map { String(decoding: $0, as: UTF8.self) }
         let dep = (try? readFile("/lib/modules/\(release)/modules.dep", maxBytes: 16 << 20)).map { String(decoding: $0, as: UTF8.self) }
         var symbols: String?
@@ -139,6 +140,21 @@ enum ProcessFacts {
         return KernelSupport(
             nftTproxy: nft, xtTproxy: xt,
             evidence: evidence.isEmpty ? "no module list or symbol table could be read" : evidence.joined(separator: "; "))
+    }
+
+    /// begin's check: a few stat calls, no module list read (modules.dep runs to megabytes): loaded
+    /// (/sys/module), or a module file in the usual place (the kernel loads it when begin's batch
+    /// names the expression); otherwise unknown, and begin tries (a refusal names the module).
+    private static func quickKernelSupport(release: String) -> KernelSupport {
+        func present(_ module: String) -> Bool? {
+            if access("/sys/module/\(module)", F_OK) == 0 { return true }
+            for suffix in [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
+            where access("/lib/modules/\(release)/kernel/net/netfilter/\(module)\(suffix)", F_OK) == 0 {
+                return true
+            }
+            return nil
+        }
+        return KernelSupport(nftTproxy: present("nft_tproxy"), xtTproxy: present("xt_TPROXY"), evidence: "/sys/module and module files")
     }
 
     /// Whether the effective capability set holds CAP_NET_ADMIN (bit 12).
