@@ -152,4 +152,23 @@ enum FuzzProperties {
             }
         }
     }
+
+    // MARK: The protocol between the processes
+
+    /// Any bytes as a payload: nothing crashes; what decodes encodes to bytes that decode to the
+    /// same message, and encodes the same again (one encoding per message). The first four bytes
+    /// as a frame header: a length in range or a refusal.
+    static func wire(_ bytes: [UInt8]) throws {
+        if bytes.count >= 4, let n = try? WireFrame.length(Array(bytes[..<4])) {
+            try check(n > 0 && n <= WireFormat.maxPayload, "a frame length of \(n) was accepted")
+        }
+        guard let message = try? Message(decoding: bytes) else { return }
+        let encoded = message.encoded()
+        let again: Message
+        do { again = try Message(decoding: encoded) } catch {
+            throw Violation("a decoded \(message.name) does not decode once encoded (\(error))")
+        }
+        try check(again == message, "a \(message.name) reads differently once encoded")
+        try check(again.encoded() == encoded, "a \(message.name) has two encodings")
+    }
 }

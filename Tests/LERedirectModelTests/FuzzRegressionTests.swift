@@ -18,13 +18,17 @@ struct FuzzRegressionTests {
         }
     }
 
-    @Test(arguments: ["head", "journal"])
+    @Test(arguments: ["head", "journal", "wire"])
     func keptInputsHoldEveryProperty(_ target: String) throws {
         let inputs = try Self.inputs(target)
         #expect(inputs.count(where: { $0.0.hasPrefix("seeds/") }) >= 3, "the seed corpus went missing")
         for (name, bytes) in inputs {
             do {
-                try target == "head" ? FuzzProperties.head(bytes) : FuzzProperties.journal(bytes)
+                switch target {
+                case "head": try FuzzProperties.head(bytes)
+                case "journal": try FuzzProperties.journal(bytes)
+                default: try FuzzProperties.wire(bytes)
+                }
             } catch {
                 Issue.record("\(name): \(error)")
             }
