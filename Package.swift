@@ -25,6 +25,13 @@ let package = Package(
             providers: [.apt(["libiptc-dev"])]
         ),
         .target(name: "CLERedirectShim"),
+        .systemLibrary(
+            name: "CSeccomp",
+            pkgConfig: "libseccomp",
+            providers: [.apt(["libseccomp-dev"])]
+        ),
+        // The proxy process's confinement: privileges dropped, Landlock, seccomp (libseccomp).
+        .target(name: "CLERedirectSandbox", dependencies: ["CSeccomp"]),
 
         // Pure Swift model: plans, journal, durations, errors, the backend protocol and its fake.
         .target(name: "LERedirectModel"),
@@ -33,7 +40,7 @@ let package = Package(
         .target(
             name: "LERedirect",
             dependencies: [
-                "LERedirectModel", "CNetfilter", "CIPTables", "CLERedirectShim",
+                "LERedirectModel", "CNetfilter", "CIPTables", "CLERedirectShim", "CLERedirectSandbox",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

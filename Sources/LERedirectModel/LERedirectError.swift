@@ -28,7 +28,7 @@ public struct LERedirectError: Error, Sendable, Hashable, CustomStringConvertibl
 
     public var description: String { message }
 
-    /// The process exit code the CLI uses for this error (DESIGN.md: 1 failed, 2 usage, 3 not permitted).
+    /// The process exit code the CLI uses for this error (1 failed, 2 usage, 3 not permitted).
     public var exitCode: Int32 {
         switch kind {
         case .invalidArgument: 2

@@ -34,7 +34,9 @@ public struct SessionStatus: Sendable, Hashable {
     /// Where the built-in proxy answers challenges from.
     public var challengeSource: String?
     /// The built-in proxy: serving, draining or done.
-    public var proxyPhase: String?
+    public var proxyPhase: ProxyPhase?
+    /// The built-in proxy's process (unprivileged: see docs/design.md).
+    public var proxyPid: Int32?
     /// The program the session follows (`begin --until-parent-exits`): it ends when that exits.
     public var clientPid: Int32?
     /// The proxy's counters; empty with an external proxy.
@@ -69,7 +71,8 @@ public struct SessionStatus: Sendable, Hashable {
             ("redirectedPackets", opt(redirectedPackets) { .int(Int64(clamping: $0)) }),
             ("armed", opt(armed) { .bool($0) }),
             ("challengeSource", opt(challengeSource) { .string($0) }),
-            ("proxyPhase", opt(proxyPhase) { .string($0) }),
+            ("proxyPhase", opt(proxyPhase) { .string($0.description) }),
+            ("proxyPid", opt(proxyPid) { .int(Int64($0)) }),
             ("clientPid", opt(clientPid) { .int(Int64($0)) }),
             ("counters", .object(counters.map { ($0.0, .int(Int64(clamping: $0.1))) })),
             ("note", opt(note) { .string($0) }),

@@ -92,7 +92,7 @@ struct ExposureTests {
         try net.startApp()
         let log = net.stateDirectory + "-squatter.log"
         defer { try? FileManager.default.removeItem(atPath: log) }
-        FileManager.default.createFile(atPath: log, contents: nil)
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
         _ = try run(["chown", "65534", log])
         // Before the ACME client starts its server, uid 65534 listens on its port.
         try startAsNobody(net, "app.py", ["12348", "squatter", "--host", "127.0.0.1"], log: log)

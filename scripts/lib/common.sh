@@ -22,7 +22,7 @@ apt_install() {
 }
 
 # The packages every script needs to build and to test in namespaces.
-BUILD_PACKAGES=(pkg-config libnftnl-dev libmnl-dev libiptc-dev)
+BUILD_PACKAGES=(pkg-config libnftnl-dev libmnl-dev libiptc-dev libseccomp-dev)
 TEST_PACKAGES=(nftables iptables conntrack iproute2 python3 util-linux procps nginx-light wrk haproxy)
 # The testbed's and the renewal suite's: the CA, the ACME clients, and what the testbed runs.
 RENEWAL_PACKAGES=(pebble certbot lego dehydrated openssl curl)

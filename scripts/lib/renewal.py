@@ -99,7 +99,7 @@ def dehydrated(bed, workdir):
 
 
 def certbot_source_approach(bed, workdir):
-    """For comparison only: certbot --standalone with the hooks DESIGN.md's source approach uses
+    """For comparison only: certbot --standalone with the hooks the source approach (docs/design.md) uses
     (tinyproxy on 12347 and six nft CLI rules, removed one by one afterwards)."""
     argv = certbot_args(bed, workdir) + ["certonly", "--standalone", "--http-01-port", "12348",
                                          "--pre-hook", f"{SOURCE_APPROACH}/pre.sh", "--post-hook", f"{SOURCE_APPROACH}/post.sh"]

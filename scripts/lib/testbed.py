@@ -35,7 +35,7 @@ FIREWALLS = {
     "legacy-drop": [["iptables-legacy-restore", os.path.join(RULESETS, "legacy-drop.v4.rules")],
                     ["ip6tables-legacy-restore", os.path.join(RULESETS, "legacy-drop.v6.rules")]],
     # The same rules through iptables-nft: ip/ip6 filter and nat tables in nftables (Debian's and
-    # Ubuntu's default iptables), the layout DESIGN.md's source approach assumes.
+    # Ubuntu's default iptables), the layout the source approach (docs/design.md) assumes.
     "iptables-nft-drop": [["iptables-nft-restore", os.path.join(RULESETS, "legacy-drop.v4.rules")],
                           ["ip6tables-nft-restore", os.path.join(RULESETS, "legacy-drop.v6.rules")]],
 }

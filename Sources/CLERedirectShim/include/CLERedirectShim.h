@@ -37,6 +37,9 @@ int le_accept_cloexec(int listener);
 /// The uid of a Unix socket's peer (SO_PEERCRED); -1 with errno on failure.
 int le_peer_uid(int fd, uint32_t *uid);
 
+/// socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC); 0, or -1 with errno.
+int le_socketpair_cloexec(int fds[2]);
+
 /// eventfd(0, EFD_CLOEXEC); -1 with errno on failure.
 int le_eventfd_cloexec(void);
 

@@ -67,7 +67,7 @@ final class Relay {
 
     @inline(__always)
     func tag(upstream: Bool) -> UInt64 {
-        UInt64(generation) << 32 | UInt64(slot) << 1 | (upstream ? 1 : 0)
+        EventTag.connection(slot: slot, generation: generation, upstream: upstream).rawValue
     }
 
     /// Closed when the drain timeout passes: an opaque stream, an idle keep-alive connection, a
@@ -88,17 +88,6 @@ final class Relay {
     func mayStartRequest() -> Bool {
         outstanding.isEmpty && !closeAfterResponse
     }
-}
-
-/// epoll's constants, from the shim.
-enum Epoll {
-    static let readable = UInt32(LE_EPOLLIN)
-    static let writable = UInt32(LE_EPOLLOUT)
-    static let error = UInt32(LE_EPOLLERR)
-    static let hangUp = UInt32(LE_EPOLLHUP)
-    static let add = Int32(LE_EPOLL_CTL_ADD)
-    static let modify = Int32(LE_EPOLL_CTL_MOD)
-    static let delete = Int32(LE_EPOLL_CTL_DEL)
 }
 
 /// A client's address as the per-source connection count knows it: an IPv4 address, or an IPv6

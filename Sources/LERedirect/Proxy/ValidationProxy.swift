@@ -5,27 +5,27 @@ import LERedirectModel
 import Logging
 import Synchronization
 
-/// The validation proxy: listens on the proxy port (IPv4 and IPv6), answers ACME challenges from
-/// the session's challenge source, and relays everything else, bytes unchanged, to where each
-/// connection was going before the redirect. One thread, one epoll loop; a connection holds
-/// buffers only while a socket cannot keep up (and its source is not read meanwhile).
-///
-/// `@unchecked Sendable`: after `start`, everything but `commands` (a Mutex), `counters` and
-/// `tokens` (Sendable) belongs to the proxy's own thread.
-final class ValidationProxy: @unchecked Sendable {
+/// The validation proxy: serves the listeners on the proxy port (IPv4 and IPv6) that the session
+/// holder bound and handed over, answers ACME challenges from the session's challenge source, and
+/// relays everything else, bytes unchanged, to where each connection was going before the
+/// redirect. It runs in a process of its own (`ProxyProcess`), unprivileged and confined, on that
+/// process's main thread: one epoll loop, whose other input is the holder's socket (`Message`s:
+/// tokens, status, drain, stop; its end is the holder's death). A connection holds buffers only
+/// while a socket cannot keep up (and its source is not read meanwhile).
+final class ValidationProxy {
     let options: ProxyOptions
     let redirectedPort: UInt16
     let proxyPort: UInt16
     let counters = ProxyCounters()
-    let tokens: ChallengeStore
+    let tokens = ChallengeStore()
     /// Who may answer challenges through a listener on this host (the challenge port's server).
     let listenerOwners: ListenerOwners
     private let logger: Logger
 
     private var epoll: Int32 = -1
-    private var listeners: [Int32] = []
-    private var wake: Int32 = -1
-    private var thread = pthread_t()
+    private var listeners: [Int32]
+    /// The session holder's end of their socket pair.
+    private let holder: MessageChannel
     private var challengeUpstream: le_endpoint?
     /// The challenge source's listener is on this host: its owner is checked per connection.
     private var challengeListenerIsLocal = false
@@ -36,9 +36,7 @@ final class ValidationProxy: @unchecked Sendable {
     private var perSource: [SourceAddress: Int] = [:]
     private var lastSourceWarning: Int64 = -(1 << 40)
 
-    private enum Command { case drain, stop }
-    private let commands = Mutex<Command?>(nil)
-    private let drainTimeoutOverride = Mutex<Duration?>(nil)
+    private var drainTimeoutOverride: Duration?
 
     // The loop's own state.
     private var slots: [Relay?] = []
@@ -69,22 +67,32 @@ final class ValidationProxy: @unchecked Sendable {
     /// never turns into a reset that destroys the response in the client's receive buffer).
     static let lingerTime: Int64 = 2000
 
-    private static let listenerTag: UInt64 = 1 << 62
     /// Connections taken from the listeners that the steering sent (refused ones included).
     private var steeredTaken: UInt64 = 0
-    /// Set by `drain`: the steering's packet count once it stopped.
-    private let steeredTotal = Mutex<UInt64?>(nil)
+    /// Set by the holder's `drain`: the steering's packet count once it stopped.
     private var steeredExpected: UInt64?
-    private static let wakeTag: UInt64 = 1 << 62 | 1 << 61
+    /// How the loop ended.
+    enum Outcome {
+        /// Drained: the holder was told (`drained`).
+        case drained
+        /// The holder said stop.
+        case stopped
+        /// The holder's socket closed: it died, so nothing steers here any more.
+        case holderGone
+        case failed
+    }
+    private var outcome: Outcome?
 
+    /// `listeners`: bound, listening and transparent, from the holder; `holder`: the socket to it.
     init(
-        options: ProxyOptions, redirectedPort: UInt16, proxyPort: UInt16, tokens: ChallengeStore,
+        options: ProxyOptions, redirectedPort: UInt16, proxyPort: UInt16, listeners: [Int32], holder: MessageChannel,
         listenerOwners: ListenerOwners = ListenerOwners([]), logger: Logger
     ) {
         self.options = options
         self.redirectedPort = redirectedPort
         self.proxyPort = proxyPort
-        self.tokens = tokens
+        self.listeners = listeners
+        self.holder = holder
         self.listenerOwners = listenerOwners
         self.logger = logger
     }
@@ -93,10 +101,11 @@ final class ValidationProxy: @unchecked Sendable {
         scratch.deallocate()
     }
 
-    // MARK: Life cycle (called by the session holder)
+    // MARK: Life cycle (in the proxy process)
 
-    /// Binds the listeners and starts serving. Throws with nothing left open.
-    func start() throws(LERedirectError) {
+    /// What needs the file system and the resolver: done before the process confines itself.
+    /// Throws with nothing left open but the listeners (the caller's).
+    func prepare() throws(LERedirectError) {
         connectionLimit = options.maxConnections
         var limit = rlimit()
         if getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 && limit.rlim_cur != rlim_t.max {
@@ -114,79 +123,95 @@ final class ValidationProxy: @unchecked Sendable {
             challengeListenerIsLocal = upstream.isLoopback || upstream.isUnspecified || Self.isLocal(upstream)
         case .port:
             challengeListenerIsLocal = true
-        case .webroot(let dir):
-            webroot = try Webroot(dir)
-        case .memory:
+        case .webroot, .memory:
             break
         }
         epoll = le_epoll_create()
-        wake = le_eventfd_cloexec()
-        guard epoll >= 0, wake >= 0 else {
+        guard epoll >= 0 else {
             let code = errno
-            closeAll()
-            throw LERedirectError(.failed, "starting the validation proxy: \(errnoText(code))", errno: code)
+            throw LERedirectError(.failed, "starting the validation proxy: epoll_create: \(errnoText(code))", errno: code)
         }
-        for family in [AF_INET, AF_INET6] {
-            let injected = Fault.injectedErrno("bind")
-            let fd = injected == nil ? le_tcp_listen(family, proxyPort, 4096, 1) : -1
-            if fd < 0 {
-                let code = injected ?? errno
-                if family == AF_INET6 && (code == EAFNOSUPPORT || code == EADDRNOTAVAIL) {
-                    logger.warning("no IPv6 on this host; the proxy listens on IPv4 only")
-                    continue
-                }
-                closeAll()
-                let hint =
-                    code == EADDRINUSE
-                    ? "; another program listens there: choose another --proxy-port"
-                    : code == EPERM ? " (a transparent listener, which steered connections need, takes CAP_NET_ADMIN)" : ""
-                throw LERedirectError(
-                    .failed,
-                    "binding the validation proxy to \(family == AF_INET ? "0.0.0.0" : "[::]"):\(proxyPort): "
-                        + "\(errnoText(code))\(hint). Nothing was changed", errno: code)
-            }
-            _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.readable, Self.listenerTag | UInt64(listeners.count))
-            listeners.append(fd)
+        for (i, fd) in listeners.enumerated() {
+            _ = le_epoll_ctl(epoll, Epoll.add, fd, Epoll.readable, EventTag.listener(i).rawValue)
         }
-        _ = le_epoll_ctl(epoll, Epoll.add, wake, Epoll.readable, Self.wakeTag)
-        thread = startThread { [self] in run() }
+        _ = le_epoll_ctl(epoll, Epoll.add, holder.fd, Epoll.readable, EventTag.holder.rawValue)
     }
 
-    /// Drains (new requests are no longer taken, each connection ends after its response in
-    /// flight) and returns once every connection is closed or `options.drainTimeout` has passed.
-    /// Call it after the redirect is gone.
-    /// `steered`: how many SYNs the steering ever sent here (its counter, read once it stopped);
-    /// the listeners close as soon as that many connections were taken from them, else after at
-    /// most a second (a SYN retransmitted, or dropped by the host's input rules, counts too).
-    func drain(timeout: Duration? = nil, steered: UInt64? = nil) {
-        drainTimeoutOverride.withLock { $0 = timeout }
-        steeredTotal.withLock { $0 = steered }
-        send(.drain)
-        pthread_join(thread, nil)
+    /// Opens the webroot as the proxy's own user (after the privileges are gone, before the file
+    /// system is closed to it): the directory, or nil when the source is not a webroot.
+    func openWebroot() throws(LERedirectError) -> Int32? {
+        guard case .webroot(let dir) = options.challenge else { return nil }
+        let opened = try Webroot(dir)
+        webroot = opened
+        return opened.directoryDescriptor
     }
 
-    /// Closes every connection at once (begin failed, or the session ends without a drain).
-    func stop() {
-        send(.stop)
-        pthread_join(thread, nil)
-    }
-
-    private func send(_ command: Command) {
-        commands.withLock { $0 = command }
-        var one: UInt64 = 1
-        _ = write(wake, &one, 8)
+    /// The counters, as the holder's `status` asks for them.
+    var status: ProxyStatus {
+        func value(_ counter: borrowing Atomic<Int>) -> UInt64 { UInt64(max(0, counter.load(ordering: .relaxed))) }
+        var s = ProxyStatus()
+        s.phase = ProxyPhase(rawValue: UInt8(counters.phase.load(ordering: .relaxed))) ?? .done
+        s.connections = value(counters.connections)
+        s.accepted = value(counters.accepted)
+        s.requests = value(counters.requests)
+        s.challenges = value(counters.challenges)
+        s.bytesIn = value(counters.bytesFromClients)
+        s.bytesOut = value(counters.bytesToClients)
+        s.refused = value(counters.refused)
+        s.errors = value(counters.proxyErrors)
+        return s
     }
 
     private func closeAll() {
         for fd in listeners { closeDescriptor(fd) }
         listeners = []
         if epoll >= 0 { closeDescriptor(epoll) }
-        if wake >= 0 { closeDescriptor(wake) }
         epoll = -1
-        wake = -1
         diag?.close()
         diag = nil
         webroot = nil
+    }
+
+    // MARK: The holder's messages
+
+    /// Answers what the holder sent; a closed socket means the holder is gone.
+    private func serveHolder() {
+        let message: Message
+        do { message = try holder.receive(timeout: .seconds(5)) } catch {
+            if case .closed = error {
+                logger.error("the session holder is gone; the proxy closes its connections and exits")
+                outcome = .holderGone
+            } else {
+                logger.error("the session holder's message: \(holder.describe(error, answering: .statusRequest).message); the proxy exits")
+                outcome = .failed
+            }
+            return
+        }
+        var answer: Message?
+        switch message {
+        case .challengeAdd(let token, let keyAuthorization):
+            answer = .tokensHeld(tokens.add(token, keyAuthorization))
+        case .challengeRemove(let token):
+            answer = .tokensHeld(tokens.remove(token).remaining)
+        case .statusRequest:
+            answer = .proxyStatus(status)
+        case .drain(let timeout, let steered):
+            drainTimeoutOverride = timeout
+            steeredExpected = steered
+            startDrain()
+        case .stop:
+            outcome = .stopped
+        default:
+            answer = .failure(LERedirectError(.failed, "the proxy does not take '\(message.name)'"))
+        }
+        if let answer { reply(answer) }
+    }
+
+    private func reply(_ message: Message) {
+        do { try holder.send(message) } catch {
+            logger.error("answering the session holder: \(error); the proxy exits")
+            outcome = .failed
+        }
     }
 
     private static func resolve(_ host: String, _ port: UInt16) throws(LERedirectError) -> le_endpoint {
@@ -219,7 +244,8 @@ final class ValidationProxy: @unchecked Sendable {
 
     // MARK: The loop
 
-    private func run() {
+    /// Serves until drained, stopped, or the holder is gone.
+    func run() -> Outcome {
         var events = [le_event](repeating: le_event(), count: 256)
         var nextSweep: Int64 = 0
         now = monotonicMilliseconds()
@@ -234,25 +260,18 @@ final class ValidationProxy: @unchecked Sendable {
             while i < n {
                 let event = events[i]
                 i += 1
-                if event.data & Self.listenerTag != 0 {
-                    if event.data == Self.wakeTag {
-                        var value: UInt64 = 0
-                        _ = read(wake, &value, 8)
-                        switch commands.withLock({ c -> Command? in defer { c = nil }; return c }) {
-                        case .stop: break loop
-                        case .drain: startDrain()
-                        case nil: break
-                        }
-                    } else {
-                        acceptConnections(listeners[Int(event.data & 0xff)])
+                switch EventTag(rawValue: event.data) {
+                case .holder:
+                    serveHolder()
+                    if outcome != nil { break loop }
+                case .listener(let index):
+                    if index < listeners.count { acceptConnections(listeners[index]) }
+                case .connection(let slot, let generation, let upstream):
+                    guard slot < slots.count, let relay = slots[slot], relay.generation == generation else {
+                        continue  // closed earlier in this batch
                     }
-                    continue
+                    handle(relay, upstreamSide: upstream, events: event.events)
                 }
-                let slot = Int((event.data & 0xffff_ffff) >> 1)
-                guard slot < slots.count, let relay = slots[slot], relay.generation == UInt32(event.data >> 32) else {
-                    continue  // closed earlier in this batch
-                }
-                handle(relay, upstreamSide: event.data & 1 == 1, events: event.events)
             }
             if now >= nextSweep {
                 nextSweep = now + 250
@@ -284,22 +303,25 @@ final class ValidationProxy: @unchecked Sendable {
         for case let relay? in slots { close(relay) }
         closeAll()
         counters.phase.store(2, ordering: .relaxed)
+        if outcome == nil {
+            outcome = draining ? .drained : .failed
+            if draining { reply(.drained(status)) }
+        }
+        return outcome ?? .failed
     }
 
     private func startDrain() {
         guard !draining else { return }
         draining = true
         counters.phase.store(1, ordering: .relaxed)
-        let timeout = drainTimeoutOverride.withLock { $0 } ?? options.drainTimeout
+        let timeout = drainTimeoutOverride ?? options.drainTimeout
         drainDeadline = now + min(max(timeout.milliseconds, 0), 3_600_000)  // as --drain-timeout's range
         // Connections steered just before the steering went may still be completing their handshake
         // or waiting in the accept queue: the listeners stay until all of them were taken (the
         // steering's counter says how many there were), or a second at most.
         listenersCloseAt = min(drainDeadline, now + 1000)
-        steeredExpected = steeredTotal.withLock { $0 }
         logger.info("draining", metadata: ["connections": "\(counters.connections.load(ordering: .relaxed))"])
         for case let relay? in slots { applyDrain(relay) }
-        Fault.reach("drain-started")
     }
 
     private func closeListeners() {
@@ -351,6 +373,7 @@ final class ValidationProxy: @unchecked Sendable {
                 continue
             }
             steeredTaken &+= 1
+            Fault.reach("proxy-accepted")
             let source = SourceAddress(peer)
             let held = perSource[source, default: 0]
             if held >= options.maxConnectionsPerSource {
@@ -419,7 +442,7 @@ final class ValidationProxy: @unchecked Sendable {
         guard !listening, !listeners.isEmpty else { return }
         listening = true
         for (i, fd) in listeners.enumerated() {
-            _ = le_epoll_ctl(epoll, Epoll.modify, fd, Epoll.readable, Self.listenerTag | UInt64(i))
+            _ = le_epoll_ctl(epoll, Epoll.modify, fd, Epoll.readable, EventTag.listener(i).rawValue)
         }
     }
 

@@ -3,10 +3,12 @@ import Glibc
 import LERedirectModel
 
 /// The `--webroot` challenge source: a file named by the token, in DIR or in
-/// DIR/.well-known/acme-challenge, read by the proxy (today a root process) for any client.
+/// DIR/.well-known/acme-challenge, read for any client by the proxy process, which runs as an
+/// unprivileged user (with the webroot's group) and, where the kernel has Landlock, can read
+/// nothing outside DIR.
 ///
-/// Why it is careful: whoever owns the webroot can put anything there, and the proxy must not read
-/// for them what they could not read themselves. So a file is opened beneath the directory opened
+/// Why it is careful as well: whoever owns the webroot can put anything there, and the proxy must
+/// not read for them what they could not read themselves. So a file is opened beneath the directory opened
 /// at begin, no symbolic link followed on the way (a `.well-known -> /etc` link serves nothing),
 /// and it is served only when the directory's owner may read it by its mode bits (its user, one of
 /// its groups, or everyone; a root-owned webroot serves only world-readable files): never a file
@@ -41,6 +43,9 @@ final class Webroot {
     }
 
     deinit { closeDescriptor(directory) }
+
+    /// The directory (O_PATH), for Landlock's rule.
+    var directoryDescriptor: Int32 { directory }
 
     /// The file's contents for a valid token, or nil (no such file, a link on the way, not a
     /// regular file, too large, or not readable by the webroot's owner).

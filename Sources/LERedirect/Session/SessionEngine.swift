@@ -2,22 +2,6 @@ import Glibc
 import LERedirectModel
 import Logging
 
-/// What recover (or the recovery at the start of begin and end) did.
-public struct RecoveryReport: Sendable, Hashable {
-    /// Rules removed from the host's chains.
-    public var removedRules: Int = 0
-    /// Whether a leftover `inet le_redirect` table was removed.
-    public var removedTable = false
-    /// Whether there was a journal of a dead session.
-    public var recoveredJournal = false
-    /// Things the operator should know (rules that were no longer ours, and were left alone).
-    public var warnings: [String] = []
-
-    public init() {}
-
-    public var changedAnything: Bool { removedRules > 0 || removedTable || recoveredJournal }
-}
-
 /// The session's decisions, over the firewall systems and the state directory: what begin commits
 /// and records, what end removes, what recovery trusts. Nothing else touches the kernel or the journal.
 ///
@@ -209,33 +193,33 @@ struct SessionEngine {
         _ plan: inout RedirectPlan, options: ValidatedOptions, journal: inout Journal, firewall: any Firewall,
         legacyTables: [TableRef], applied: inout Bool
     ) throws(LERedirectError) {
-        var attempt = 0
-        while true {
-            attempt += 1
+        try committingWithRetries("begin") { (attempt) throws(CommitAttemptError) in
+            if attempt > 1 {
+                logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
+                let snapshot = try CommitAttemptError.lift { () throws(LERedirectError) in
+                    try map { () throws(FirewallError) in try firewall.snapshot() }
+                }
+                plan.nftables = try CommitAttemptError.lift { () throws(LERedirectError) in
+                    try RedirectPlan.nftablesPart(options, snapshot, legacyTables: legacyTables)
+                }
+            }
             guard let step = plan.nftablesStep else { return }
-            try state.writeJournal(journal)
+            try CommitAttemptError.lift { () throws(LERedirectError) in try state.writeJournal(journal) }
             beforeCommit(step.description)
-            do {
+            do throws(FirewallError) {
                 let started = ContinuousClock.now
                 _ = try firewall.commit(step.changes, expecting: plan.nftables!.generation)
                 logger.debug("begin batch committed", metadata: ["commitMs": "\(milliseconds(since: started))"])
-            } catch where error.reason == .generationChanged && attempt < maxAttempts {
-                logger.debug("the ruleset changed while begin planned; planning again", metadata: ["attempt": "\(attempt)"])
-                pauseBeforeRetry(attempt)
-                let snapshot = try map { () throws(FirewallError) in try firewall.snapshot() }
-                plan.nftables = try RedirectPlan.nftablesPart(options, snapshot, legacyTables: legacyTables)
-                continue
             } catch where error.reason == .outcomeUnknown {
                 // The batch may have been applied: the caller takes back whatever of it is there.
                 applied = true
-                throw LERedirectError(.failed, "begin: \(error)", errno: error.errno)
+                throw .other(LERedirectError(.failed, "begin: \(error)", errno: error.errno))
             } catch {
-                // The kernel refused the batch as a whole: nothing of it is there.
-                throw Self.failure("begin", error, attempts: attempt)
+                // Refused as a whole (a changed generation among the reasons): nothing of it is there.
+                throw .commit(error)
             }
             applied = true
             Fault.reach("commit-acknowledged", detail: step.description)
-            return
         }
     }
 
@@ -391,16 +375,16 @@ struct SessionEngine {
     private func removeNftables(_ entries: [Journal.Entry], firewall: any Firewall, warnIfGone: Bool) throws(LERedirectError)
         -> (removed: Int, warnings: [String])
     {
-        var attempt = 0
-        while true {
-            attempt += 1
+        // A rule the host removed meanwhile (notFound) is looked for again, as after a changed generation.
+        try committingWithRetries("removing le-redirect's rules", retrying: [.generationChanged, .notFound]) {
+            (_) throws(CommitAttemptError) -> (removed: Int, warnings: [String]) in
             var warnings: [String] = []
-            let generation = try map { () throws(FirewallError) in try firewall.snapshot().generation }
+            let generation = try read { () throws(FirewallError) in try firewall.snapshot().generation }
             var targets: [RuleLocation] = []
             for entry in entries {
                 if let handle = entry.handle {
                     let location = RuleLocation(entry.chain, handle: handle)
-                    let observed = try map { () throws(FirewallError) in try firewall.rule(at: location) }
+                    let observed = try read { () throws(FirewallError) in try firewall.rule(at: location) }
                     if let observed, observed.fingerprint == entry.fingerprint {
                         targets.append(location)
                     } else if observed != nil {
@@ -412,7 +396,7 @@ struct SessionEngine {
                         logger.debug("rule already gone", metadata: ["rule": "\(location)"])
                     }
                 } else {
-                    let rules = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
+                    let rules = try read { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
                     let ours = rules.filter { $0.fingerprint == entry.fingerprint && $0.comment == ruleTag }.map(\.location)
                     if ours.isEmpty && warnIfGone { warnings.append(Self.goneWarning(entry, .nftables)) }
                     targets += ours
@@ -420,18 +404,15 @@ struct SessionEngine {
             }
             targets = Array(Set(targets)).sorted { ($0.chain, $0.handle) < ($1.chain, $1.handle) }
             if targets.isEmpty { return (0, warnings) }
-            do {
+            do throws(FirewallError) {
                 let started = ContinuousClock.now
                 _ = try firewall.commit(targets.map { .deleteRule($0) }, expecting: generation)
                 logger.debug(
                     "rules removed",
                     metadata: ["count": "\(targets.count)", "commitMs": "\(milliseconds(since: started))"])
                 return (targets.count, warnings)
-            } catch where (error.reason == .generationChanged || error.reason == .notFound) && attempt < maxAttempts {
-                pauseBeforeRetry(attempt)
-                continue
             } catch {
-                throw Self.failure("removing le-redirect's rules", error, attempts: attempt)
+                throw .commit(error)
             }
         }
     }
@@ -597,40 +578,76 @@ struct SessionEngine {
     }
 
     private func sweepNftables(_ firewall: any Firewall, into report: inout RecoveryReport) throws(LERedirectError) {
-        var attempt = 0
-        while true {
-            attempt += 1
-            guard let snapshot = try nftablesSnapshot(firewall) else { return }
+        try committingWithRetries("recover --sweep") { (_) throws(CommitAttemptError) in
+            guard let snapshot = try CommitAttemptError.lift({ () throws(LERedirectError) in try nftablesSnapshot(firewall) }) else {
+                return
+            }
             let own = snapshot.tables.first { $0.ref == TableRef.own }
             if let own, own.ownedByAnotherProcess {
-                throw LERedirectError(
-                    .conflict,
-                    "table \(TableRef.own) is held by a live process: a session is active in this network namespace; "
-                        + "end it first. Nothing was changed")
+                throw .other(
+                    LERedirectError(
+                        .conflict,
+                        "table \(TableRef.own) is held by a live process: a session is active in this network namespace; "
+                            + "end it first. Nothing was changed"))
             }
             var changes: [FirewallChange] = []
             for chain in snapshot.chains
             where chain.hook == .input && RedirectPlan.inputFamilies.contains(chain.ref.table.family)
                 && chain.ref.table != TableRef.own
             {
-                let rules = try map { () throws(FirewallError) in try firewall.rules(in: chain.ref) }
+                let rules = try read { () throws(FirewallError) in try firewall.rules(in: chain.ref) }
                 changes += rules.filter { $0.comment == ruleTag }.map { .deleteRule($0.location) }
             }
             let removesTable = own != nil
             if removesTable { changes.append(.deleteTable(TableRef.own)) }
             if changes.isEmpty { return }
-            do {
-                _ = try firewall.commit(changes, expecting: snapshot.generation)
-                report.removedRules += changes.count - (removesTable ? 1 : 0)
-                report.removedTable = report.removedTable || removesTable
-                return
-            } catch where error.reason == .generationChanged && attempt < maxAttempts {
-                pauseBeforeRetry(attempt)
-                continue
-            } catch {
-                throw Self.failure("recover --sweep", error, attempts: attempt)
+            do throws(FirewallError) { _ = try firewall.commit(changes, expecting: snapshot.generation) } catch {
+                throw .commit(error)
+            }
+            report.removedRules += changes.count - (removesTable ? 1 : 0)
+            report.removedTable = report.removedTable || removesTable
+        }
+    }
+
+    // MARK: Committing against a generation
+
+    /// Why one attempt of `committingWithRetries` failed: its commit was refused (retried when the
+    /// reason is one of those named), or anything else (not retried).
+    enum CommitAttemptError: Error {
+        case commit(FirewallError)
+        case other(LERedirectError)
+
+        static func lift<T>(_ body: () throws(LERedirectError) -> T) throws(CommitAttemptError) -> T {
+            do { return try body() } catch { throw .other(error) }
+        }
+    }
+
+    /// The one retry loop of every nftables commit made against the generation of a snapshot
+    /// (begin's batch, removing rules, the sweep): `attempt` reads, plans and commits; when its
+    /// commit is refused because another program committed in between (the batch is refused as a
+    /// whole, so nothing of it applied), it runs again from fresh state, up to `maxAttempts` times
+    /// with `pauseBeforeRetry` between them.
+    private func committingWithRetries<T>(
+        _ context: String, retrying: Set<FirewallError.Reason> = [.generationChanged],
+        _ attempt: (_ number: Int) throws(CommitAttemptError) -> T
+    ) throws(LERedirectError) -> T {
+        var number = 0
+        while true {
+            number += 1
+            do { return try attempt(number) } catch {
+                switch error {
+                case .other(let failure): throw failure
+                case .commit(let refused) where retrying.contains(refused.reason) && number < maxAttempts:
+                    pauseBeforeRetry(number)
+                case .commit(let refused): throw Self.failure(context, refused, attempts: number)
+                }
             }
         }
+    }
+
+    /// `map` for an attempt: a failed read is not retried.
+    private func read<T>(_ body: () throws(FirewallError) -> T) throws(CommitAttemptError) -> T {
+        do { return try body() } catch { throw .other(Self.failure("reading the ruleset", error)) }
     }
 
     /// "12.345": milliseconds with microsecond precision, for the debug log.

@@ -5,38 +5,6 @@ import LERedirectModel
 import Logging
 import Synchronization
 
-/// How a session ended.
-public struct EndReport: Sendable, Hashable {
-    public enum Reason: String, Sendable, Hashable {
-        /// `end` was asked for (CLI, library, or the control socket).
-        case requested
-        /// The TTL passed.
-        case expired
-        /// The daemon got SIGTERM, SIGINT or SIGHUP.
-        case signal
-        /// The program the session followed (`begin --until-parent-exits`) exited.
-        case clientExited = "client-exited"
-        /// A user other than root or a `--challenge-owner` listened on the external proxy's port.
-        case untrustedListener = "untrusted-listener"
-        /// There was no active session.
-        case notActive
-    }
-
-    public var reason: Reason
-    /// Things the operator should know, e.g. rules the host had already removed.
-    public var warnings: [String]
-    /// When `end` found a dead session instead of a live one: what recovering it did.
-    public var recovery: RecoveryReport?
-
-    public var wasActive: Bool { reason != .notActive }
-
-    public init(reason: Reason, warnings: [String] = [], recovery: RecoveryReport? = nil) {
-        self.reason = reason
-        self.warnings = warnings
-        self.recovery = recovery
-    }
-}
-
 /// The process side of an active session: it owns the firewall connections (and with the nftables
 /// one the owned table), serves the control socket, and ends the session when asked, at the TTL, or
 /// on a signal.
@@ -62,11 +30,12 @@ final class SessionHolder: @unchecked Sendable {
     private let followed: Followed?
     private let monotonicDeadline: Int64
     private var thread = pthread_t()
-    /// The built-in validation proxy; nil with an external proxy.
-    let proxy: ValidationProxy?
+    /// The built-in validation proxy's process; nil with an external proxy.
+    let proxy: ProxyProcess?
     /// With an external proxy: whose listeners on the proxy port may have port 80 (checked every second).
     private let externalProxyOwners: ListenerOwners?
-    let tokens: ChallengeStore
+    /// How many challenge tokens the proxy holds (it holds them; this is its last answer).
+    private var tokenCount = 0
     private let armsPerChallenge: Bool
     /// Begun by the certbot auth hook: the cleanup hook ends it when the last token goes.
     let endsWithLastToken: Bool
@@ -83,14 +52,12 @@ final class SessionHolder: @unchecked Sendable {
     private init(
         state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewalls: Firewalls,
         listener: Int32, wake: Int32, stopSignals: Int32?, followed: Followed?, monotonicDeadline: Int64,
-        proxy: ValidationProxy?, externalProxyOwners: ListenerOwners?, tokens: ChallengeStore, armsPerChallenge: Bool,
-        endsWithLastToken: Bool
+        proxy: ProxyProcess?, externalProxyOwners: ListenerOwners?, armsPerChallenge: Bool, endsWithLastToken: Bool
     ) {
         self.followed = followed
         self.externalProxyOwners = externalProxyOwners
         self.endsWithLastToken = endsWithLastToken
         self.proxy = proxy
-        self.tokens = tokens
         self.armsPerChallenge = armsPerChallenge
         self.armed = Mutex(!armsPerChallenge)
         self.state = state
@@ -127,8 +94,7 @@ final class SessionHolder: @unchecked Sendable {
             firewalls.close()
             throw LERedirectError(.failed, "creating an eventfd: \(errnoText(code))", errno: code)
         }
-        let tokens = ChallengeStore()
-        var proxy: ValidationProxy?
+        var proxy: ProxyProcess?
         if case .external = options.proxy {
             do { try checkExternalProxy(options, logger: logger) } catch {
                 closeDescriptor(wake)
@@ -140,17 +106,17 @@ final class SessionHolder: @unchecked Sendable {
         }
         if case .builtIn(let proxyOptions) = options.proxy {
             // Listening before the redirect exists: there is no moment when it points at nothing.
-            let built = ValidationProxy(
-                options: proxyOptions, redirectedPort: options.port, proxyPort: options.proxyPort, tokens: tokens,
-                listenerOwners: ListenerOwners(options.listenerOwners), logger: logger)
-            do { try built.start() } catch {
+            do {
+                proxy = try ProxyProcess.start(
+                    options: proxyOptions, redirectedPort: options.port, proxyPort: options.proxyPort,
+                    listenerOwners: options.listenerOwners, logPath: state.logPath, kind: kind, logger: logger)
+            } catch {
                 closeDescriptor(wake)
                 closeDescriptor(listener)
                 _ = unlink(state.controlSocketPath)
                 firewalls.close()
                 throw error
             }
-            proxy = built
         }
         Fault.reach("listeners-bound")
         let engine = SessionEngine.live(state: state, logger: logger)
@@ -165,7 +131,7 @@ final class SessionHolder: @unchecked Sendable {
                 wake: wake, stopSignals: stopSignals, followed: followed,
                 monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
                 proxy: proxy, externalProxyOwners: proxy == nil ? ListenerOwners(options.listenerOwners) : nil,
-                tokens: tokens, armsPerChallenge: options.proxy.armsPerChallenge,
+                armsPerChallenge: options.proxy.armsPerChallenge,
                 endsWithLastToken: endsWithLastToken)
             holder.thread = startThread { holder.run() }
             return holder
@@ -250,6 +216,9 @@ final class SessionHolder: @unchecked Sendable {
         }
     }
 
+    /// How often the holder makes sure the proxy process still answers.
+    static let proxyCheckInterval: Int64 = 2000
+
     deinit {
         // The wake descriptor outlives the holder's thread so that a late end() never writes to a
         // closed (or reused) descriptor.
@@ -295,6 +264,7 @@ final class SessionHolder: @unchecked Sendable {
         var reason = EndReport.Reason.expired
         var requester: Int32?
         var nextListenerCheck: Int64 = 0
+        var nextProxyCheck = monotonicMilliseconds() + Self.proxyCheckInterval
         loop: while true {
             let remaining = monotonicDeadline - monotonicMilliseconds()
             if remaining <= 0 {
@@ -306,9 +276,11 @@ final class SessionHolder: @unchecked Sendable {
                 pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: stopSignals ?? -1, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: followed?.fd ?? -1, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: proxy?.socket ?? -1, events: Int16(POLLIN), revents: 0),
             ]
-            // With an external proxy, who listens on its port is looked at every second.
-            let n = poll(&fds, nfds_t(fds.count), Int32(min(remaining, externalProxyOwners == nil ? 60_000 : 1000)))
+            // With an external proxy, who listens on its port is looked at every second; the
+            // built-in proxy's process is asked for its counters every two.
+            let n = poll(&fds, nfds_t(fds.count), Int32(min(remaining, externalProxyOwners == nil && proxy == nil ? 60_000 : 1000)))
             if n < 0 {
                 if errno == EINTR { continue }
                 logger.error("poll: \(errnoText(errno)); ending the session")
@@ -323,6 +295,18 @@ final class SessionHolder: @unchecked Sendable {
                     break
                 }
             }
+            if let proxy, fds[4].revents == 0, monotonicMilliseconds() >= nextProxyCheck {
+                nextProxyCheck = monotonicMilliseconds() + Self.proxyCheckInterval
+                if proxy.status() == nil {
+                    // Stopped (SIGSTOP, by anyone running as its user) or hung: steered
+                    // connections would wait on it. Port 80 goes back to the app.
+                    logger.error(
+                        "the validation proxy (pid \(proxy.pid)) did not answer within \(DurationText.format(ProxyProcess.answerTimeout)); ending the session")
+                    proxy.kill()
+                    reason = .proxyExited
+                    break
+                }
+            }
             if n == 0 { continue }
             if fds[1].revents != 0 {
                 reason = .requested
@@ -333,6 +317,12 @@ final class SessionHolder: @unchecked Sendable {
                 reason = .signal
                 break
             }
+            if fds[4].revents != 0, let proxy {
+                // Nothing was asked of it: the proxy died (or broke the protocol). Port 80 goes back.
+                logger.error("\(proxy.exitDescription()); ending the session")
+                reason = .proxyExited
+                break
+            }
             if fds[3].revents != 0, let followed {
                 logger.notice("\(followed.name) (pid \(followed.pid)), which the session follows, has exited; ending the session")
                 reason = .clientExited
@@ -340,10 +330,10 @@ final class SessionHolder: @unchecked Sendable {
             }
             if fds[0].revents != 0, let client = ControlChannel.accept(listener) {
                 switch ControlChannel.readRequest(client) {
-                case .status:
-                    ControlChannel.send(client, lines: statusLines())
+                case .statusRequest:
+                    ControlChannel.send(client, .holderStatus(currentStatus()))
                     closeDescriptor(client)
-                case .end(let timeout):
+                case .endRequest(let timeout):
                     drainTimeout = timeout
                     requester = client
                     reason = .requested
@@ -352,7 +342,7 @@ final class SessionHolder: @unchecked Sendable {
                     answerChallenge(client) { () throws(LERedirectError) in try addChallenge(token, keyAuthorization) }
                 case .challengeRemove(let token):
                     answerChallenge(client) { () throws(LERedirectError) in try removeChallenge(token) }
-                case nil:
+                default:
                     closeDescriptor(client)
                 }
             }
@@ -361,8 +351,8 @@ final class SessionHolder: @unchecked Sendable {
         let outcome = finish(reason, lockHeldByRequester: requester != nil)
         if let requester {
             switch outcome {
-            case .success(let report): ControlChannel.send(requester, lines: report.warnings.map { ("warning", $0) })
-            case .failure(let error): ControlChannel.send(requester, lines: [], error: error)
+            case .success(let report): ControlChannel.send(requester, .ended(warnings: report.warnings))
+            case .failure(let error): ControlChannel.send(requester, .failure(error))
             }
             closeDescriptor(requester)
         }
@@ -401,7 +391,7 @@ final class SessionHolder: @unchecked Sendable {
             for warning in warnings { logger.warning("\(warning)") }
             // With the proxy's counters: what the window served, for whoever reads the log.
             var metadata: Logger.Metadata = ["reason": "\(reason.rawValue)"]
-            for (key, value) in proxy?.counters.lines ?? [] { metadata[String(key.dropFirst("proxy-".count))] = "\(value)" }
+            for (key, value) in proxy?.finalStatus?.named ?? [] { metadata[key] = "\(value)" }
             logger.info("session ended", metadata: metadata)
             outcome = .success(EndReport(reason: reason, warnings: warnings))
         } catch {
@@ -420,20 +410,12 @@ final class SessionHolder: @unchecked Sendable {
         return outcome
     }
 
-    private func statusLines() -> [(String, String)] {
-        var lines: [(String, String)] = [("pid", "\(getpid())")]
-        if let followed { lines.append(("client-pid", "\(followed.pid)")) }
-        if let packets = try? firewalls[journal.backend]?.redirectedPackets() {
-            lines.append(("redirected-packets", "\(packets)"))
-        }
-        lines.append(("armed", isArmed ? "yes" : "no"))
-        for note in engine.notes { lines.append(("note", note)) }
-        if let proxy {
-            lines.append(("challenge-source", proxy.options.challenge.description))
-            lines.append(("tokens", "\(tokens.count)"))
-            lines += proxy.counters.lines
-        }
-        return lines
+    private func currentStatus() -> HolderStatus {
+        HolderStatus(
+            pid: getpid(), clientPid: followed?.pid,
+            redirectedPackets: (try? firewalls[journal.backend]?.redirectedPackets()) ?? nil, armed: isArmed,
+            notes: engine.notes, challengeSource: proxy?.options.challenge.description, tokens: proxy.map { _ in tokenCount },
+            proxyPid: proxy?.pid, proxy: proxy?.status())
     }
 
     // MARK: Challenges held in memory
@@ -447,14 +429,9 @@ final class SessionHolder: @unchecked Sendable {
     private func answerChallenge(_ client: Int32, _ change: () throws(LERedirectError) -> Int) {
         do {
             let count = try change()
-            ControlChannel.send(
-                client,
-                lines: [
-                    ("tokens", "\(count)"), ("armed", isArmed ? "yes" : "no"),
-                    ("ends-with-last-token", endsWithLastToken ? "yes" : "no"),
-                ])
+            ControlChannel.send(client, .challengeReply(tokens: count, armed: isArmed, endsWithLastToken: endsWithLastToken))
         } catch {
-            ControlChannel.send(client, lines: [], error: error)
+            ControlChannel.send(client, .failure(error))
         }
         closeDescriptor(client)
     }
@@ -462,7 +439,7 @@ final class SessionHolder: @unchecked Sendable {
     /// Registers a token; the first one arms a redirect that is armed per challenge. Returns how
     /// many tokens are registered.
     func addChallenge(_ token: String, _ keyAuthorization: String) throws(LERedirectError) -> Int {
-        guard proxy != nil else {
+        guard let proxy else {
             throw LERedirectError(
                 .invalidArgument,
                 "this session uses an external proxy (begin --external-proxy): it holds no challenge tokens")
@@ -475,13 +452,14 @@ final class SessionHolder: @unchecked Sendable {
                 .invalidArgument, "'\(keyAuthorization)' is not a key authorization for token \(token) (TOKEN.THUMBPRINT)")
         }
         return try armed.withLock { (armed: inout Bool) throws(LERedirectError) -> Int in
-            let count = tokens.add(token, keyAuthorization)
+            let count = try proxy.add(token, keyAuthorization)
+            tokenCount = count
             if armsPerChallenge && !armed {
                 let remaining = max(1000, journal.expiresAt - unixMilliseconds())
                 do throws(LERedirectError) {
                     try engine.arm(journal, firewalls: firewalls, remaining: .milliseconds(remaining))
                 } catch {
-                    tokens.remove(token)
+                    if let left = try? proxy.remove(token) { tokenCount = left }
                     throw LERedirectError(error.kind, "challenge add: \(error.message)", errno: error.errno)
                 }
                 armed = true
@@ -495,7 +473,9 @@ final class SessionHolder: @unchecked Sendable {
     /// many tokens remain.
     func removeChallenge(_ token: String) throws(LERedirectError) -> Int {
         try armed.withLock { (armed: inout Bool) throws(LERedirectError) -> Int in
-            let (_, remaining) = tokens.remove(token)
+            guard let proxy else { return 0 }
+            let remaining = try proxy.remove(token)
+            tokenCount = remaining
             if armsPerChallenge && armed && remaining == 0 {
                 do throws(LERedirectError) { try engine.disarm(journal, firewalls: firewalls) } catch {
                     throw LERedirectError(error.kind, "challenge remove: \(error.message)", errno: error.errno)

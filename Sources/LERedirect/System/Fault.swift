@@ -1,3 +1,4 @@
+import CLERedirectSandbox
 import Glibc
 import Synchronization
 
@@ -24,9 +25,11 @@ package enum Fault {
         // begin, in the session daemon
         "daemon-started", "listeners-bound", "journal-intent-written", "batch-sent", "commit-acknowledged",
         "handles-recorded", "ready-reported",
+        // in the proxy process, once it is confined, and at each steered connection it takes
+        "proxy-confined", "proxy-accepted",
         // `challenge add` of a session armed per challenge, in the session holder
         "redirect-armed",
-        // end, in the session holder
+        // end, in the session holder ("drain-started": once the proxy was told to drain)
         "redirect-removed", "drain-started", "table-removed", "journal-deleted",
         // recover, after the dead session's rules are gone and before its table and journal
         "recovery-rules-removed",
@@ -49,6 +52,8 @@ package enum Fault {
     struct Spec: Sendable, Equatable {
         enum Action: Sendable, Equatable {
             case kill, stop
+            /// A system call the proxy's seccomp filter does not allow (SIGSYS there).
+            case syscall
             case fail(Int32)
         }
         var after: String?
@@ -92,7 +97,8 @@ package enum Fault {
                 switch actionText {
                 case nil, "kill": spec.action = .kill
                 case "stop": spec.action = .stop
-                default: throw FaultSpecError("'\(item)': a step takes =kill or =stop")
+                case "syscall": spec.action = .syscall
+                default: throw FaultSpecError("'\(item)': a step takes =kill, =stop or =syscall")
                 }
             } else {
                 throw FaultSpecError("'\(spec.name)' is neither a step nor a call")
@@ -154,6 +160,7 @@ package enum Fault {
         switch due(step, detail: detail, step: true) {
         case .kill?: raise(SIGKILL)
         case .stop?: raise(SIGSTOP)
+        case .syscall?: le_forbidden_syscall()
         default: break
         }
         #endif

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# For comparison in scripts/bench-renewal only, not part of le-redirect: DESIGN.md's source approach
+# For comparison in scripts/bench-renewal only, not part of le-redirect: the source approach (docs/design.md)
 # as a certbot pre-hook. tinyproxy on 12347 configured as the hosting platform's add-on configures
 # it, and the six rules its nft branch inserts, one `nft` call each. It needs ip/ip6 filter INPUT and
 # ip/ip6 nat PREROUTING to exist (it fails outright otherwise); the bench makes the nat ones for it.
