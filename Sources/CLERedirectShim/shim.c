@@ -32,9 +32,12 @@ int le_spawn_detached(pid_t *pid, const char *path, char *const argv[], char *co
     if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &none);
     if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
 
-    // Move the passed descriptors above the target range first, so that moving one to 3+i never
-    // clobbers another that still waits for its turn.
-    const int staging = 64;
+    // Move the passed descriptors above the target range and above every source first, so that
+    // moving one to 3+i never clobbers another that still waits for its turn.
+    int staging = 64;
+    if (devnull_fd >= staging) staging = devnull_fd + 1;
+    for (int i = 0; i < pass_count; i++)
+        if (pass_fds[i] >= staging) staging = pass_fds[i] + 1;
     for (int i = 0; rc == 0 && i < pass_count; i++)
         rc = posix_spawn_file_actions_adddup2(&actions, pass_fds[i], staging + i);
     for (int i = 0; rc == 0 && i < 3; i++)

@@ -239,7 +239,10 @@ struct Status: ParsableCommand {
         if let accepts = status.acceptRules, accepts > 0 { print("scoped accepts (left by an older version): \(accepts)") }
         if let packets = status.redirectedPackets { print("steered connections: \(packets)") }
         if let responding = status.responding { print("responding: \(responding ? "yes" : "no")") }
-        if let proxy = status.proxy { print("proxy: \(proxy)\(status.proxyPhase.map { " (\($0))" } ?? "")") }
+        if let proxy = status.proxy {
+            let process = status.proxyPid.map { ", process \($0)" } ?? ""
+            print("proxy: \(proxy)\(status.proxyPhase.map { " (\($0)\(process))" } ?? "")")
+        }
         if let source = status.challengeSource { print("challenge source: \(source)") }
         if let armed = status.armed { print("armed: \(armed ? "yes" : "no")") }
         if let pid = status.clientPid { print("follows: pid \(pid) (the session ends when it exits)") }

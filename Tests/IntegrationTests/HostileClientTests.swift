@@ -6,7 +6,7 @@ import Testing
 /// with an HTTP app on :80: bytes that are not HTTP, framing that a proxy and an app could read
 /// differently, heads over the limit, challenge paths that try to leave --webroot, slowloris and
 /// 10,000 idle connections. The proxy refuses or closes each, never serves a file outside the
-/// webroot, and the app keeps serving an ordinary client; the daemon's memory is recorded.
+/// webroot, and the app keeps serving an ordinary client; the proxy process's memory is recorded.
 @Suite(.enabled(if: Kernel.enabled, "needs root and network namespaces"))
 struct HostileClientTests {
     static let v4 = TestNetwork.hostAddress4
@@ -22,7 +22,10 @@ struct HostileClientTests {
         try "tokA.thumb".write(toFile: webroot + "/tokA", atomically: true, encoding: .utf8)
         try "secret".write(toFile: net.stateDirectory + "-nginx/secret", atomically: true, encoding: .utf8)
         let begin = try net.leRedirect(["begin", "--webroot", webroot, "--head-timeout", "2s"] + extra)
-        guard begin.status == 0, let pid = try net.daemonPID() else { throw TestFailure("begin: \(begin)") }
+        // The proxy's process: it, not the session daemon, holds the connections and their buffers.
+        guard begin.status == 0, let pid = (try net.status()["proxyPid"] as? NSNumber)?.int32Value else {
+            throw TestFailure("begin: \(begin)")
+        }
         return (net, pid)
     }
 
@@ -112,7 +115,7 @@ struct HostileClientTests {
         #expect(served == "200 app \(Self.v4)")
         let result = Self.output(log, containing: "closed", by: Date().addingTimeInterval(20))
         #expect(result.hasPrefix("closed 300 of 300"), "\(result)")
-        TestReport.add("hostile", order: 200, "| slowloris: 300 heads, a byte every 0.5 s, --head-timeout 2s | \(result.trimmingCharacters(in: .whitespacesAndNewlines)); meanwhile GET / → \(served); daemon \(Self.memory(pid)) |")
+        TestReport.add("hostile", order: 200, "| slowloris: 300 heads, a byte every 0.5 s, --head-timeout 2s | \(result.trimmingCharacters(in: .whitespacesAndNewlines)); meanwhile GET / → \(served); proxy \(Self.memory(pid)) |")
         #expect(try net.leRedirect("end").status == 0)
     }
 
@@ -135,7 +138,7 @@ struct HostileClientTests {
         #expect(text.contains("closed 10000 of 10000"), "\(text)")
         let status = try net.status()
         #expect((status["counters"] as? [String: Int])?["connections"] ?? -1 <= 1, "\(status)")
-        TestReport.add("hostile", order: 300, "| 10,000 idle connections at once, --head-timeout 2s | \(text.split(separator: "\n").joined(separator: "; ")); GET / during it → \(served) after \(String(format: "%.1f", waited)) s; daemon before \(before), during \(during), after \(Self.memory(pid)) |")
+        TestReport.add("hostile", order: 300, "| 10,000 idle connections at once, --head-timeout 2s | \(text.split(separator: "\n").joined(separator: "; ")); GET / during it → \(served) after \(String(format: "%.1f", waited)) s; proxy before \(before), during \(during), after \(Self.memory(pid)) |")
         #expect(try net.leRedirect("end").status == 0)
     }
 
@@ -158,7 +161,7 @@ struct HostileClientTests {
         #expect(result.contains("closed 300 of 300"), "\(result)")
         // Straight to the app now: it sees the client's own address.
         #expect(try net.httpClient("get", Self.v4, "/") == "200 app \(TestNetwork.clientAddress4)")
-        TestReport.add("hostile", order: 250, "| slow bodies: 300 POSTs of a 1 MB body, a byte every 0.5 s, then stalled; `end` with --drain-timeout 2s | \(result.split(separator: "\n").joined(separator: "; ")); meanwhile GET / → \(served); daemon \(during); `end` exit \(end.status) |")
+        TestReport.add("hostile", order: 250, "| slow bodies: 300 POSTs of a 1 MB body, a byte every 0.5 s, then stalled; `end` with --drain-timeout 2s | \(result.split(separator: "\n").joined(separator: "; ")); meanwhile GET / → \(served); proxy \(during); `end` exit \(end.status) |")
     }
 
     /// 10,000 clients that each send a request at once (app: nginx): every one answered. The proxy
@@ -170,7 +173,7 @@ struct HostileClientTests {
         let output = try net.exec(net.client, ["python3", Self.hostile, "burst", Self.v4, "10000", "/static"], timeout: 180)
         let result = output.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(result.hasPrefix("answered 10000 of 10000, 200 x 10000, 0 errors"), "\(output)")
-        TestReport.add("hostile", order: 310, "| 10,000 requests at once (GET, app nginx) | \(result); daemon before \(before), after \(Self.memory(pid)) |")
+        TestReport.add("hostile", order: 310, "| 10,000 requests at once (GET, app nginx) | \(result); proxy before \(before), after \(Self.memory(pid)) |")
         #expect(try net.leRedirect("end").status == 0)
     }
 
@@ -187,8 +190,8 @@ struct HostileClientTests {
         #expect(upload.stdout.contains(" 268435456"), "\(upload)")
         let peak = Self.kib(pid, "VmHWM")
         // Buffering either body would add 256 MiB; relaying adds buffers of a fixed size.
-        #expect(peak - baseline < 64 * 1024, "daemon peak \(peak) KiB from \(baseline) KiB")
-        TestReport.add("hostile", order: 320, "| 256 MiB download and 256 MiB upload, the receiver not reading for 3 s | \(download.stdout.trimmingCharacters(in: .whitespacesAndNewlines)); app got \(upload.stdout.split(separator: " ").last.map { $0.trimmingCharacters(in: .whitespacesAndNewlines) } ?? "?") bytes; daemon before \(before), after \(Self.memory(pid)) |")
+        #expect(peak - baseline < 64 * 1024, "proxy peak \(peak) KiB from \(baseline) KiB")
+        TestReport.add("hostile", order: 320, "| 256 MiB download and 256 MiB upload, the receiver not reading for 3 s | \(download.stdout.trimmingCharacters(in: .whitespacesAndNewlines)); app got \(upload.stdout.split(separator: " ").last.map { $0.trimmingCharacters(in: .whitespacesAndNewlines) } ?? "?") bytes; proxy before \(before), after \(Self.memory(pid)) |")
         #expect(try net.leRedirect("end").status == 0)
     }
 

@@ -23,6 +23,7 @@ enum FuzzProperties {
     /// reads; what a parsed head says; that its rewrites frame the message as the original did.
     /// Then the same bytes as a response head and as a chunked body.
     static func head(_ bytes: [UInt8]) throws {
+        try framing(bytes)
         try bytes.withUnsafeBytes { all in
             let end = HTTPHead.end(of: all)
             if let end {
@@ -151,6 +152,78 @@ enum FuzzProperties {
                 try check(Journal.Name.decode(Substring(Journal.Name.encode(name))) == name, "name \(name.debugDescription) does not round-trip")
             }
         }
+    }
+
+    // MARK: The proxy's framer
+
+    /// The framer makes the same of the bytes in one read and split anywhere, as a request stream
+    /// and as a response stream: the same heads, the same body bytes in the same order, the same end.
+    static func framing(_ bytes: [UInt8]) throws {
+        for direction in [HTTPFramer.Direction.request, .response] {
+            let whole = frame(direction, [bytes])
+            for split in stride(from: 1, to: bytes.count, by: max(1, bytes.count / 16)) {
+                let two = frame(direction, [Array(bytes[..<split]), Array(bytes[split...])])
+                try check(two == whole, "\(direction) framing differs when split at \(split): \(two) vs \(whole)")
+            }
+        }
+    }
+
+    /// Heads (as text), body bytes merged, how it stopped.
+    private static func frame(_ direction: HTTPFramer.Direction, _ chunks: [[UInt8]]) -> [String] {
+        var framer = HTTPFramer(direction, headLimit: 512)
+        var out: [String] = []
+        var body: [UInt8] = []
+        func flush() {
+            if !body.isEmpty { out.append("bytes \(body)") }
+            body = []
+        }
+        func head(_ raw: UnsafeRawBufferPointer) {
+            flush()
+            out.append("head \(Array(raw))")
+            let skip = HTTPHead.leadingEmptyLines(raw)
+            let parsed: HTTPHead.Body? =
+                direction == .request
+                ? (try? HTTPHead.parseRequest(UnsafeRawBufferPointer(rebasing: raw[skip...])))?.body
+                : (try? HTTPHead.parseResponse(raw, requestMethod: .get))?.body
+            if let parsed { framer.expect(parsed) } else { framer.passEverything() }
+        }
+        for chunk in chunks {
+            var stop = false
+            chunk.withUnsafeBytes { input in
+                var i = 0
+                loop: while true {
+                    switch framer.step(input, at: i) {
+                    case .head(let range):
+                        head(UnsafeRawBufferPointer(rebasing: input[range]))
+                        i = range.upperBound
+                    case .assembledHead(let upTo):
+                        framer.takeHead().withUnsafeBytes { head($0) }
+                        i = upTo
+                    case .body(let range, let ends):
+                        body += input[range]
+                        if ends { flush(); out.append("end") }
+                        i = range.upperBound
+                    case .passThrough(let range):
+                        body += input[range]
+                        i = range.upperBound
+                    case .held, .end: break loop
+                    case .headTooLarge:
+                        flush()
+                        out.append("too large")
+                        stop = true
+                        break loop
+                    case .brokenChunks:
+                        flush()
+                        out.append("broken")
+                        stop = true
+                        break loop
+                    }
+                }
+            }
+            if stop { break }
+        }
+        flush()
+        return out
     }
 
     // MARK: The protocol between the processes

@@ -1,5 +1,6 @@
 import CLERedirectShim
 import Glibc
+import LERedirectModel
 import Testing
 
 @testable import LERedirect
@@ -15,25 +16,38 @@ struct RelayTests {
         return e
     }
 
-    private func relay() -> Relay { Relay(client: -1, peer: endpoint("10.0.0.1"), original: endpoint("10.0.0.2")) }
+    private func relay() -> Relay {
+        Relay(client: -1, peer: endpoint("10.0.0.1"), original: endpoint("10.0.0.2"), maxHeadBytes: 16384)
+    }
+
+    private func request(_ text: String) -> HTTPHead.Request {
+        let bytes = Array(text.utf8)
+        return bytes.withUnsafeBytes { try! HTTPHead.parseRequest($0) }
+    }
+
+    /// Feeds client bytes through the connection's request framing, as the loop does.
+    private func feed(_ r: Relay, _ text: String) -> HTTPFramer.Step {
+        let bytes = Array(text.utf8)
+        return bytes.withUnsafeBytes { r.requests.step($0, at: 0) }
+    }
 
     @Test func theDrainTimeoutEndsStreamsIdleConnectionsAndUnfinishedRequestsOnly() {
         let fresh = relay()
         #expect(!fresh.endsAtDrainTimeout, "a new connection's first request is on its way")
         let idle = relay()
-        idle.requestsTaken = 1
+        idle.requestSent(request("GET / HTTP/1.1\r\n\r\n"))
+        _ = idle.responseEnded()
         #expect(idle.endsAtDrainTimeout, "an idle keep-alive connection")
         let answering = relay()
-        answering.requestsTaken = 1
-        answering.outstanding = [.get]
-        answering.request.state = .stopped
+        answering.requestSentAsLast(request("GET / HTTP/1.1\r\n\r\n"))
         #expect(!answering.endsAtDrainTimeout, "a request being answered")
-        answering.request.state = .head
-        Array("GET / HT".utf8).withUnsafeBytes { answering.request.head.append($0.baseAddress!, $0.count) }
-        #expect(!answering.endsAtDrainTimeout, "a pipelined partial head behind an answer in flight")
+        let pipelined = relay()
+        pipelined.requestSent(request("GET / HTTP/1.1\r\n\r\n"))
+        #expect(feed(pipelined, "GET / HT") == .held)
+        #expect(!pipelined.endsAtDrainTimeout, "a pipelined partial head behind an answer in flight")
         let uploading = relay()
-        uploading.outstanding = [.other]
-        uploading.request.state = .body
+        uploading.requestSent(request("POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n"))
+        #expect(uploading.requests.state == .body)
         #expect(uploading.endsAtDrainTimeout, "a client still sending its body")
         let opaque = relay()
         opaque.opaque = true
@@ -43,9 +57,43 @@ struct RelayTests {
         lingering.lingering = true
         #expect(!lingering.endsAtDrainTimeout, "a lingering close ends by itself")
         let tunnel = relay()
-        tunnel.outstanding = [.connect]
-        tunnel.request.state = .tunnelRequested
+        tunnel.requestSent(request("CONNECT example.org:443 HTTP/1.1\r\n\r\n"))
+        #expect(tunnel.phase == .tunnelRequested)
         #expect(!tunnel.endsAtDrainTimeout, "a CONNECT waiting for its answer")
+    }
+
+    /// The transitions between requests and responses, as the connection makes them.
+    @Test func requestsAndResponsesTakeTurns() {
+        // Paused while draining: the held bytes come back when the response in flight ends.
+        let paused = relay()
+        paused.requestSent(request("GET /a HTTP/1.1\r\n\r\n"))
+        paused.phase = .paused
+        Array("GET /b HTTP/1.1\r\n\r\n".utf8).withUnsafeBytes { paused.pending.append($0.baseAddress!, $0.count) }
+        guard case .resume(let held) = paused.responseEnded() else {
+            Issue.record("a paused connection did not resume")
+            return
+        }
+        #expect(held == Array("GET /b HTTP/1.1\r\n\r\n".utf8) && paused.phase == .reading && !paused.requestBytesHeld)
+        // The last response of a connection finishes it, and nothing of the app's follows.
+        let last = relay()
+        last.requestSent(request("GET / HTTP/1.1\r\n\r\n"))
+        last.closeAfterResponse = true
+        #expect(last.responseEnded() == .finish && last.responseStopped)
+        // A tunnel accepted: what waited goes upstream first, and everything passes from then on.
+        let tunnel = relay()
+        tunnel.requestSent(request("GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"))
+        #expect(tunnel.phase == .tunnelRequested)
+        Array("frame".utf8).withUnsafeBytes { tunnel.pending.append($0.baseAddress!, $0.count) }
+        #expect(tunnel.tunnelAccepted() == Array("frame".utf8))
+        #expect(tunnel.opaque && tunnel.requests.state == .passThrough && tunnel.responses.state == .passThrough)
+        // A tunnel refused: the next request is read again.
+        let refused = relay()
+        refused.requestSent(request("CONNECT example.org:443 HTTP/1.1\r\n\r\n"))
+        #expect(refused.responseEnded() == .idle && refused.phase == .reading)
+        // A response that ends when the app closes.
+        let untilClose = relay()
+        untilClose.responseBody(.untilClose)
+        #expect(untilClose.responseEndsAtClose && untilClose.responses.state == .passThrough)
     }
 
     @Test func ipv6SourcesAreCountedPerSlash64() {

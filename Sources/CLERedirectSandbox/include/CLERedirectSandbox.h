@@ -14,14 +14,17 @@ int le_drop_privileges(uint32_t uid, uint32_t gid, const uint32_t *groups, int g
 
 /// Restricts the process with Landlock, to the best ABI the kernel has: no file system access at
 /// all but reading files and directories beneath `readable_dir` (an O_PATH descriptor; -1 for
-/// none), no TCP bind (ABI 4+), no signals or abstract Unix sockets outside the process (ABI 6+).
-/// Sets *abi to the ABI used: 0 when the kernel has no Landlock (not an error). 0, or an errno value.
-int le_landlock_restrict(int readable_dir, int *abi);
+/// none); no TCP bind, and TCP connect only to the `port_count` `connect_ports` (ABI 4+); no
+/// signals or abstract Unix sockets outside the process (ABI 6+). Sets *abi to the ABI used: 0
+/// when the kernel has no Landlock (not an error). 0, or an errno value.
+int le_landlock_restrict(int readable_dir, const uint16_t *connect_ports, int port_count, int *abi);
 
-/// Loads the proxy's seccomp filter: the system calls the relay makes are allowed, socket(2)
-/// only for AF_INET, AF_INET6 and AF_NETLINK (others fail with EAFNOSUPPORT), and any other
-/// call kills the process (SIGSYS). 0, or a negative errno value from libseccomp.
-int le_seccomp_load(void);
+/// Loads the proxy's seccomp filter: the system calls the relay makes are allowed; files opened
+/// read-only (openat2 only when `landlocked`, else ENOSYS); fcntl without F_SETFL; prlimit64 only
+/// to read its own limits; socket(2) only for TCP over IPv4 and IPv6 and netlink's route and
+/// sock_diag buses (UDP and Unix sockets fail with EAFNOSUPPORT); any other call kills the
+/// process (SIGSYS). 0, or a negative errno value from libseccomp.
+int le_seccomp_load(int landlocked);
 
 /// A system call the filter does not allow (for the fault test of the filter): never returns
 /// once the filter is loaded.

@@ -6,11 +6,14 @@ import Logging
 
 /// The proxy process (`le-redirect __proxy COUNT`), started by the session holder
 /// (`ProxyProcess`): fd 3 is its socket to the holder, fd 4 the session log, fds 5... its COUNT
-/// listeners, bound and transparent. It reads `proxyStart`, prepares what needs the file system,
-/// then gives up everything before the first byte from the network: uid 0 and every capability,
-/// for the `le-redirect` user (or `nobody`), no_new_privs, non-dumpable; Landlock (nothing of the
-/// file system but reading the webroot; no TCP bind); a seccomp filter of the calls the relay
-/// makes. It answers `proxyReady` and serves until the holder drains or stops it, or goes away.
+/// listeners, bound and transparent. It reads `proxyStart`, then gives up uid 0 and every
+/// capability for the `le-redirect` user (or `nobody`), no_new_privs, non-dumpable; as that user
+/// prepares what needs the resolver and the file system (the challenge URL's address, the
+/// webroot); then Landlock (nothing of the file system but reading the webroot; no TCP bind, TCP
+/// connect only to the steered port and the challenge port), a bound on how far it may grow a
+/// file (the session log), and a seccomp filter of the calls the relay makes, all before the
+/// first byte from the network. It answers `proxyReady` and serves until the holder drains or
+/// stops it, or goes away.
 package enum ProxyMain {
     static let holderFD: Int32 = 3
     static let logFD: Int32 = 4
@@ -43,8 +46,7 @@ package enum ProxyMain {
             listeners: (0..<count).map { firstListenerFD + $0 }, holder: holder,
             listenerOwners: ListenerOwners(start.listenerOwners), logger: logger)
         do throws(LERedirectError) {
-            try proxy.prepare()
-            let ready = try confine(proxy, as: start.user)
+            let ready = try confine(proxy, start)
             try holderSend(holder, .proxyReady(ready))
         } catch {
             fail(error)
@@ -77,8 +79,13 @@ package enum ProxyMain {
         }
     }
 
-    /// Drops privileges, opens the webroot as the proxy's user, then Landlock and seccomp.
-    private static func confine(_ proxy: ValidationProxy, as user: ProxyUser) throws(LERedirectError) -> ProxyReady {
+    /// How far the proxy may grow a file: the session log (rotated at 1 MiB when a session begins).
+    static let fileSizeLimit: UInt = 8 << 20
+
+    /// Drops privileges, prepares (resolver, webroot) as the proxy's user, then Landlock, the file
+    /// size bound and seccomp.
+    private static func confine(_ proxy: ValidationProxy, _ start: ProxyStart) throws(LERedirectError) -> ProxyReady {
+        let user = start.user
         let dropped = user.groups.withUnsafeBufferPointer {
             le_drop_privileges(user.uid, user.gid, $0.baseAddress, Int32($0.count))
         }
@@ -87,19 +94,30 @@ package enum ProxyMain {
                 .failed, "the validation proxy dropping its privileges for user \(user.name) (uid \(user.uid)): \(errnoText(dropped))",
                 errno: dropped)
         }
+        try proxy.prepare()
         let webroot: Int32?
-        do { webroot = try proxy.openWebroot() } catch {
+        do { webroot = try proxy.openWebroot(group: user.groups.first) } catch {
             throw LERedirectError(
                 error.kind,
                 "\(error.message) (the validation proxy opens it as user \(user.name), uid \(user.uid): every directory on "
                     + "the way needs search permission for it, e.g. chmod o+x)", errno: error.errno)
         }
         var abi: Int32 = 0
-        let landlocked = le_landlock_restrict(webroot ?? -1, &abi)
+        let ports = proxy.connectPorts
+        let landlocked = ports.withUnsafeBufferPointer {
+            le_landlock_restrict(webroot ?? -1, $0.baseAddress, Int32($0.count), &abi)
+        }
         guard landlocked == 0 else {
             throw LERedirectError(.failed, "the validation proxy restricting itself with Landlock: \(errnoText(landlocked))", errno: landlocked)
         }
-        let filtered = le_seccomp_load()
+        // Past the bound a write fails (EFBIG) rather than raising SIGXFSZ.
+        signal(SIGXFSZ, SIG_IGN)
+        var size = rlimit(rlim_cur: rlim_t(fileSizeLimit), rlim_max: rlim_t(fileSizeLimit))
+        guard setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &size) == 0 else {
+            let code = errno
+            throw LERedirectError(.failed, "the validation proxy bounding its file size: \(errnoText(code))", errno: code)
+        }
+        let filtered = le_seccomp_load(abi > 0 ? 1 : 0)
         guard filtered == 0 else {
             throw LERedirectError(
                 .failed, "the validation proxy loading its seccomp filter: \(errnoText(-filtered))", errno: -filtered)

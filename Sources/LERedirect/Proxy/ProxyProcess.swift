@@ -84,8 +84,12 @@ final class ProxyProcess: @unchecked Sendable {
             throw LERedirectError(.failed, "starting the validation proxy: opening \(logPath): \(errnoText(code))", errno: code)
         }
         let arguments = [executable, "__proxy", "\(listeners.count)"]
-        // The runtime's crash reporter would be a process the seccomp filter does not let it start.
-        let environment = currentEnvironment().filter { !$0.hasPrefix("SWIFT_BACKTRACE=") } + ["SWIFT_BACKTRACE=enable=no"]
+        // Only what the proxy reads: nothing of the holder's (a hook's or an embedding program's
+        // credentials) goes into the process that reads the internet. The runtime's crash reporter
+        // would be a process the seccomp filter does not let it start.
+        let passedOn = ["LE_REDIRECT_LOG_LEVEL=", "LE_REDIRECT_FAULT=", "LE_REDIRECT_PROXY_PROBE="]
+        let environment = currentEnvironment().filter { entry in passedOn.contains { entry.hasPrefix($0) } }
+            + ["SWIFT_BACKTRACE=enable=no", "PATH=/nonexistent"]
         var passed = [theirs.rawValue, log.rawValue]
         passed += listeners
         var pid: pid_t = 0
@@ -133,7 +137,11 @@ final class ProxyProcess: @unchecked Sendable {
             }
             return ProxyProcess(options: options, pid: pid, ready: ready, user: user, channel: channel, logger: logger)
         case .failure(let error):
-            throw abandon(error)
+            // Its words, not to be trusted: one line of printable text.
+            let said = String(String.UnicodeScalarView(error.message.unicodeScalars.prefix(2000).map {
+                $0.value < 0x20 || $0.value == 0x7f || (0x80..<0xa0).contains($0.value) ? " " : $0
+            }))
+            throw abandon(LERedirectError(error.kind, said, errno: error.errno))
         default:
             throw abandon(LERedirectError(.failed, "starting the validation proxy: it answered '\(answer.name)'"))
         }
@@ -146,9 +154,9 @@ final class ProxyProcess: @unchecked Sendable {
         let own = Session.executablePath()
         if kind == .daemon { return own }
         if let set = getenv("LE_REDIRECT_EXECUTABLE").map({ String(cString: $0) }), !set.isEmpty {
-            guard access(set, X_OK) == 0 else {
+            if let why = untrustworthy(set) {
                 throw LERedirectError(
-                    .invalidArgument, "LE_REDIRECT_EXECUTABLE=\(set): \(errnoText(errno)); it names the le-redirect program that runs the validation proxy")
+                    .invalidArgument, "LE_REDIRECT_EXECUTABLE=\(set): \(why); it names the le-redirect program that runs the validation proxy. Nothing was changed")
             }
             return set
         }
@@ -156,13 +164,29 @@ final class ProxyProcess: @unchecked Sendable {
         if let slash = own.lastIndex(of: "/") { candidates.append(String(own[..<slash]) + "/le-redirect") }
         candidates += ["/usr/sbin/le-redirect", "/usr/local/sbin/le-redirect"]
         if let path = getenv("PATH").map({ String(cString: $0) }) {
-            candidates += path.split(separator: ":").map { "\($0)/le-redirect" }
+            candidates += path.split(separator: ":").filter { $0.hasPrefix("/") }.map { "\($0)/le-redirect" }
         }
-        if let found = candidates.first(where: { access($0, X_OK) == 0 }) { return found }
+        // Root starts it: only a program no one but root (or this process's user) could have put there.
+        if let found = candidates.first(where: { untrustworthy($0) == nil }) { return found }
         throw LERedirectError(
             .unsupported,
             "the validation proxy runs as the program le-redirect, unprivileged, and none was found beside \(own), in "
-                + "/usr/sbin, /usr/local/sbin or on PATH; install it or set LE_REDIRECT_EXECUTABLE. Nothing was changed")
+                + "/usr/sbin, /usr/local/sbin or on PATH that root or this user owns and no one else may write; install it "
+                + "or set LE_REDIRECT_EXECUTABLE. Nothing was changed")
+    }
+
+    /// Why `path` is not a program to start as root: missing, not executable, or it (or its
+    /// directory) belongs to another user or may be written by others. nil when it will do.
+    static func untrustworthy(_ path: String) -> String? {
+        guard access(path, X_OK) == 0 else { return errnoText(errno) }
+        let directory = path.lastIndex(of: "/").map { String(path[..<$0]) }.flatMap { $0.isEmpty ? "/" : $0 } ?? "."
+        for (what, checked) in [("it", path), ("its directory", directory)] {
+            var st = stat()
+            guard stat(checked, &st) == 0 else { return "\(what): \(errnoText(errno))" }
+            if st.st_uid != 0 && st.st_uid != geteuid() { return "\(what) belongs to uid \(st.st_uid)" }
+            if st.st_mode & (S_IWGRP | S_IWOTH) != 0 { return "\(what) may be written by others (mode \(String(st.st_mode & 0o7777, radix: 8)))" }
+        }
+        return nil
     }
 
     private static func currentEnvironment() -> [String] {
@@ -186,24 +210,28 @@ final class ProxyProcess: @unchecked Sendable {
         try tokens(.challengeRemove(token: token))
     }
 
-    /// One request and its answer. A proxy that does not answer in time is killed: a late answer
-    /// would be taken for the next request's, and steered connections would wait on it.
-    private func call(_ request: Message, timeout: Duration) throws(LERedirectError) -> Message {
+    /// One request and the answer `expected` takes (or the proxy's `failure`). A proxy that breaks
+    /// the protocol (no answer in time, a malformed one, one that answers another request) is
+    /// killed: it is stopped, hung, or no longer the proxy the holder started (compromised), a late
+    /// answer would be taken for the next request's, and steered connections would wait on it.
+    /// The holder then sees its socket close and ends the session.
+    private func call<T>(_ request: Message, timeout: Duration, _ expected: (Message) -> T?) throws(LERedirectError) -> T {
         guard reaped == nil else {
             throw LERedirectError(.failed, "the validation proxy (pid \(pid)) has exited; '\(request.name)' was not sent")
         }
-        do { return try channel.call(request, timeout: timeout) } catch {
-            if error.errno == ETIMEDOUT { kill() }
+        let answer: Message
+        do { answer = try channel.call(request, timeout: timeout) } catch {
+            kill()
             throw error
         }
+        if let value = expected(answer) { return value }
+        if case .failure(let error) = answer { throw error }
+        kill()
+        throw LERedirectError(.failed, "the validation proxy answered '\(answer.name)' to '\(request.name)', and was killed")
     }
 
     private func tokens(_ request: Message) throws(LERedirectError) -> Int {
-        switch try call(request, timeout: .seconds(5)) {
-        case .tokensHeld(let n): return n
-        case .failure(let error): throw error
-        case let other: throw LERedirectError(.failed, "the validation proxy answered '\(other.name)' to '\(request.name)'")
-        }
+        try call(request, timeout: .seconds(5)) { if case .tokensHeld(let n) = $0 { n } else { nil } }
     }
 
     /// How long the proxy may take to answer a status request.
@@ -212,8 +240,7 @@ final class ProxyProcess: @unchecked Sendable {
     /// Its counters, or nil when it does not answer within `answerTimeout`.
     func status() -> ProxyStatus? {
         if let finalStatus { return finalStatus }
-        guard case .proxyStatus(let s)? = try? call(.statusRequest, timeout: Self.answerTimeout) else { return nil }
-        return s
+        return try? call(.statusRequest, timeout: Self.answerTimeout) { if case .proxyStatus(let s) = $0 { s } else { nil } }
     }
 
     /// Kills it (it does not answer) and reaps it.
@@ -235,7 +262,7 @@ final class ProxyProcess: @unchecked Sendable {
             Fault.reach("drain-started")
             switch try channel.receive(timeout: wait) {
             case .drained(let s): finalStatus = s
-            case let other: logger.warning("the validation proxy answered '\(other.name)' to 'drain'")
+            case let other: logger.warning("the validation proxy answered '\(other.name)' to 'drain'; it is killed")
             }
         } catch let error as SystemError {
             logger.warning("draining the validation proxy: \(error)")

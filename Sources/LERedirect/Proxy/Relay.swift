@@ -2,27 +2,34 @@ import CLERedirectShim
 import Glibc
 import LERedirectModel
 
-/// One client connection and, once routed, its upstream connection.
+/// One client connection and, once routed, its upstream connection: the connection's state
+/// machine. The framing of each direction is the model's `HTTPFramer` (pure); what the proxy's
+/// policies add to it (a request paused while draining, a tunnel asked for, no further request
+/// taken) and the transitions between requests and responses are here; the event loop
+/// (`ValidationProxy`) does the I/O each transition asks for.
 final class Relay {
-    enum RequestState {
-        case head, body, chunked, opaque
-        /// Draining: the next request waits until the response in flight is complete.
+    /// What the client's side is doing besides following its bytes' framing.
+    enum RequestPhase {
+        /// Requests are read and framed (`requests`).
+        case reading
+        /// Draining: the next request waits until the response in flight is complete (its bytes
+        /// in `pending`).
         case paused
-        /// A CONNECT or an upgrade was sent: what the client sends next waits for the answer,
-        /// opaque after a 2xx / 101, another request after anything else.
+        /// A CONNECT or an upgrade was sent: what the client sends next waits for the answer
+        /// (in `pending`), opaque after a 2xx / 101, another request after anything else.
         case tunnelRequested
         /// No further request is taken.
         case stopped
-
-        var betweenRequests: Bool { self == .head || self == .paused || self == .tunnelRequested || self == .stopped }
     }
-    enum ResponseState { case head, body, chunked, untilClose, opaque, stopped }
 
-    struct Side<State>: ~Copyable {
-        var state: State
-        var head = HeadBuffer()
-        var remaining: UInt64 = 0
-        var chunks = ChunkedScanner()
+    /// What `responseEnded` asks of the loop.
+    enum AfterResponse: Equatable {
+        /// Nothing: wait for the next request.
+        case idle
+        /// The connection ends after this response: finish the client.
+        case finish
+        /// Requests resume: these bytes, held meanwhile, are the next ones from the client.
+        case resume([UInt8])
     }
 
     /// An interest value meaning "not registered with epoll" (after a hang-up on an unread side).
@@ -56,13 +63,23 @@ final class Relay {
     var outstanding: [HTTPHead.Method] = []
     var toUpstream = OutBuffer()
     var toClient = OutBuffer()
-    var request = Side<RequestState>(state: .head)
-    var response = Side<ResponseState>(state: .head)
+    var phase = RequestPhase.reading
+    var requests: HTTPFramer
+    var responses: HTTPFramer
+    /// The client's bytes held while `paused` or `tunnelRequested`.
+    var pending = HeadBuffer()
+    /// The response in flight has a body that ends when the app closes.
+    var responseEndsAtClose = false
+    /// Nothing more of the app's is relayed (an answer of the proxy's own was sent).
+    var responseStopped = false
 
-    init(client: Int32, peer: le_endpoint, original: le_endpoint) {
+    init(client: Int32, peer: le_endpoint, original: le_endpoint, maxHeadBytes: Int) {
         self.client = client
         self.peer = peer
         self.original = original
+        requests = HTTPFramer(.request, headLimit: maxHeadBytes)
+        // A response head is followed up to four times that; past it, bytes pass as they are.
+        responses = HTTPFramer(.response, headLimit: maxHeadBytes * 4)
     }
 
     @inline(__always)
@@ -76,17 +93,86 @@ final class Relay {
     var endsAtDrainTimeout: Bool {
         if lingering { return false }
         if opaque { return true }
-        switch request.state {
+        guard phase == .reading else { return outstanding.isEmpty }
+        switch requests.state {
         case .body, .chunked: return true
-        case .head: return outstanding.isEmpty && (!request.head.isEmpty || requestsTaken > 0)
-        case .paused, .tunnelRequested, .stopped, .opaque: return outstanding.isEmpty
+        case .head: return outstanding.isEmpty && (requests.isHolding || requestsTaken > 0)
+        case .passThrough: return outstanding.isEmpty
         }
     }
+
+    /// Between two requests (or taking none): where the response to the last one may say
+    /// `Connection: close`.
+    var betweenRequests: Bool { phase != .reading || requests.state == .head }
+
+    /// At the start of a request head, nothing of it held: the connection is idle.
+    var idleBetweenRequests: Bool { phase == .reading && requests.state == .head && !requestBytesHeld }
+
+    /// Bytes of the client's are held (part of a head, or what waits while paused or for a tunnel).
+    var requestBytesHeld: Bool { requests.isHolding || !pending.isEmpty }
 
     /// While draining, a connection carries at most one more request, and only once the
     /// responses it was waiting for are complete.
     func mayStartRequest() -> Bool {
         outstanding.isEmpty && !closeAfterResponse
+    }
+
+    /// A request's head went upstream: its response is awaited, its body follows.
+    func requestSent(_ request: HTTPHead.Request) {
+        outstanding.append(request.method)
+        requestsTaken += 1
+        requests.expect(request.body == .untilClose ? .none : request.body)
+        if request.method == .connect || request.upgrade, request.body == .none || request.body == .untilClose {
+            phase = .tunnelRequested
+        }
+    }
+
+    /// The challenge source gets one request and nothing after it.
+    func requestSentAsLast(_ request: HTTPHead.Request) {
+        outstanding.append(request.method)
+        requestsTaken += 1
+        phase = .stopped
+    }
+
+    /// The app accepted the tunnel (101, or 2xx to CONNECT): from here on both ways pass as they
+    /// are; returns the client's bytes that waited for the answer, to go upstream first.
+    func tunnelAccepted() -> [UInt8] {
+        responses.passEverything()
+        requests.passEverything()
+        phase = .reading
+        opaque = true
+        let held = pending.bytes
+        pending.reset()
+        return held
+    }
+
+    /// The response head says the body that follows (`.untilClose`: until the app closes).
+    func responseBody(_ body: HTTPHead.Body) {
+        responseEndsAtClose = body == .untilClose
+        responses.expect(body)
+    }
+
+    /// The response in flight is complete.
+    func responseEnded() -> AfterResponse {
+        if !outstanding.isEmpty { outstanding.removeFirst() }
+        responseEndsAtClose = false
+        if closeAfterResponse {
+            responseStopped = true
+            return .finish
+        }
+        if phase == .paused || (phase == .tunnelRequested && outstanding.isEmpty) {
+            phase = .reading
+            let held = pending.bytes
+            pending.reset()
+            if !held.isEmpty { return .resume(held) }
+        }
+        return .idle
+    }
+
+    /// Neither requests nor the app's responses are relayed any more.
+    func stopBothWays() {
+        phase = .stopped
+        responseStopped = true
     }
 }
 

@@ -52,6 +52,13 @@ final class ValidationProxy {
     private var lastDescriptorWarning: Int64 = -(1 << 40)  // long ago, and `now - it` cannot overflow
     /// --max-connections, or fewer when the process's descriptor limit allows fewer (two per connection).
     private var connectionLimit = 0
+    /// The descriptor limit the proxy started with.
+    private var descriptorLimit: rlim_t = 0
+
+    private func descriptorLimitLowered() -> Bool {
+        var limit = rlimit()
+        return getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 && limit.rlim_cur < descriptorLimit
+    }
     private var listening = true
     private var scratch = UnsafeMutableRawPointer.allocate(byteCount: ValidationProxy.readSize, alignment: 16)
 
@@ -108,6 +115,7 @@ final class ValidationProxy {
     func prepare() throws(LERedirectError) {
         connectionLimit = options.maxConnections
         var limit = rlimit()
+        if getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 { descriptorLimit = limit.rlim_cur }
         if getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 && limit.rlim_cur != rlim_t.max {
             let affordable = max(16, (Int(limit.rlim_cur) - 128) / 2)
             if affordable < connectionLimit {
@@ -138,12 +146,29 @@ final class ValidationProxy {
     }
 
     /// Opens the webroot as the proxy's own user (after the privileges are gone, before the file
-    /// system is closed to it): the directory, or nil when the source is not a webroot.
-    func openWebroot() throws(LERedirectError) -> Int32? {
+    /// system is closed to it): the directory, or nil when the source is not a webroot. `group`:
+    /// the webroot's group as the holder saw it when it gave the proxy that group; the directory
+    /// opened must still have it (a path swapped in between gets nothing).
+    func openWebroot(group: UInt32?) throws(LERedirectError) -> Int32? {
         guard case .webroot(let dir) = options.challenge else { return nil }
         let opened = try Webroot(dir)
+        if let group, opened.group != group {
+            throw LERedirectError(
+                .failed, "--webroot \(dir): its group changed (gid \(group), now \(opened.group)) while the session began. Nothing was changed")
+        }
         webroot = opened
         return opened.directoryDescriptor
+    }
+
+    /// The TCP ports the proxy connects to: the steered port (every relayed connection goes to
+    /// its original destination, on that port) and the challenge source's.
+    var connectPorts: [UInt16] {
+        var ports = [redirectedPort]
+        switch options.challenge {
+        case .port(let port), .url(_, let port): if port != redirectedPort { ports.append(port) }
+        case .webroot, .memory: break
+        }
+        return ports
     }
 
     /// The counters, as the holder's `status` asks for them.
@@ -273,6 +298,7 @@ final class ValidationProxy {
                     handle(relay, upstreamSide: upstream, events: event.events)
                 }
             }
+            if outcome != nil { break }
             if now >= nextSweep {
                 nextSweep = now + 250
                 sweep()
@@ -351,6 +377,14 @@ final class ValidationProxy {
             let fd = le_tcp_accept(listener, &peer)
             if fd < 0 {
                 let code = errno
+                if code == EMFILE, descriptorLimitLowered() {
+                    // Its limits are its own (seccomp lets it only read them): another process of
+                    // its uid lowered them (prlimit), and it would never accept again. Ending the
+                    // session gives port 80 back to the app.
+                    logger.error("the validation proxy's descriptor limit was lowered by another process; the proxy exits")
+                    outcome = .failed
+                    return taken
+                }
                 if code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM {
                     // The listener stays readable: accepting again at once would spin. Pause for a
                     // moment (or until a connection closes).
@@ -391,7 +425,7 @@ final class ValidationProxy {
                 // A link-local address is reached only through its interface: the one that has it.
                 original.scope_id = Self.interface(holding: original) ?? peer.scope_id
             }
-            let relay = Relay(client: fd, peer: peer, original: original)
+            let relay = Relay(client: fd, peer: peer, original: original, maxHeadBytes: options.maxHeadBytes)
             relay.deadline = now + options.headTimeout.milliseconds
             if freeSlots.isEmpty {
                 relay.slot = slots.count
@@ -425,7 +459,12 @@ final class ValidationProxy {
                 address.family == AF_INET6
                 ? a.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { s in withUnsafeBytes(of: s.pointee.sin6_addr) { Array($0) } }
                 : a.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { s in withUnsafeBytes(of: s.pointee.sin_addr) { Array($0) } }
-            if bytes == wanted { return if_nametoindex(current.pointee.ifa_name) }
+            // The scope of a link-local address is its interface's index, as getifaddrs reports it
+            // (no if_nametoindex: its ioctl socket is not the proxy's to make).
+            if bytes == wanted {
+                guard address.family == AF_INET6 else { return 0 }
+                return a.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_scope_id }
+            }
         }
         return nil
     }
@@ -507,7 +546,7 @@ final class ValidationProxy {
             close(r)
             return
         }
-        if r.request.state == .head && !r.request.head.isEmpty {
+        if r.phase == .reading && r.requests.state == .head && r.requests.isHolding {
             // A head cut short: nothing sensible can reach the app.
             close(r)
             return
@@ -530,7 +569,7 @@ final class ValidationProxy {
             close(r)
             return
         }
-        if r.response.state == .untilClose { responseComplete(r) }
+        if r.responseEndsAtClose { responseComplete(r) }
         if r.closed { return }
         if r.opaque {
             // A half-close of an opaque stream: the client may still send.
@@ -544,80 +583,58 @@ final class ValidationProxy {
 
     // MARK: Client to app: request framing
 
+    private func tooLarge(_ r: Relay) {
+        localResponse(r, status: 431, "Request Header Fields Too Large", body: "request head too large\n")
+    }
+
     private func fromClient(_ r: Relay, _ bytes: UnsafeRawBufferPointer) {
         var i = 0
         while i < bytes.count && !r.closed {
-            switch r.request.state {
-            case .head:
-                let rest = UnsafeRawBufferPointer(rebasing: bytes[i...])
-                if draining && !r.mayStartRequest() {
-                    // Draining: one request at a time; hold what came until the response is done.
-                    if r.request.head.count + rest.count <= options.maxHeadBytes {
-                        r.request.head.append(rest.baseAddress!, rest.count)
-                    }
-                    r.request.state = .paused
-                    return
-                }
-                if r.request.head.isEmpty {
-                    if r.outstanding.isEmpty && r.upstream >= 0 { r.deadline = now + options.headTimeout.milliseconds }
-                    if let end = HTTPHead.end(of: rest) {
-                        // The limit holds however the head arrived (here: in one read).
-                        if end > options.maxHeadBytes + 4 {
-                            localResponse(r, status: 431, "Request Header Fields Too Large", body: "request head too large\n")
-                            return
-                        }
-                        requestHead(r, UnsafeRawBufferPointer(rebasing: rest[..<end]))
-                        i += end
-                        continue
-                    }
-                    if rest.count > options.maxHeadBytes {
-                        localResponse(r, status: 431, "Request Header Fields Too Large", body: "request head too large\n")
-                        return
-                    }
-                    r.request.head.append(rest.baseAddress!, rest.count)
-                    return
-                }
-                let before = r.request.head.count
-                let take = min(rest.count, options.maxHeadBytes + 4 - before)
-                r.request.head.append(rest.baseAddress!, take)
-                let found = r.request.head.bytes.withUnsafeBytes { HTTPHead.end(of: $0, from: before - 3) }
-                guard let end = found else {
-                    if r.request.head.count > options.maxHeadBytes {
-                        localResponse(r, status: 431, "Request Header Fields Too Large", body: "request head too large\n")
-                    }
-                    return
-                }
-                let head = r.request.head.bytes
-                r.request.head.reset()
-                head.withUnsafeBytes { requestHead(r, UnsafeRawBufferPointer(rebasing: $0[..<end])) }
-                i += end - before
-            case .body:
-                let take = Int(min(r.request.remaining, UInt64(bytes.count - i)))
-                toUpstream(r, bytes.baseAddress! + i, take)
-                i += take
-                r.request.remaining -= UInt64(take)
-                if r.request.remaining == 0 { r.request.state = .head }
-            case .chunked:
-                let end: Int?
-                do { end = try r.request.chunks.scan(bytes, from: i) } catch {
-                    close(r)  // the app would see a broken body: nothing sensible to relay
-                    return
-                }
-                let stop = end ?? bytes.count
-                toUpstream(r, bytes.baseAddress! + i, stop - i)
-                i = stop
-                if end != nil { r.request.state = .head }
-            case .opaque:
-                toUpstream(r, bytes.baseAddress! + i, bytes.count - i)
-                i = bytes.count
+            switch r.phase {
             case .tunnelRequested:
                 // Until the app says yes (2xx to CONNECT, 101 to an upgrade) what follows is
                 // another request, to be parsed like any: held here, the client not read meanwhile.
-                r.request.head.append(bytes.baseAddress! + i, bytes.count - i)
+                r.pending.append(bytes.baseAddress! + i, bytes.count - i)
                 return
             case .stopped, .paused:
                 // Requests after the last one this connection carries are not taken (the client
                 // retries them elsewhere, as after any server close).
+                return
+            case .reading:
+                break
+            }
+            if r.requests.state == .head {
+                if draining && !r.mayStartRequest() {
+                    // Draining: one request at a time; hold what came until the response is done.
+                    let rest = bytes.count - i
+                    if r.requests.heldCount + r.pending.count + rest <= options.maxHeadBytes {
+                        r.pending.append(bytes.baseAddress! + i, rest)
+                    }
+                    r.phase = .paused
+                    return
+                }
+                if !r.requests.isHolding && r.outstanding.isEmpty && r.upstream >= 0 {
+                    r.deadline = now + options.headTimeout.milliseconds
+                }
+            }
+            switch r.requests.step(bytes, at: i) {
+            case .head(let range):
+                requestHead(r, UnsafeRawBufferPointer(rebasing: bytes[range]))
+                i = range.upperBound
+            case .assembledHead(let upTo):
+                let head = r.requests.takeHead()
+                head.withUnsafeBytes { requestHead(r, $0) }
+                i = upTo
+            case .body(let range, _), .passThrough(let range):
+                toUpstream(r, bytes.baseAddress! + range.lowerBound, range.count)
+                i = range.upperBound
+            case .held, .end:
+                return
+            case .headTooLarge:
+                tooLarge(r)
+                return
+            case .brokenChunks:
+                close(r)  // the app would see a broken body: nothing sensible to relay
                 return
             }
         }
@@ -641,10 +658,8 @@ final class ValidationProxy {
             // the connection closes after the answer.
             let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
             closing.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
-            r.outstanding.append(request.method)
-            r.requestsTaken += 1
+            r.requestSentAsLast(request)
             ProxyCounters.bump(counters.requests)
-            r.request.state = .stopped
             return
         }
         if r.upstream >= 0, options.forwarded {
@@ -660,18 +675,8 @@ final class ValidationProxy {
         } else {
             toUpstream(r, raw.baseAddress!, raw.count)
         }
-        r.outstanding.append(request.method)
-        r.requestsTaken += 1
+        r.requestSent(request)
         ProxyCounters.bump(counters.requests)
-        switch request.body {
-        case .none, .untilClose: r.request.state = request.method == .connect || request.upgrade ? .tunnelRequested : .head
-        case .length(let n):
-            r.request.state = .body
-            r.request.remaining = n
-        case .chunked:
-            r.request.state = .chunked
-            r.request.chunks = ChunkedScanner()
-        }
     }
 
     /// Decides where a connection goes from its first request; false when it was answered here.
@@ -781,7 +786,9 @@ final class ValidationProxy {
 
     private func upstreamFailed(_ r: Relay, _ error: Int32) {
         logger.debug("connecting to the upstream: \(errnoText(error))")
-        if r.response.state == .head && r.outstanding.count == 1 && r.toClient.isEmpty && r.bytesToClient == 0 {
+        if !r.responseStopped && r.responses.state == .head && r.outstanding.count == 1 && r.toClient.isEmpty
+            && r.bytesToClient == 0
+        {
             closeUpstream(r)
             localResponse(r, status: 502, "Bad Gateway", body: Self.refusedText(r))
         } else {
@@ -799,60 +806,29 @@ final class ValidationProxy {
 
     private func fromUpstream(_ r: Relay, _ bytes: UnsafeRawBufferPointer) {
         var i = 0
-        while i < bytes.count && !r.closed {
-            switch r.response.state {
-            case .head:
-                let rest = UnsafeRawBufferPointer(rebasing: bytes[i...])
-                if r.response.head.isEmpty {
-                    if let end = HTTPHead.end(of: rest) {
-                        responseHead(r, UnsafeRawBufferPointer(rebasing: rest[..<end]))
-                        i += end
-                        continue
-                    }
-                    if rest.count > options.maxHeadBytes * 4 {
-                        r.response.state = .opaque  // not HTTP we can follow: relay it as it is
-                        continue
-                    }
-                    r.response.head.append(rest.baseAddress!, rest.count)
-                    return
-                }
-                let before = r.response.head.count
-                r.response.head.append(rest.baseAddress!, rest.count)
-                let found = r.response.head.bytes.withUnsafeBytes { HTTPHead.end(of: $0, from: before - 3) }
-                guard let end = found else {
-                    if r.response.head.count > options.maxHeadBytes * 4 {
-                        let held = r.response.head.bytes
-                        r.response.head.reset()
-                        r.response.state = .opaque
-                        held.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
-                    }
-                    return
-                }
-                let head = r.response.head.bytes
-                r.response.head.reset()
-                head.withUnsafeBytes { responseHead(r, UnsafeRawBufferPointer(rebasing: $0[..<end])) }
-                i += end - before
-            case .body:
-                let take = Int(min(r.response.remaining, UInt64(bytes.count - i)))
-                toClient(r, bytes.baseAddress! + i, take)
-                i += take
-                r.response.remaining -= UInt64(take)
-                if r.response.remaining == 0 { responseComplete(r) }
-            case .chunked:
-                let end: Int?
-                do { end = try r.response.chunks.scan(bytes, from: i) } catch {
-                    r.response.state = .opaque
-                    continue
-                }
-                let stop = end ?? bytes.count
-                toClient(r, bytes.baseAddress! + i, stop - i)
-                i = stop
-                if end != nil { responseComplete(r) }
-            case .untilClose, .opaque:
-                toClient(r, bytes.baseAddress! + i, bytes.count - i)
-                i = bytes.count
-            case .stopped:
+        while i < bytes.count && !r.closed && !r.responseStopped {
+            switch r.responses.step(bytes, at: i) {
+            case .head(let range):
+                responseHead(r, UnsafeRawBufferPointer(rebasing: bytes[range]))
+                i = range.upperBound
+            case .assembledHead(let upTo):
+                let head = r.responses.takeHead()
+                head.withUnsafeBytes { responseHead(r, $0) }
+                i = upTo
+            case .body(let range, let ends):
+                toClient(r, bytes.baseAddress! + range.lowerBound, range.count)
+                i = range.upperBound
+                if ends { responseComplete(r) }
+            case .passThrough(let range):
+                toClient(r, bytes.baseAddress! + range.lowerBound, range.count)
+                i = range.upperBound
+            case .held, .end:
                 return
+            case .headTooLarge, .brokenChunks:
+                // Not HTTP we can follow: from here on, bytes pass as they are (what was held first).
+                let held = r.responses.takeHead()
+                r.responses.passEverything()
+                held.withUnsafeBytes { if $0.count > 0 { toClient(r, $0.baseAddress!, $0.count) } }
             }
         }
     }
@@ -861,7 +837,7 @@ final class ValidationProxy {
         let method = r.outstanding.first ?? .get
         guard let response = try? HTTPHead.parseResponse(head, requestMethod: method) else {
             // Not a response we can follow: from here on, bytes pass as they are.
-            r.response.state = .opaque
+            r.responses.passEverything()
             toClient(r, head.baseAddress!, head.count)
             return
         }
@@ -869,64 +845,47 @@ final class ValidationProxy {
             toClient(r, head.baseAddress!, head.count)
             return
         }
-        if r.request.state == .tunnelRequested && r.outstanding.count == 1
+        if r.phase == .tunnelRequested && r.outstanding.count == 1
             && (response.status == 101 || (method == .connect && response.status < 300))
         {
             toClient(r, head.baseAddress!, head.count)
-            r.response.state = .opaque
-            r.request.state = .opaque
-            r.opaque = true
+            let held = r.tunnelAccepted()
             if draining { r.deadline = drainDeadline }
-            if !r.request.head.isEmpty {
-                let held = r.request.head.bytes
-                r.request.head.reset()
-                held.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
-            }
+            held.withUnsafeBytes { if $0.count > 0 { toUpstream(r, $0.baseAddress!, $0.count) } }
             return
         }
         // While draining, the response to the last request this connection will carry says so.
-        if (draining || r.toChallengeServer) && r.outstanding.count == 1 && r.request.state.betweenRequests
+        if (draining || r.toChallengeServer) && r.outstanding.count == 1 && r.betweenRequests
             && response.body != .untilClose
         {
             let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
             closing.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
             r.closeAfterResponse = true
-            r.request.state = .stopped
+            r.phase = .stopped
         } else {
             toClient(r, head.baseAddress!, head.count)
-            if !response.keepAlive { r.request.state = r.request.state == .head ? .stopped : r.request.state }
+            if !response.keepAlive && r.phase == .reading && r.requests.state == .head { r.phase = .stopped }
         }
-        switch response.body {
-        case .none: responseComplete(r)
-        case .length(let n):
-            r.response.state = .body
-            r.response.remaining = n
-        case .chunked:
-            r.response.state = .chunked
-            r.response.chunks = ChunkedScanner()
-        case .untilClose:
-            r.response.state = .untilClose
+        if response.body == .none || response.body == .length(0) {
+            r.responseBody(.none)
+            responseComplete(r)
+        } else {
+            r.responseBody(response.body)
         }
     }
 
     private func responseComplete(_ r: Relay) {
-        if !r.outstanding.isEmpty { r.outstanding.removeFirst() }
-        r.response.state = .head
-        if r.closeAfterResponse {
-            r.response.state = .stopped
+        switch r.responseEnded() {
+        case .finish:
             finishClient(r)
             return
+        case .resume(let held):
+            held.withUnsafeBytes { fromClient(r, $0) }
+            return
+        case .idle:
+            break
         }
-        if r.request.state == .paused || (r.request.state == .tunnelRequested && r.outstanding.isEmpty) {
-            r.request.state = .head
-            if !r.request.head.isEmpty {
-                let held = r.request.head.bytes
-                r.request.head.reset()
-                held.withUnsafeBytes { fromClient(r, $0) }
-                return
-            }
-        }
-        if r.outstanding.isEmpty && r.request.state == .head && r.request.head.isEmpty {
+        if r.outstanding.isEmpty && r.idleBetweenRequests {
             r.deadline = now + (draining ? Self.drainIdleGrace : options.idleTimeout.milliseconds)
         }
     }
@@ -940,8 +899,7 @@ final class ValidationProxy {
         text += "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
         var bytes = Array(text.utf8)
         if !headOnly { bytes += bodyBytes }
-        r.request.state = .stopped
-        r.response.state = .stopped
+        r.stopBothWays()
         closeUpstream(r)
         bytes.withUnsafeBytes { toClient(r, $0.baseAddress!, $0.count) }
         finishClient(r)
@@ -1072,8 +1030,7 @@ final class ValidationProxy {
         var client: UInt32 = 0
         if !r.clientEOF
             && (r.lingering
-                || r.toUpstream.isEmpty && !r.connecting && r.request.state != .stopped && r.request.state != .paused
-                    && r.request.state != .tunnelRequested)
+                || r.toUpstream.isEmpty && !r.connecting && r.phase == .reading)
         {
             client |= Epoll.readable
         }
@@ -1082,7 +1039,7 @@ final class ValidationProxy {
         guard r.upstream >= 0 else { return }
         var upstream: UInt32 = 0
         if r.connecting || !r.toUpstream.isEmpty { upstream |= Epoll.writable }
-        if !r.connecting && !r.upstreamEOF && r.toClient.isEmpty && r.response.state != .stopped {
+        if !r.connecting && !r.upstreamEOF && r.toClient.isEmpty && !r.responseStopped {
             upstream |= Epoll.readable
         }
         setInterest(r.upstream, &r.upstreamInterest, upstream, tag: r.tag(upstream: true))
@@ -1114,7 +1071,7 @@ final class ValidationProxy {
     private func applyDrain(_ r: Relay) {
         if r.opaque {
             r.deadline = drainDeadline
-        } else if r.outstanding.isEmpty && r.request.head.isEmpty && r.upstream >= 0 {
+        } else if r.outstanding.isEmpty && !r.requestBytesHeld && r.upstream >= 0 {
             r.deadline = min(r.deadline, now + Self.drainIdleGrace)
         }
     }

@@ -17,6 +17,8 @@ final class Webroot {
     let path: String
     private let directory: Int32
     private let owner: uid_t
+    /// The directory's group.
+    let group: gid_t
     private let ownerGroups: Set<gid_t>
 
     static let maxFileSize = 65536
@@ -39,6 +41,7 @@ final class Webroot {
         self.path = path
         directory = fd
         owner = st.st_uid
+        group = st.st_gid
         ownerGroups = owner == 0 ? [] : Self.groups(of: st.st_uid)
     }
 
