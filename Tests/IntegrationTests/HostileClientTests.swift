@@ -105,6 +105,20 @@ struct HostileClientTests {
         #expect(try net.leRedirect("end").status == 0)
     }
 
+    /// A request answered, half of the next one pipelined behind it, then nothing: the head
+    /// timeout runs for the half from when the first response ended (it used to run for nothing,
+    /// and the connection stayed open for as long as the client liked).
+    @Test func halfAHeadBehindAPipelinedRequestTimesOut() throws {
+        let (net, _) = try session()
+        defer { net.close() }
+        let bytes = Array("GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nX: a".utf8).map { String(format: "%02x", $0) }.joined()
+        let output = try net.exec(net.client, ["python3", Self.hostile, "stall", Self.v4, bytes, "10"], timeout: 30)
+        let result = output.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(result.hasPrefix("closed after ") && result.hasSuffix("statuses 200"), "\(output)")
+        TestReport.add("hostile", order: 210, "| a request, then half of a second one pipelined behind it, then nothing (--head-timeout 2s) | before: open after 10 s · after: \(result) |")
+        #expect(try net.leRedirect("end").status == 0)
+    }
+
     @Test func slowlorisIsClosedAtTheHeadTimeoutWhileTheAppServes() throws {
         let (net, pid) = try session()
         defer { net.close() }

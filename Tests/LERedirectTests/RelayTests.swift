@@ -90,6 +90,12 @@ struct RelayTests {
         let refused = relay()
         refused.requestSent(request("CONNECT example.org:443 HTTP/1.1\r\n\r\n"))
         #expect(refused.responseEnded() == .idle && refused.phase == .reading)
+        // The app's bytes cannot be followed: both ways pass from here on, what waited first.
+        let lost = relay()
+        lost.requestSent(request("GET / HTTP/1.1\r\n\r\n"))
+        #expect(feed(lost, "GET /next HT") == .held)
+        #expect(lost.stopFollowing() == Array("GET /next HT".utf8))
+        #expect(lost.opaque && lost.requests.state == .passThrough && lost.responses.state == .passThrough && !lost.requestBytesHeld)
         // A response that ends when the app closes.
         let untilClose = relay()
         untilClose.responseBody(.untilClose)

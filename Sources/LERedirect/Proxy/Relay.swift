@@ -146,6 +146,15 @@ final class Relay {
         return held
     }
 
+    /// The app's bytes cannot be followed (not HTTP, a head past the limit, broken chunks): both
+    /// ways pass as they are from here on, like a tunnel; returns the client's bytes that waited.
+    func stopFollowing() -> [UInt8] {
+        let held = tunnelAccepted()
+        let partial = requests.isHolding ? requests.takeHead() : []
+        requests.passEverything()
+        return partial + held
+    }
+
     /// The response head says the body that follows (`.untilClose`: until the app closes).
     func responseBody(_ body: HTTPHead.Body) {
         responseEndsAtClose = body == .untilClose

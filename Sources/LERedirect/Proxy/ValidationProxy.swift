@@ -609,8 +609,14 @@ final class ValidationProxy {
                     let rest = bytes.count - i
                     if r.requests.heldCount + r.pending.count + rest <= options.maxHeadBytes {
                         r.pending.append(bytes.baseAddress! + i, rest)
+                        r.phase = .paused
+                    } else {
+                        // More than a head's worth: those bytes are not taken, and nothing after
+                        // them could be framed; the connection ends after the response in flight
+                        // (the client retries the rest elsewhere, as after any server close).
+                        r.phase = .stopped
+                        r.closeAfterResponse = true
                     }
-                    r.phase = .paused
                     return
                 }
                 if !r.requests.isHolding && r.outstanding.isEmpty && r.upstream >= 0 {
@@ -827,17 +833,26 @@ final class ValidationProxy {
             case .headTooLarge, .brokenChunks:
                 // Not HTTP we can follow: from here on, bytes pass as they are (what was held first).
                 let held = r.responses.takeHead()
-                r.responses.passEverything()
+                stopFollowing(r)
                 held.withUnsafeBytes { if $0.count > 0 { toClient(r, $0.baseAddress!, $0.count) } }
             }
         }
+    }
+
+    /// The app's bytes are not HTTP the proxy can follow: without knowing where its responses
+    /// end, neither side can be framed any more, and the connection is an opaque stream from here
+    /// on (the drain timeout ends it, like a tunnel's).
+    private func stopFollowing(_ r: Relay) {
+        let held = r.stopFollowing()
+        if draining { r.deadline = drainDeadline }
+        held.withUnsafeBytes { if $0.count > 0 { toUpstream(r, $0.baseAddress!, $0.count) } }
     }
 
     private func responseHead(_ r: Relay, _ head: UnsafeRawBufferPointer) {
         let method = r.outstanding.first ?? .get
         guard let response = try? HTTPHead.parseResponse(head, requestMethod: method) else {
             // Not a response we can follow: from here on, bytes pass as they are.
-            r.responses.passEverything()
+            stopFollowing(r)
             toClient(r, head.baseAddress!, head.count)
             return
         }
@@ -887,6 +902,10 @@ final class ValidationProxy {
         }
         if r.outstanding.isEmpty && r.idleBetweenRequests {
             r.deadline = now + (draining ? Self.drainIdleGrace : options.idleTimeout.milliseconds)
+        } else if r.outstanding.isEmpty && r.phase == .reading && r.requests.state == .head && r.requests.isHolding {
+            // Part of the next head came while this response was in flight: the head timeout
+            // runs for it from now (a client must not stall half a head behind a pipelined one).
+            r.deadline = now + options.headTimeout.milliseconds
         }
     }
 

@@ -271,6 +271,26 @@ def upload(host, mib, stall):
     print(data.split(b"\r\n\r\n", 1)[-1].decode().strip() or "closed")
 
 
+def stall(host, hexbytes, seconds):
+    """Sends the bytes and then nothing (no half-close): prints how long until the proxy closed,
+    with the statuses it answered, or that it was still open after `seconds`."""
+    s = connect(host, timeout=seconds)
+    s.sendall(bytes.fromhex(hexbytes))
+    start = time.monotonic()
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                print(f"closed after {time.monotonic() - start:.1f} s, statuses {','.join(statuses(data))}")
+                return
+            data += chunk
+    except socket.timeout:
+        print(f"open after {seconds:.0f} s, statuses {','.join(statuses(data))}")
+    except ConnectionResetError:
+        print(f"reset after {time.monotonic() - start:.1f} s, statuses {','.join(statuses(data))}")
+
+
 if __name__ == "__main__":
     case, host = sys.argv[1], sys.argv[2]
     if case == "answer":
@@ -291,6 +311,8 @@ if __name__ == "__main__":
         burst(host, int(sys.argv[3]), sys.argv[4])
     elif case == "download":
         download(host, sys.argv[3], float(sys.argv[4]))
+    elif case == "stall":
+        stall(host, sys.argv[3], float(sys.argv[4]))
     elif case == "upload":
         upload(host, int(sys.argv[3]), float(sys.argv[4]))
     else:
