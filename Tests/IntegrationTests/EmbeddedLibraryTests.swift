@@ -36,6 +36,36 @@ struct EmbeddedLibraryTests {
         #expect(try net.reach(TestNetwork.hostAddress4) == "app")
     }
 
+    /// A program embedding the library with the built-in proxy starts the same unprivileged proxy
+    /// process as the daemon does, from the le-redirect program beside it; one it would have to
+    /// trust blindly (LE_REDIRECT_EXECUTABLE naming a file others may write) is refused.
+    @Test func anEmbeddedBuiltInProxyRunsUnprivileged() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startApp()
+        let before = try net.ruleset()
+        let pid = try net.startEmbeddedSession(example: Self.example, mode: "proxy")
+        let proxy = try #require((try net.status()["proxyPid"] as? NSNumber)?.int32Value)
+        let status = try String(contentsOfFile: "/proc/\(proxy)/status", encoding: .utf8)
+        #expect(status.contains("CapEff:\t0000000000000000") && status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"), "\(status)")
+        #expect(!status.contains("Uid:\t0\t"), "\(status)")
+        #expect(try net.httpClient("get", TestNetwork.hostAddress4, "/") == "200 app \(TestNetwork.hostAddress4)")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(waitUntilGone(pid) && waitUntilGone(proxy))
+        #expect(try net.ruleset() == before)
+
+        // An executable named that anyone may write: begin refuses, nothing changed.
+        let copy = net.stateDirectory + "-nginx/le-redirect"
+        try FileManager.default.createDirectory(atPath: net.stateDirectory + "-nginx", withIntermediateDirectories: true)
+        try? FileManager.default.removeItem(atPath: copy)
+        try FileManager.default.copyItem(atPath: Paths.binary, toPath: copy)
+        chmod(copy, 0o777)
+        let refused = try net.exec(
+            net.host, ["env", "LE_REDIRECT_STATE_DIR=\(net.stateDirectory)", "LE_REDIRECT_EXECUTABLE=\(copy)", Self.example, "proxy"])
+        #expect(refused.stdout.contains("error:") && refused.stdout.contains("may be written by others"), "\(refused)")
+        #expect(try net.ruleset() == before)
+    }
+
     @Test func sigkillOfAnEmbeddingProcessGivesPortEightyBack() throws {
         let net = try TestNetwork(ruleset: "policy-drop")
         defer { net.close() }

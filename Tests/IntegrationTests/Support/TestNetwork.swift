@@ -399,8 +399,8 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Starts the library example (Examples/EmbeddedRenewer) holding a session until ended from
     /// outside; returns its pid once the session is active.
-    func startEmbeddedSession(example: String) throws -> Int32 {
-        try start(host, ["env", "LE_REDIRECT_STATE_DIR=\(stateDirectory)", example, "wait"])
+    func startEmbeddedSession(example: String, mode: String = "wait", environment: [String] = []) throws -> Int32 {
+        try start(host, ["env", "LE_REDIRECT_STATE_DIR=\(stateDirectory)"] + environment + [example, mode])
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
             if (try? status()["active"] as? Bool) == true, let pid = try daemonPID() { return pid }
