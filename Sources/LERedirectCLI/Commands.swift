@@ -50,6 +50,19 @@ struct BeginOptions: ParsableArguments {
         help: "Only tokens given by `le-redirect challenge add` (or the certbot manual hooks) are answered; the steering is armed only while one is registered.")
     var inMemory = false
 
+    @Option(
+        help: ArgumentHelp(
+            "Every challenge with a well-formed token is answered TOKEN.THUMBPRINT (acme.sh --stateless): THUMBPRINT is the ACME account key's thumbprint, so any client, and every node behind a load balancer, needs begin and end alone.",
+            valueName: "thumbprint"))
+    var stateless: String?
+
+    @Option(
+        name: .customLong("unknown-challenges"),
+        help: ArgumentHelp(
+            "What a challenge for a token the session does not hold gets (also one that finds nothing listening on --challenge-port): app (the default: relayed to the app, as without le-redirect, so a certificate renewed another way in the same window still validates) or 404.",
+            valueName: "app|404"))
+    var unknownChallenges: String = "app"
+
     @Flag(name: .customLong("external-proxy"), help: "You run the proxy on --proxy-port yourself, listening transparently (IPv4 and IPv6).")
     var externalProxy = false
 
@@ -108,13 +121,19 @@ struct BeginOptions: ParsableArguments {
                 .invalidArgument,
                 "--backend '\(backend)' is not a backend: use auto, nftables or iptables-legacy")
         }
-        let sources = [challengePort != nil, challengeURL != nil, webroot != nil, inMemory || forceInMemory].filter { $0 }.count
+        let sources = [challengePort != nil, challengeURL != nil, webroot != nil, inMemory || forceInMemory, stateless != nil]
+            .filter { $0 }.count
         guard sources <= 1 else {
             throw LERedirectError(
-                .invalidArgument, "--challenge-port, --challenge-url, --webroot and --in-memory exclude each other: choose one")
+                .invalidArgument,
+                "--challenge-port, --challenge-url, --webroot, --in-memory and --stateless exclude each other: choose one"
+                    + (forceInMemory ? " (this command keeps its tokens in memory)" : ""))
+        }
+        guard let unknown = UnknownChallenges(rawValue: unknownChallenges) else {
+            throw LERedirectError(.invalidArgument, "--unknown-challenges \(unknownChallenges): use app or 404")
         }
         if externalProxy {
-            guard sources == 0, !forwarded, proxyProtocol == nil else {
+            guard sources == 0, !forwarded, proxyProtocol == nil, unknownChallenges == "app" else {
                 throw LERedirectError(
                     .invalidArgument,
                     "--external-proxy: your proxy answers the challenges; the built-in proxy's options do not apply")
@@ -135,13 +154,16 @@ struct BeginOptions: ParsableArguments {
             challenge = .webroot(webroot)
         } else if inMemory || forceInMemory {
             challenge = .memory
+        } else if let stateless {
+            challenge = .stateless(thumbprint: stateless)
         }
         if let proxyProtocol, proxyProtocol != "v2" {
             throw LERedirectError(.invalidArgument, "--proxy-protocol \(proxyProtocol): only v2 is spoken")
         }
         let proxy = ProxyOptions(
             challenge: challenge, forwarded: forwarded, proxyProtocol: proxyProtocol != nil, maxConnections: maxConnections,
-            maxConnectionsPerSource: maxConnectionsPerSource, maxHeadBytes: maxHeadSize, headTimeout: headTimeout, idleTimeout: idleTimeout, drainTimeout: drainTimeout)
+            maxConnectionsPerSource: maxConnectionsPerSource, maxHeadBytes: maxHeadSize, headTimeout: headTimeout, idleTimeout: idleTimeout, drainTimeout: drainTimeout,
+            unknownChallenges: unknown)
         return TakeoverOptions(
             port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .builtIn(proxy),
             stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput)

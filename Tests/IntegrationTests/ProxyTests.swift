@@ -95,12 +95,17 @@ struct ProxyTests {
         try "tokA.thumb".write(toFile: webroot + "/tokA", atomically: true, encoding: .utf8)
         try "tokB.thumb".write(toFile: webroot + "/.well-known/acme-challenge/tokB", atomically: true, encoding: .utf8)
         try "secret".write(toFile: net.stateDirectory + "-nginx/secret", atomically: true, encoding: .utf8)
-        #expect(try net.leRedirect("begin", "--webroot", webroot).status == 0)
+        #expect(try net.leRedirect("begin", "--webroot", webroot, "--unknown-challenges", "404").status == 0)
         #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tokA") == "200 tokA.thumb")
         #expect(try net.httpClient("get", Self.v6, "/.well-known/acme-challenge/tokB") == "200 tokB.thumb")
         #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/missing") == "404 unknown ACME challenge token")
         #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/../secret") == "404 unknown ACME challenge token")
         #expect(try net.httpClient("get", Self.v4, "/") == "200 app \(Self.v4)")
+        #expect(try net.leRedirect("end").status == 0)
+        // By default a token the webroot lacks is the app's: what it would get without le-redirect.
+        #expect(try net.leRedirect("begin", "--webroot", webroot).status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tokA") == "200 tokA.thumb")
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/missing") == "200 app challenge missing")
         #expect(try net.leRedirect("end").status == 0)
     }
 
@@ -112,7 +117,7 @@ struct ProxyTests {
         defer { net.close() }
         try net.startApp()
         let before = try net.ruleset()
-        #expect(try net.leRedirect(["begin", "--in-memory"] + host.begin).status == 0)
+        #expect(try net.leRedirect(["begin", "--in-memory", "--unknown-challenges", "404"] + host.begin).status == 0)
         #expect(try net.status()["backend"] as? String == host.backend)
         #expect(try net.status()["armed"] as? Bool == false)
         // Not armed: the app answers even the challenge path.
@@ -148,6 +153,99 @@ struct ProxyTests {
         #expect(try net.status()["active"] as? Bool == false)
         #expect(try net.ruleset() == before)
         #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/T0k-en_") == "200 app challenge T0k-en_")
+    }
+
+    /// Behind a load balancer that sends PROXY protocol (nginx `listen 80 proxy_protocol`): the
+    /// header (v1 or v2, split inside it) is read past, the request after it routed, and the header
+    /// handed on unchanged, so the app sees the balancer's client exactly as without le-redirect;
+    /// a challenge goes to the challenge source without it. With --proxy-protocol v2 the proxy's
+    /// own header replaces the one that came (a client cannot name its address to an app that
+    /// trusts the proxy).
+    @Test(arguments: [Host.nftablesPolicyDrop, .legacyDropForcedLegacy])
+    func aLoadBalancersProxyHeaderIsHandedOnUnchanged(host: Host) throws {
+        let net = try TestNetwork(host)
+        defer { net.close() }
+        try net.startNginx(proxyProtocol: true)
+        try net.startApp(port: 12348, tag: "acme-client", address: "127.0.0.1")
+        let before = try net.ruleset()
+        // nginx wants the whole header in its first read; the proxy also takes one cut in two.
+        func check(_ phase: String, challenge: String, split: [String] = []) throws {
+            for (address, source) in [(Self.v4, "192.0.2.7"), (Self.v6, "2001:db8::7")] {
+                for version in ["v1", "v2"] {
+                    #expect(
+                        try net.httpClient(["proxied", address, version, "/"] + split) == "200 app \(source)",
+                        "\(phase) \(address) \(version)")
+                    #expect(
+                        try net.httpClient(["proxied", address, version, "/.well-known/acme-challenge/tok"] + split) == challenge,
+                        "\(phase) \(address) \(version)")
+                }
+                // Without a header nginx refuses the connection, during the window as outside it.
+                #expect(try net.httpClient("get", address, "/").hasPrefix("failed"), "\(phase) \(address)")
+            }
+        }
+        try check("before", challenge: "200 app challenge tok")
+        #expect(try net.leRedirect(["begin"] + host.begin).status == 0)
+        try check("window", challenge: "200 acme-client challenge tok")
+        try check("window, split", challenge: "200 acme-client challenge tok", split: ["split"])
+        let counters = try #require(try net.status()["counters"] as? [String: Int])
+        #expect(counters["challenges"] == 8)
+        #expect(try net.leRedirect("end").status == 0)
+        try check("after", challenge: "200 app challenge tok")
+        #expect(try net.leRedirect(["begin", "--proxy-protocol", "v2"] + host.begin).status == 0)
+        #expect(try net.httpClient("proxied", Self.v4, "v1", "/") == "200 app \(TestNetwork.clientAddress4)")
+        #expect(try net.httpClient("proxied", Self.v6, "v2", "/") == "200 app \(TestNetwork.clientAddress6)")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
+    /// --unknown-challenges: by default a challenge the session cannot answer reaches the app, as
+    /// without le-redirect (a certificate renewed through --webroot or the nginx plugin in the same
+    /// `certbot renew`, whose challenge port has nothing listening); with 404 the proxy answers it.
+    @Test func unknownChallengesGoToTheAppOr404() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startApp()
+        let path = "/.well-known/acme-challenge/"
+        // Nothing listens on the challenge port.
+        #expect(try net.leRedirect("begin").status == 0)
+        for address in [Self.v4, Self.v6] {
+            #expect(try net.httpClient("get", address, path + "tokW") == "200 app challenge tokW", "\(address)")
+            #expect(try net.httpClient("get", address, path + "a%2Fb") == "200 app challenge a%2Fb", "\(address)")
+        }
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.leRedirect("begin", "--unknown-challenges", "404").status == 0)
+        #expect(
+            try net.httpClient("get", Self.v4, path + "tokW") == "502 the ACME client's challenge server did not accept the connection")
+        #expect(try net.httpClient("get", Self.v4, path + "a%2Fb") == "404 unknown ACME challenge token")
+        #expect(try net.leRedirect("end").status == 0)
+        // In memory: a token not registered.
+        #expect(try net.leRedirect("begin", "--in-memory").status == 0)
+        #expect(try net.leRedirect("challenge", "add", "tok", "tok.thumbprint").status == 0)
+        #expect(try net.httpClient("get", Self.v4, path + "tok") == "200 tok.thumbprint")
+        #expect(try net.httpClient("get", Self.v6, path + "other") == "200 app challenge other")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.leRedirect("begin", "--unknown-challenges", "maybe").status == 2)
+    }
+
+    /// --stateless THUMBPRINT answers any plain token of 22-128 characters with TOKEN.THUMBPRINT,
+    /// as text/plain that no browser sniffs; nothing else is echoed (RFC 8555 8.3).
+    @Test func statelessAnswersEveryPlainTokenAndEchoesNothingElse() throws {
+        let net = try TestNetwork(ruleset: "policy-drop")
+        defer { net.close() }
+        try net.startApp()
+        let path = "/.well-known/acme-challenge/"
+        let thumbprint = "n4bQgYhMfWWaL-qgxVrQFaO_TxsrC4Is0V1sFbDwCgg"
+        let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+        #expect(try net.leRedirect("begin", "--stateless", "not-a-thumbprint").status == 2)
+        #expect(try net.leRedirect("begin", "--stateless", thumbprint, "--unknown-challenges", "404").status == 0)
+        for address in [Self.v4, Self.v6] {
+            #expect(try net.httpClient("typed", address, path + token) == "200 text/plain nosniff \(token).\(thumbprint)")
+            #expect(try net.httpClient("typed", address, path + String(token.prefix(21))) == "404 text/plain nosniff unknown ACME challenge token")
+            #expect(try net.httpClient("typed", address, path + "%3Cscript%3Ealert(1)%3C%2Fscript%3Exxxxxxxxxxxx") == "404 text/plain nosniff unknown ACME challenge token")
+            #expect(try net.httpClient("get", address, "/") == "200 app \(address)")
+        }
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.leRedirect("begin", "--stateless", thumbprint, "--webroot", "/tmp").status == 2)
     }
 
     /// Connections to the proxy port that did not come through the redirect are closed at once.

@@ -119,4 +119,19 @@ struct FormattingTests {
             #expect(json.contains(key), "\(key) in \(json)")
         }
     }
+
+    /// --stateless echoes tokens: only a thumbprint-shaped value is accepted, and only plain tokens
+    /// of 22-128 characters are answered (RFC 8555 8.3).
+    @Test func statelessAcceptsOnlyAThumbprintAndBoundedTokens() throws {
+        let thumbprint = "n4bQgYhMfWWaL-qgxVrQFaO_TxsrC4Is0V1sFbDwCgg"
+        try ProxyOptions(challenge: .stateless(thumbprint: thumbprint)).validate()
+        for bad in ["", "short", thumbprint + "A", String(thumbprint.dropLast()) + "=", "<script>alert(1)</script>xxxxxxxxxxxxxxxxxx"] {
+            #expect(throws: LERedirectError.self, "\(bad)") { try ProxyOptions(challenge: .stateless(thumbprint: bad)).validate() }
+        }
+        #expect(ChallengeToken.isValidStateless(String(repeating: "a", count: 22)))
+        #expect(ChallengeToken.isValidStateless(String(repeating: "a", count: 128)))
+        #expect(!ChallengeToken.isValidStateless(String(repeating: "a", count: 21)))
+        #expect(!ChallengeToken.isValidStateless(String(repeating: "a", count: 129)))
+        #expect(!ChallengeToken.isValidStateless(String(repeating: "a", count: 30) + "<b>"))
+    }
 }

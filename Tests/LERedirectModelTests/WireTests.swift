@@ -47,6 +47,7 @@ struct WireTests {
         ("ended", .ended(warnings: ["the host had removed a rule"])),
         ("challenge-reply", .challengeReply(tokens: 0, armed: false, endsWithLastToken: true)),
         ("proxy-start", .proxyStart(ProxyStart(options: ProxyOptions(challenge: .url(host: "fd00::7", port: 9000)), redirectedPort: 80, proxyPort: 12347, listenerOwners: [1000], user: ProxyUser(name: "le-redirect", uid: 998, gid: 998, groups: [33])))),
+        ("proxy-start-stateless", .proxyStart(ProxyStart(options: ProxyOptions(challenge: .stateless(thumbprint: String(repeating: "T", count: 43)), unknownChallenges: .notFound), redirectedPort: 80, proxyPort: 12347, listenerOwners: [], user: ProxyUser(name: "le-redirect", uid: 998, gid: 998)))),
         ("proxy-ready", .proxyReady(ProxyReady(pid: 77, uid: 65534, landlockABI: 7, seccomp: true))),
         ("tokens-held", .tokensHeld(3)),
         ("proxy-status", .proxyStatus(status)),
@@ -115,6 +116,9 @@ struct WireTests {
         tooMany.maxConnections = 2_000_000
         let bad = Message.proxyStart(ProxyStart(options: tooMany, redirectedPort: 80, proxyPort: 12347, listenerOwners: [], user: ProxyUser(name: "x", uid: 5, gid: 5)))
         #expect(throws: WireError.self) { try Message(decoding: bad.encoded()) }
+        // A thumbprint that is not one would be echoed in every answer: it does not decode.
+        let markup = Message.proxyStart(ProxyStart(options: ProxyOptions(challenge: .stateless(thumbprint: "<script>")), redirectedPort: 80, proxyPort: 12347, listenerOwners: [], user: ProxyUser(name: "x", uid: 5, gid: 5)))
+        #expect(throws: WireError.self) { try Message(decoding: markup.encoded()) }
     }
 
     /// scripts/fuzz's seeds for the wire target are these samples (regenerated with

@@ -68,6 +68,16 @@ final class Relay {
     var responses: HTTPFramer
     /// The client's bytes held while `paused` or `tunnelRequested`.
     var pending = HeadBuffer()
+    /// Whether the connection's first bytes were read far enough to know if a PROXY header from
+    /// a load balancer in front starts it (`ProxyHeader`).
+    var preambleSettled = false
+    /// The first bytes, held until that is known.
+    var preambleHeld: [UInt8] = []
+    /// The PROXY header the connection started with: handed on to the app unchanged.
+    var proxyHeader: [UInt8] = []
+    /// The request sent to the challenge server, kept to be relayed to the app instead if nothing
+    /// listens there (`--unknown-challenges app`).
+    var challengeRequest: [UInt8] = []
     /// The response in flight has a body that ends when the app closes.
     var responseEndsAtClose = false
     /// Nothing more of the app's is relayed (an answer of the proxy's own was sent).
@@ -109,7 +119,7 @@ final class Relay {
     var idleBetweenRequests: Bool { phase == .reading && requests.state == .head && !requestBytesHeld }
 
     /// Bytes of the client's are held (part of a head, or what waits while paused or for a tunnel).
-    var requestBytesHeld: Bool { requests.isHolding || !pending.isEmpty }
+    var requestBytesHeld: Bool { requests.isHolding || !pending.isEmpty || !preambleHeld.isEmpty }
 
     /// While draining, a connection carries at most one more request, and only once the
     /// responses it was waiting for are complete.

@@ -131,7 +131,7 @@ final class ValidationProxy {
             challengeListenerIsLocal = upstream.isLoopback || upstream.isUnspecified || Self.isLocal(upstream)
         case .port:
             challengeListenerIsLocal = true
-        case .webroot, .memory:
+        case .webroot, .memory, .stateless:
             break
         }
         epoll = le_epoll_create()
@@ -166,7 +166,7 @@ final class ValidationProxy {
         var ports = [redirectedPort]
         switch options.challenge {
         case .port(let port), .url(_, let port): if port != redirectedPort { ports.append(port) }
-        case .webroot, .memory: break
+        case .webroot, .memory, .stateless: break
         }
         return ports
     }
@@ -588,6 +588,44 @@ final class ValidationProxy {
     }
 
     private func fromClient(_ r: Relay, _ bytes: UnsafeRawBufferPointer) {
+        if r.preambleSettled {
+            fromClientFramed(r, bytes)
+            return
+        }
+        // A connection's first bytes: a PROXY header from a load balancer in front, or HTTP.
+        if r.preambleHeld.isEmpty {
+            if settlePreamble(r, bytes) { return }
+            r.preambleHeld.append(contentsOf: bytes)
+        } else {
+            r.preambleHeld.append(contentsOf: bytes)
+            let held = r.preambleHeld
+            if held.withUnsafeBytes({ settlePreamble(r, $0) }) { r.preambleHeld = [] }
+        }
+    }
+
+    /// Reads a connection's first bytes for a PROXY header; false when more are needed to tell.
+    private func settlePreamble(_ r: Relay, _ bytes: UnsafeRawBufferPointer) -> Bool {
+        switch ProxyHeader.scan(bytes, limit: options.maxHeadBytes) {
+        case .needMore:
+            return false
+        case .notAHeader:
+            r.preambleSettled = true
+            fromClientFramed(r, bytes)
+        case .header(let length):
+            r.preambleSettled = true
+            r.proxyHeader = Array(bytes[..<length])
+            if length < bytes.count { fromClientFramed(r, UnsafeRawBufferPointer(rebasing: bytes[length...])) }
+        case .invalid(let why):
+            // What an app expecting the header does with a broken one: the connection ends.
+            r.preambleSettled = true
+            logger.debug("closing a connection from \(r.peer.addressText): \(why)")
+            ProxyCounters.bump(counters.proxyErrors)
+            close(r)
+        }
+        return true
+    }
+
+    private func fromClientFramed(_ r: Relay, _ bytes: UnsafeRawBufferPointer) {
         var i = 0
         while i < bytes.count && !r.closed {
             switch r.phase {
@@ -663,7 +701,8 @@ final class ValidationProxy {
             // request to whatever listens there, or a second token): it and the client are told
             // the connection closes after the answer.
             let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
-            closing.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
+            if options.unknownChallenges == .app, case .port = options.challenge { r.challengeRequest = closing }
+            if r.upstream >= 0 { closing.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) } }
             r.requestSentAsLast(request)
             ProxyCounters.bump(counters.requests)
             return
@@ -687,17 +726,13 @@ final class ValidationProxy {
 
     /// Decides where a connection goes from its first request; false when it was answered here.
     private func route(_ r: Relay, _ request: HTTPHead.Request) -> Bool {
-        guard let token = request.challengeToken else {
-            return connectUpstream(r, to: r.original, proxyProtocol: options.proxyProtocol)
-        }
+        guard let token = request.challengeToken else { return connectApp(r) }
         ProxyCounters.bump(counters.challenges)
         let head = request.method == .head
-        // Nothing but a well-formed token goes anywhere: `../../admin` names no file and reaches
-        // no server.
-        guard ChallengeToken.isValid(token) else {
-            localResponse(r, status: 404, "Not Found", body: "unknown ACME challenge token\n", headOnly: head)
-            return false
-        }
+        // Nothing but a well-formed token goes to a challenge source: `../../admin` names no file
+        // and reaches no challenge server. With --unknown-challenges app it goes where it would go
+        // without le-redirect, the app.
+        guard ChallengeToken.isValid(token) else { return unknownChallenge(r, token: token, headOnly: head) }
         guard request.body == .none else {
             localResponse(r, status: 400, "Bad Request", body: "a challenge request has no body\n")
             return false
@@ -709,6 +744,13 @@ final class ValidationProxy {
         switch options.challenge {
         case .memory:
             break
+        case .stateless(let thumbprint):
+            // Only a plain token of a bounded length is echoed (RFC 8555 8.3: an echoed token
+            // must never become markup), as text/plain that no browser sniffs.
+            if ChallengeToken.isValidStateless(token) {
+                localResponse(r, status: 200, "OK", body: token + "." + thumbprint, headOnly: head)
+                return false
+            }
         case .webroot:
             if let body = webroot?.keyAuthorization(for: token) {
                 localResponse(r, status: 200, "OK", body: body, headOnly: head)
@@ -728,8 +770,45 @@ final class ValidationProxy {
             r.checksListenerOwner = challengeListenerIsLocal
             return connectUpstream(r, to: challengeUpstream!, proxyProtocol: false)
         }
-        localResponse(r, status: 404, "Not Found", body: "unknown ACME challenge token\n", headOnly: head)
+        return unknownChallenge(r, token: token, headOnly: head)
+    }
+
+    /// A challenge the session cannot answer: the app's (`--unknown-challenges app`), or a 404.
+    private func unknownChallenge(_ r: Relay, token: String, headOnly: Bool) -> Bool {
+        if options.unknownChallenges == .app {
+            logger.debug("a challenge for a token this session does not hold goes to the app")
+            return connectApp(r)
+        }
+        localResponse(r, status: 404, "Not Found", body: "unknown ACME challenge token\n", headOnly: headOnly)
         return false
+    }
+
+    /// Connects to where the connection was going, with the PROXY header it came with (from a
+    /// load balancer in front) or, with --proxy-protocol v2, the proxy's own in its place.
+    private func connectApp(_ r: Relay) -> Bool {
+        guard connectUpstream(r, to: r.original, proxyProtocol: options.proxyProtocol) else { return false }
+        if !options.proxyProtocol && !r.proxyHeader.isEmpty {
+            r.proxyHeader.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
+        }
+        return true
+    }
+
+    /// Nothing listens on the challenge port (with --unknown-challenges app): the challenge is
+    /// not one this session's ACME client holds (a certificate renewed through --webroot or the
+    /// nginx plugin in the same `certbot renew`), and goes to the app instead. True when it did.
+    private func challengeToApp(_ r: Relay, _ error: Int32) -> Bool {
+        guard error == ECONNREFUSED, r.toChallengeServer, options.unknownChallenges == .app,
+            case .port = options.challenge, !r.challengeRequest.isEmpty, r.bytesToClient == 0
+        else { return false }
+        closeUpstream(r)
+        r.toChallengeServer = false
+        r.checksListenerOwner = false
+        logger.debug("nothing listens on the challenge port: the challenge goes to the app")
+        guard connectApp(r) else { return true }
+        let request = r.challengeRequest
+        r.challengeRequest = []
+        request.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
+        return true
     }
 
     private func connectUpstream(_ r: Relay, to destination: le_endpoint, proxyProtocol: Bool) -> Bool {
@@ -737,7 +816,14 @@ final class ValidationProxy {
         var inProgress: Int32 = 0
         let fd = le_tcp_connect(&to, &inProgress)
         guard fd >= 0 else {
-            logger.debug("connecting to \(to.addressText):\(to.port): \(errnoText(errno))")
+            let code = errno
+            logger.debug("connecting to \(to.addressText):\(to.port): \(errnoText(code))")
+            if code == ECONNREFUSED, r.toChallengeServer, options.unknownChallenges == .app, case .port = options.challenge {
+                logger.debug("nothing listens on the challenge port: the challenge goes to the app")
+                r.toChallengeServer = false
+                r.checksListenerOwner = false
+                return connectApp(r)
+            }
             localResponse(r, status: 502, "Bad Gateway", body: Self.refusedText(r))
             return false
         }
@@ -792,6 +878,7 @@ final class ValidationProxy {
 
     private func upstreamFailed(_ r: Relay, _ error: Int32) {
         logger.debug("connecting to the upstream: \(errnoText(error))")
+        if challengeToApp(r, error) { return }
         if !r.responseStopped && r.responses.state == .head && r.outstanding.count == 1 && r.toClient.isEmpty
             && r.bytesToClient == 0
         {
@@ -915,7 +1002,7 @@ final class ValidationProxy {
         if status >= 400 && status != 404 { ProxyCounters.bump(counters.proxyErrors) }
         let bodyBytes = Array(body.utf8)
         var text = "HTTP/1.1 \(status) \(reason)\r\nContent-Type: text/plain\r\nContent-Length: \(bodyBytes.count)\r\n"
-        text += "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        text += "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
         var bytes = Array(text.utf8)
         if !headOnly { bytes += bodyBytes }
         r.stopBothWays()

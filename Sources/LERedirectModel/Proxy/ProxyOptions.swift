@@ -10,6 +10,9 @@ public enum ChallengeSource: Sendable, Hashable, CustomStringConvertible {
     /// Only tokens registered with `le-redirect challenge add` (or the library); the redirect is
     /// armed only while at least one is registered.
     case memory
+    /// Any well-formed token is answered `TOKEN.THUMBPRINT` (acme.sh's `--stateless`): the ACME
+    /// account key's thumbprint does not change between renewals, so no token is handed around.
+    case stateless(thumbprint: String)
 
     public static let defaultPort: UInt16 = 12348
 
@@ -19,6 +22,7 @@ public enum ChallengeSource: Sendable, Hashable, CustomStringConvertible {
         case .url(let host, let port): "challenge-url http://\(host.contains(":") ? "[\(host)]" : host):\(port)"
         case .webroot(let dir): "webroot \(dir)"
         case .memory: "in-memory tokens"
+        case .stateless: "stateless"
         }
     }
 
@@ -62,9 +66,22 @@ public enum ChallengeSource: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// What a challenge for a token the session cannot answer gets.
+public enum UnknownChallenges: String, Sendable, Hashable, CaseIterable {
+    /// Relayed to the app like any other request: what it would get without le-redirect, so that a
+    /// certificate renewed another way in the same window (certbot --webroot or --nginx, another
+    /// client) still validates.
+    case app
+    /// Answered 404 by the proxy: no challenge path ever reaches the app during a window.
+    case notFound = "404"
+}
+
 /// How the built-in proxy behaves: its challenge source and its limits.
 public struct ProxyOptions: Sendable, Hashable {
     public var challenge: ChallengeSource
+    /// What a challenge for a token the session does not hold gets (with --challenge-port: also a
+    /// challenge that finds nothing listening on that port).
+    public var unknownChallenges: UnknownChallenges
     /// Sets X-Forwarded-For, X-Forwarded-Proto and Forwarded on every relayed request, replacing
     /// any the client sent.
     public var forwarded: Bool
@@ -89,9 +106,10 @@ public struct ProxyOptions: Sendable, Hashable {
         proxyProtocol: Bool = false, maxConnections: Int = 10_000, maxConnectionsPerSource: Int = 1_000,
         maxHeadBytes: Int = 16 * 1024,
         headTimeout: Duration = .seconds(10), idleTimeout: Duration = .seconds(60),
-        drainTimeout: Duration = .seconds(30)
+        drainTimeout: Duration = .seconds(30), unknownChallenges: UnknownChallenges = .app
     ) {
         self.challenge = challenge
+        self.unknownChallenges = unknownChallenges
         self.forwarded = forwarded
         self.proxyProtocol = proxyProtocol
         self.maxConnections = maxConnections
@@ -129,6 +147,10 @@ public struct ProxyOptions: Sendable, Hashable {
             throw LERedirectError(.invalidArgument, "--challenge-port 0 is not a TCP port (1-65535)")
         case .webroot(let dir) where !dir.hasPrefix("/"):
             throw LERedirectError(.invalidArgument, "--webroot \(dir) must be an absolute path")
+        case .stateless(let thumbprint) where !ChallengeToken.isThumbprint(thumbprint):
+            throw LERedirectError(
+                .invalidArgument,
+                "--stateless \(thumbprint.prefix(80)): expected the ACME account key's thumbprint, 43 base64url characters (acme.sh --register-account prints it as ACCOUNT_THUMBPRINT)")
         default:
             break
         }
@@ -143,6 +165,20 @@ public enum ChallengeToken {
             && bytes.allSatisfy { b in
                 (b >= 48 && b <= 57) || (b >= 65 && b <= 90) || (b >= 97 && b <= 122) || b == 45 || b == 95
             }
+    }
+
+    /// Tokens answered without being registered (`--stateless`) are bounded more tightly: RFC 8555
+    /// asks for at least 128 bits (22 base64url characters); CAs send 43. Anything echoed back must
+    /// be a plain token (8.3 warns of cross-site scripting otherwise).
+    public static let statelessLengths = 22...128
+
+    public static func isValidStateless(_ token: String) -> Bool {
+        statelessLengths.contains(token.utf8.count) && isValid(token)
+    }
+
+    /// A JWK thumbprint (RFC 7638) of SHA-256: 32 bytes, 43 base64url characters, no padding.
+    public static func isThumbprint(_ text: String) -> Bool {
+        text.utf8.count == 43 && isValid(text)
     }
 
     /// A key authorization is `token.thumbprint`, both base64url.

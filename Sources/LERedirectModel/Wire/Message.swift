@@ -466,6 +466,9 @@ extension Message {
             w.u8(2)
             w.string(dir)
         case .memory: w.u8(3)
+        case .stateless(let thumbprint):
+            w.u8(4)
+            w.string(thumbprint)
         }
         w.bool(p.forwarded)
         w.bool(p.proxyProtocol)
@@ -475,6 +478,15 @@ extension Message {
         w.duration(p.headTimeout)
         w.duration(p.idleTimeout)
         w.duration(p.drainTimeout)
+        w.u8(p.unknownChallenges == .app ? 0 : 1)
+    }
+
+    private static func unknownChallenges(_ r: inout WireReader) throws(WireError) -> UnknownChallenges {
+        switch try r.u8("unknown challenges") {
+        case 0: .app
+        case 1: .notFound
+        case let other: throw WireError("unknown challenges \(other)")
+        }
     }
 
     private static func readProxyOptions(_ r: inout WireReader) throws(WireError) -> ProxyOptions {
@@ -486,13 +498,15 @@ extension Message {
             challenge = .url(host: host, port: try r.port("challenge url port"))
         case 2: challenge = .webroot(try r.string("webroot"))
         case 3: challenge = .memory
+        case 4: challenge = .stateless(thumbprint: try r.string("thumbprint"))
         case let other: throw WireError("unknown challenge source \(other)")
         }
         let options = ProxyOptions(
             challenge: challenge, forwarded: try r.bool("forwarded"), proxyProtocol: try r.bool("proxy protocol"),
             maxConnections: Int(try r.u32("max connections")), maxConnectionsPerSource: Int(try r.u32("per source")),
             maxHeadBytes: Int(try r.u32("max head")), headTimeout: try r.duration("head timeout"),
-            idleTimeout: try r.duration("idle timeout"), drainTimeout: try r.duration("drain timeout"))
+            idleTimeout: try r.duration("idle timeout"), drainTimeout: try r.duration("drain timeout"),
+            unknownChallenges: try unknownChallenges(&r))
         do { try options.validate() } catch { throw WireError("proxy options: \(error.message)") }
         return options
     }

@@ -286,8 +286,10 @@ final class TestNetwork: @unchecked Sendable {
         try waitForListener(ns ?? host, port)
     }
 
-    /// nginx on :80 (IPv4 and IPv6) in front of the app on 127.0.0.1:8081, as a real site would be.
-    func startNginx() throws {
+    /// nginx on :80 (IPv4 and IPv6) in front of the app on 127.0.0.1:8081, as a real site would be;
+    /// with `proxyProtocol`, as behind a load balancer: every connection must start with a PROXY
+    /// header, whose client address the app gets as X-Real-IP.
+    func startNginx(proxyProtocol: Bool = false) throws {
         try startApp(port: 8081, address: "127.0.0.1")
         let dir = stateDirectory + "-nginx"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -298,9 +300,9 @@ final class TestNetwork: @unchecked Sendable {
               access_log off; client_body_temp_path \(dir)/body; proxy_temp_path \(dir)/proxy;
               map $http_upgrade $connection_upgrade { default upgrade; '' ''; }
               upstream app { server 127.0.0.1:8081; keepalive 16; }
-              server { listen 80; listen [::]:80; keepalive_requests 1000000; client_max_body_size 64m;
+              server { listen 80\(proxyProtocol ? " proxy_protocol" : ""); listen [::]:80\(proxyProtocol ? " proxy_protocol" : ""); keepalive_requests 1000000; client_max_body_size 64m;
                 location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Host $host;
-                  proxy_set_header X-Real-IP $remote_addr; proxy_set_header Upgrade $http_upgrade;
+                  proxy_set_header X-Real-IP \(proxyProtocol ? "$proxy_protocol_addr" : "$remote_addr"); proxy_set_header Upgrade $http_upgrade;
                   proxy_set_header Connection $connection_upgrade; proxy_buffering off; }
                 location = /static { return 200 "static\\n"; }
               }
@@ -321,6 +323,10 @@ final class TestNetwork: @unchecked Sendable {
 
     /// Runs a case of Support/client.py from the client namespace; its last line.
     func httpClient(_ arguments: String..., from ns: String? = nil) throws -> String {
+        try httpClient(arguments, from: ns)
+    }
+
+    func httpClient(_ arguments: [String], from ns: String? = nil) throws -> String {
         let output = try exec(ns ?? client, ["python3", Paths.client] + arguments, timeout: 30)
         let last = output.stdout.split(separator: "\n").last.map(String.init) ?? ""
         return output.status == 0 ? last : "failed: \(output.stderr.split(separator: "\n").last ?? "")"

@@ -7,7 +7,13 @@
   client.py slowclient HOST   a request sent a few bytes at a time
   client.py get HOST PATH [HEADER...]   one request (Connection: close); prints status and body
   client.py raw HOST          connects and reports whether the server closes without a word
+  client.py proxied HOST v1|v2 PATH [split]   a PROXY header (from 192.0.2.7 / 2001:db8::7, as a
+                              load balancer sends it), then one request; with split, in two writes
+                              cut inside the header (the proxy must wait for the rest; nginx does not)
+  client.py typed HOST PATH   one request; prints status, Content-Type, X-Content-Type-Options, body
 """
+import ipaddress
+import struct
 import hashlib
 import socket
 import sys
@@ -135,6 +141,37 @@ def get(host, path, headers):
     print(status, body.decode().strip())
 
 
+def proxy_header(version, host):
+    v6 = ":" in host
+    source = "2001:db8::7" if v6 else "192.0.2.7"
+    if version == "v1":
+        return f"PROXY {'TCP6' if v6 else 'TCP4'} {source} {host} 51234 80\r\n".encode()
+    family = 0x21 if v6 else 0x11
+    addresses = ipaddress.ip_address(source).packed + ipaddress.ip_address(host).packed + struct.pack("!HH", 51234, 80)
+    tlv = b"\x04" + struct.pack("!H", 3) + b"abc"  # a TLV of no meaning here (NOOP), passed on with the rest
+    body = addresses + tlv
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+def proxied(host, version, path, split):
+    s = connect(host)
+    header = proxy_header(version, host)
+    if split:
+        s.sendall(header[:9])
+        time.sleep(0.2)
+        header = header[9:]
+    s.sendall(header + f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    status, _, body = Reader(s).response()
+    print(status, body.decode().strip())
+
+
+def typed(host, path):
+    s = connect(host)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    status, fields, body = Reader(s).response()
+    print(status, fields.get("content-type"), fields.get("x-content-type-options"), body.decode().strip())
+
+
 def raw(host, port):
     s = connect(host, port)
     try:
@@ -150,5 +187,9 @@ if __name__ == "__main__":
         get(host, sys.argv[3], sys.argv[4:])
     elif case == "raw":
         raw(host, int(sys.argv[3]))
+    elif case == "proxied":
+        proxied(host, sys.argv[3], sys.argv[4], sys.argv[5:] == ["split"])
+    elif case == "typed":
+        typed(host, sys.argv[3])
     else:
         globals()[case](host)
