@@ -13,7 +13,7 @@ public struct LERedirectCommand: ParsableCommand {
             State lives in /run/le-redirect (LE_REDIRECT_STATE_DIR overrides it).
             """,
         version: LERedirectVersion.current,
-        subcommands: [Begin.self, End.self, Status.self, Recover.self, Run.self, Detect.self, Challenge.self]
+        subcommands: [Begin.self, End.self, Status.self, Recover.self, Run.self, Detect.self, Challenge.self, Deploy.self]
     )
 
     public init() {}

@@ -16,7 +16,7 @@ PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 deploy_challenge() {
     while [ $# -ge 3 ]; do
         # shellcheck disable=SC2086 # the options are words on purpose
-        le-redirect challenge add --begin --until-parent-exits ${LE_REDIRECT_BEGIN_OPTIONS:-} -- "$2" "$3"
+        le-redirect challenge add --begin --until-parent-exits --unknown-challenges app ${LE_REDIRECT_BEGIN_OPTIONS:-} -- "$2" "$3"
         shift 3
     done
 }

@@ -28,6 +28,7 @@ def certbot_args(bed, workdir, domain=True):
 def certbot(bed, workdir):
     """certbot --standalone on 12348, le-redirect through its pre and post hooks."""
     argv = certbot_args(bed, workdir) + ["certonly", "--standalone", "--http-01-port", "12348",
+                                         "--http-01-address", "127.0.0.1",
                                          "--pre-hook", f"{HOOKS}/certbot-pre.sh", "--post-hook", f"{HOOKS}/certbot-post.sh"]
     return argv, f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"
 
@@ -60,7 +61,7 @@ def certbot_manual(bed, workdir):
 def lego(bed, workdir, server=testbed.DIRECTORY):
     """lego has no pre/post hooks: `le-redirect run -- lego ... run`."""
     argv = ["le-redirect", "run", "--", "lego", "--server", server, "--email", f"admin@{testbed.DOMAIN}", "--accept-tos",
-            "--domains", testbed.DOMAIN, "--http", "--http.port", ":12348", "--path", workdir, "run"]
+            "--domains", testbed.DOMAIN, "--http", "--http.port", "127.0.0.1:12348", "--path", workdir, "run"]
     return argv, f"{workdir}/certificates/{testbed.DOMAIN}.crt"
 
 
@@ -70,7 +71,7 @@ def lego_renew(bed, workdir):
     --days beyond its lifetime makes lego renew it now; --no-random-sleep, or lego first sleeps up to
     8 minutes, inside the takeover."""
     common = ["lego", "--server", testbed.DIRECTORY, "--email", f"admin@{testbed.DOMAIN}", "--accept-tos",
-              "--domains", testbed.DOMAIN, "--http", "--http.port", ":12348", "--path", workdir]
+              "--domains", testbed.DOMAIN, "--http", "--http.port", "127.0.0.1:12348", "--path", workdir]
     if not os.path.exists(f"{workdir}/certificates/{testbed.DOMAIN}.crt"):
         first = bed.web_exec(["le-redirect", "run", "--"] + common + ["run"])
         if first.returncode != 0:
@@ -98,6 +99,52 @@ def dehydrated(bed, workdir):
     return ["dehydrated", "-c", "--force", "-d", testbed.DOMAIN, "-f", f"{workdir}/config"], f"{workdir}/certs/{testbed.DOMAIN}/cert.pem"
 
 
+def uacme(bed, workdir):
+    """uacme through its hook (METHOD TYPE IDENT TOKEN AUTH). Debian's uacme (libcurl-gnutls) trusts
+    only the system's CA bundle: Pebble's CA is bind-mounted over it in a mount namespace of its own."""
+    os.makedirs(workdir, exist_ok=True)
+
+    def trusting_pebble(argv):
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/ssl/certs/ca-certificates.crt && exec "$@"', bed.ca] + argv
+
+    common = ["uacme", "-y", "-v", "-c", f"{workdir}/conf", "-a", testbed.DIRECTORY]
+    if not os.path.isfile(f"{workdir}/conf/private/key.pem"):
+        reg = bed.web_exec(trusting_pebble(common + ["new"]))
+        if reg.returncode != 0:
+            raise RuntimeError(f"uacme new failed: {reg.stdout[-2000:]}")
+    argv = trusting_pebble(common + ["-f", "-h", f"{HOOKS}/uacme-hook.sh", "issue", testbed.DOMAIN])
+    return argv, f"{workdir}/conf/{testbed.DOMAIN}/cert.pem"
+
+
+def acme_tiny(bed, workdir):
+    """acme-tiny has no hooks: `le-redirect run --webroot DIR -- acme-tiny --acme-dir DIR`. Its own
+    check fetches the challenge from this host, which le-redirect does not steer (the host's own
+    connections reach the app): --disable-check."""
+    challenges = f"{workdir}/challenges"
+    os.makedirs(challenges, exist_ok=True)
+    os.chmod(challenges, 0o755)
+    # The proxy opens the webroot as its unprivileged user: every directory on the way must let
+    # others search it (o+x; nothing becomes listable or writable).
+    d = os.path.dirname(challenges)
+    while d not in ("/", ""):
+        mode = os.stat(d).st_mode
+        if not mode & 0o001:
+            os.chmod(d, (mode & 0o7777) | 0o001)
+        d = os.path.dirname(d)
+    for key in ("account.key", "domain.key"):
+        if not os.path.isfile(f"{workdir}/{key}"):
+            subprocess.run(["openssl", "genrsa", "-out", f"{workdir}/{key}", "2048"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-new", "-sha256", "-key", f"{workdir}/domain.key", "-subj", f"/CN={testbed.DOMAIN}",
+                    "-addext", f"subjectAltName=DNS:{testbed.DOMAIN}",
+                    "-out", f"{workdir}/domain.csr"], check=True, capture_output=True)
+    cert = f"{workdir}/cert.pem"
+    argv = ["sh", "-c", 'rm -f "$0" && "$@" > "$0.new" && mv "$0.new" "$0"', cert,
+            "le-redirect", "run", "--webroot", challenges, "--", "acme-tiny", "--account-key", f"{workdir}/account.key",
+            "--csr", f"{workdir}/domain.csr", "--acme-dir", challenges, "--directory-url", testbed.DIRECTORY, "--disable-check"]
+    return argv, cert
+
+
 def certbot_source_approach(bed, workdir):
     """For comparison only: certbot --standalone with the hooks the source approach (docs/design.md) uses
     (tinyproxy on 12347 and six nft CLI rules, removed one by one afterwards)."""
@@ -113,6 +160,8 @@ CLIENTS = {
     "lego": lego,
     "lego-renew": lego_renew,
     "dehydrated": dehydrated,
+    "uacme": uacme,
+    "acme-tiny": acme_tiny,
 }
 
 

@@ -208,6 +208,7 @@ http {{
             "REQUESTS_CA_BUNDLE": self.ca,  # certbot
             "LEGO_CA_CERTIFICATES": self.ca,  # lego
             "CURL_CA_BUNDLE": self.ca,  # curl (dehydrated)
+            "SSL_CERT_FILE": self.ca,  # Python's urllib (acme-tiny)
         })
         env.update(extra)
         return env

@@ -244,10 +244,13 @@ final class TestNetwork: @unchecked Sendable {
     }
 
     /// Starts a long-running program in `ns`; `close()` kills it.
-    func start(_ ns: String, _ arguments: [String]) throws {
+    @discardableResult
+    func start(_ ns: String, _ arguments: [String]) throws -> pid_t {
         let devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)
         defer { Glibc.close(devnull) }
-        started.append(try spawn(["ip", "netns", "exec", ns] + arguments, stdout: devnull, stderr: devnull))
+        let pid = try spawn(["ip", "netns", "exec", ns] + arguments, stdout: devnull, stderr: devnull)
+        started.append(pid)
+        return pid
     }
 
     /// Starts tagged listeners: the app on :80 and a stand-in proxy on :12347 in the host, and a
