@@ -43,10 +43,14 @@ struct DeployHAProxy: ParsableCommand {
             fullchain: try readText(chainPath), key: try readText(keyPath), fullchainPath: chainPath, keyPath: keyPath)
         _ = try HAProxyRuntime.replaceCertificate(socket: socket, name: certificate, pem: pem)
         print("le-redirect: HAProxy (\(socket)) now serves the certificate of \(chainPath) as \(certificate)")
-        if !noWrite && certificate.hasPrefix("/") {
-            try writeAtomically(pem, to: certificate)
-            print("le-redirect: wrote \(certificate)")
+        if noWrite { return }
+        guard certificate.hasPrefix("/") else {
+            printWarning(
+                "\(certificate) is a name relative to HAProxy's crt-base: the file was not written, so a reload or restart would serve the old certificate; give --certificate as the absolute path, or write the file yourself")
+            return
         }
+        let written = try writeAtomically(pem, to: certificate)
+        print("le-redirect: wrote \(written)")
     }
 
     /// The chain and key files: given, or named by the ACME client's deploy-hook environment.
@@ -86,20 +90,36 @@ func readText(_ path: String) throws -> String {
     return String(decoding: bytes, as: UTF8.self)
 }
 
-/// Writes `text` to `path` by a rename, keeping the old file's owner and mode (0600 for a new one).
-func writeAtomically(_ text: String, to path: String) throws {
+/// Writes `text` (a certificate and its private key) to `path` by a rename: through a symbolic
+/// link to the file it names, keeping the old file's owner and its mode without any bit for others
+/// or group write (0600 for a new file), the directory synced. Returns the path written.
+func writeAtomically(_ text: String, to givenPath: String) throws -> String {
+    var path = givenPath
+    var link = stat()
+    if lstat(givenPath, &link) == 0, link.st_mode & S_IFMT == S_IFLNK {
+        guard let resolved = realpath(givenPath, nil) else {
+            throw LERedirectError(
+                .failed, "\(givenPath) is a symbolic link to nothing: \(String(cString: strerror(errno))); HAProxy serves the new certificate, nothing was written",
+                errno: errno)
+        }
+        path = String(cString: resolved)
+        free(resolved)
+    }
     var old = stat()
     let exists = stat(path, &old) == 0
+    let mode = exists ? old.st_mode & 0o740 : 0o600
     let temporary = path + ".le-redirect.\(getpid())"
+    var created = false
     let fail = { (what: String) -> LERedirectError in
         let code = errno
-        unlink(temporary)
+        if created { unlink(temporary) }
         return LERedirectError(
             .failed, "\(what) \(path): \(String(cString: strerror(code))); HAProxy serves the new certificate, the file is unchanged",
             errno: code)
     }
-    let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, exists ? old.st_mode & 0o777 : 0o600)
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
     guard fd >= 0 else { throw fail("writing") }
+    created = true
     var ok = true
     var bytes = Array(text.utf8)
     var written = 0
@@ -109,7 +129,7 @@ func writeAtomically(_ text: String, to path: String) throws {
     }
     bytes = []
     if ok && exists && fchown(fd, old.st_uid, old.st_gid) != 0 { ok = false }
-    if ok && exists && fchmod(fd, old.st_mode & 0o777) != 0 { ok = false }
+    if ok && fchmod(fd, mode) != 0 { ok = false }
     if ok && fsync(fd) != 0 { ok = false }
     if !ok {
         let error = fail("writing")
@@ -118,4 +138,10 @@ func writeAtomically(_ text: String, to path: String) throws {
     }
     close(fd)
     guard rename(temporary, path) == 0 else { throw fail("replacing") }
+    let directory = open(path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/") + "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    if directory >= 0 {
+        _ = fsync(directory)
+        close(directory)
+    }
+    return path
 }

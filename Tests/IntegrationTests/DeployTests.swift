@@ -95,7 +95,10 @@ struct DeployTests {
         #expect(deploy.status == 0, "\(deploy)")
         #expect(try servedSerial(net, Self.v4) == "serial=B2")
         #expect(try servedSerial(net, Self.v6) == "serial=B2")
-        // The file HAProxy loads at its next start is the new one too.
+        // The file HAProxy loads at its next start is the new one too, and (it holds the key) no
+        // longer readable by others, as it was.
+        let attributes = try FileManager.default.attributesOfItem(atPath: site)
+        #expect((attributes[.posixPermissions] as? Int).map { $0 & 0o007 } == 0, "\(attributes)")
         #expect(try String(contentsOfFile: site, encoding: .utf8).contains(String(contentsOfFile: "\(dir)/new.crt", encoding: .utf8).split(separator: "\n")[1]))
 
         for (name, pid, log) in running {

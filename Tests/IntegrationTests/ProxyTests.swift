@@ -213,6 +213,13 @@ struct ProxyTests {
             #expect(try net.httpClient("get", address, path + "a%2Fb") == "200 app challenge a%2Fb", "\(address)")
         }
         #expect(try net.leRedirect("end").status == 0)
+        // With --forwarded the app gets the proxy's forwarding headers there too, not the client's.
+        #expect(try net.leRedirect("begin", "--forwarded").status == 0)
+        let client = TestNetwork.clientAddress4
+        #expect(
+            try net.httpClient("get", Self.v4, path + "tokW", "X-Forwarded-For: 6.6.6.6")
+                == "200 app challenge tokW x-forwarded-for=\(client) x-forwarded-proto=http forwarded=for=\(client);proto=http")
+        #expect(try net.leRedirect("end").status == 0)
         #expect(try net.leRedirect("begin", "--unknown-challenges", "404").status == 0)
         #expect(
             try net.httpClient("get", Self.v4, path + "tokW") == "502 the ACME client's challenge server did not accept the connection")

@@ -13,14 +13,23 @@ public enum HAProxyRuntime {
         guard HAProxyCertificate.validName(name) else {
             throw LERedirectError(.invalidArgument, "--certificate \(name): not a name HAProxy's Runtime API can be given")
         }
-        let set = try command(path, HAProxyCertificate.setCommand(name: name, pem: pem), timeout: timeout)
+        let set: String
+        do { set = try command(path, HAProxyCertificate.setCommand(name: name, pem: pem), timeout: timeout) } catch {
+            // The payload may have arrived: a transaction left open would block the next deploy.
+            _ = try? command(path, HAProxyCertificate.abortCommand(name: name), timeout: timeout)
+            throw error
+        }
         guard HAProxyCertificate.setSucceeded(set) else {
             _ = try? command(path, HAProxyCertificate.abortCommand(name: name), timeout: timeout)
             throw LERedirectError(
                 .failed,
                 "HAProxy (\(path)) refused the new certificate for \(name): \(oneLine(set)) (is \(name) the crt path HAProxy's configuration names? `show ssl cert` on the socket lists them); nothing was changed")
         }
-        let commit = try command(path, HAProxyCertificate.commitCommand(name: name), timeout: timeout)
+        let commit: String
+        do { commit = try command(path, HAProxyCertificate.commitCommand(name: name), timeout: timeout) } catch {
+            _ = try? command(path, HAProxyCertificate.abortCommand(name: name), timeout: timeout)
+            throw error
+        }
         guard HAProxyCertificate.commitSucceeded(commit) else {
             _ = try? command(path, HAProxyCertificate.abortCommand(name: name), timeout: timeout)
             throw LERedirectError(

@@ -43,6 +43,9 @@ final class Relay {
     let original: le_endpoint
     var connecting = false
     var toChallengeServer = false
+    /// A challenge relayed to the app after the challenge port refused it: the connection still
+    /// carries this one request.
+    var oneRequest = false
     /// The upstream is a listener on this host whose owner must be root or a --challenge-owner
     /// user; nothing is sent to it before that is known.
     var checksListenerOwner = false

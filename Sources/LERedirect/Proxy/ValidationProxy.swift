@@ -701,27 +701,39 @@ final class ValidationProxy {
             // request to whatever listens there, or a second token): it and the client are told
             // the connection closes after the answer.
             let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
-            if options.unknownChallenges == .app, case .port = options.challenge { r.challengeRequest = closing }
+            if options.unknownChallenges == .app, case .port = options.challenge {
+                // Kept for the app, should nothing listen on the challenge port: as the app gets
+                // any request (with --forwarded, the client's headers replaced), closing after it.
+                let forApp = options.forwarded ? forwardedHead(r, head) : Array(head)
+                r.challengeRequest = forApp.withUnsafeBytes {
+                    HTTPHead.rewrite($0, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])
+                }
+            }
             if r.upstream >= 0 { closing.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) } }
             r.requestSentAsLast(request)
             ProxyCounters.bump(counters.requests)
             return
         }
         if r.upstream >= 0, options.forwarded {
-            let proto = "http"
-            let address = r.peer.addressText
-            let forwardedFor = r.peer.family == AF_INET6 ? "\"[\(address)]\"" : address
-            let rewritten = HTTPHead.rewrite(
-                head, dropping: ["x-forwarded-for", "x-forwarded-proto", "forwarded"],
-                adding: [
-                    "X-Forwarded-For: \(address)", "X-Forwarded-Proto: \(proto)", "Forwarded: for=\(forwardedFor);proto=\(proto)",
-                ])
+            let rewritten = forwardedHead(r, head)
             rewritten.withUnsafeBytes { toUpstream(r, $0.baseAddress!, $0.count) }
         } else {
             toUpstream(r, raw.baseAddress!, raw.count)
         }
         r.requestSent(request)
         ProxyCounters.bump(counters.requests)
+    }
+
+    /// The head with the client's forwarding headers replaced by the proxy's (--forwarded).
+    private func forwardedHead(_ r: Relay, _ head: UnsafeRawBufferPointer) -> [UInt8] {
+        let proto = "http"
+        let address = r.peer.addressText
+        let forwardedFor = r.peer.family == AF_INET6 ? "\"[\(address)]\"" : address
+        return HTTPHead.rewrite(
+            head, dropping: ["x-forwarded-for", "x-forwarded-proto", "forwarded"],
+            adding: [
+                "X-Forwarded-For: \(address)", "X-Forwarded-Proto: \(proto)", "Forwarded: for=\(forwardedFor);proto=\(proto)",
+            ])
     }
 
     /// Decides where a connection goes from its first request; false when it was answered here.
@@ -803,6 +815,9 @@ final class ValidationProxy {
         closeUpstream(r)
         r.toChallengeServer = false
         r.checksListenerOwner = false
+        // Still this one request only: the client is told so and the connection ends after it.
+        r.oneRequest = true
+        r.closeAfterResponse = true
         logger.debug("nothing listens on the challenge port: the challenge goes to the app")
         guard connectApp(r) else { return true }
         let request = r.challengeRequest
@@ -957,7 +972,7 @@ final class ValidationProxy {
             return
         }
         // While draining, the response to the last request this connection will carry says so.
-        if (draining || r.toChallengeServer) && r.outstanding.count == 1 && r.betweenRequests
+        if (draining || r.toChallengeServer || r.oneRequest) && r.outstanding.count == 1 && r.betweenRequests
             && response.body != .untilClose
         {
             let closing = HTTPHead.rewrite(head, dropping: ["connection", "keep-alive"], adding: ["Connection: close"])

@@ -131,7 +131,8 @@ def serve(conn, addr, tag):
                     conn.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
                 conn.sendall(b"0\r\n\r\n")
             elif target.startswith("/.well-known/acme-challenge/"):
-                respond(conn, b"200 OK", f"{tag} challenge {target.rsplit('/', 1)[1]}\n".encode(), close=close)
+                forwarded = "".join(f" {k}={fields[k]}" for k in ("x-forwarded-for", "x-forwarded-proto", "forwarded") if k in fields)
+                respond(conn, b"200 OK", f"{tag} challenge {target.rsplit('/', 1)[1]}{forwarded}\n".encode(), close=close)
             else:
                 forwarded = " ".join(f"{k}={fields[k]}" for k in ("x-forwarded-for", "x-forwarded-proto", "forwarded") if k in fields)
                 body = f"{tag} {fields.get('x-real-ip', host)} {forwarded}".strip().encode() + b"\n"
