@@ -30,7 +30,7 @@ struct DeployTests {
         // A host firewall that drops by default what is not 22, 80 or 443.
         let net = try TestNetwork(ruleset: "policy-accept")
         defer { net.close() }
-        let dir = net.stateDirectory + "-haproxy"
+        let dir = net.stateDirectory + "-nginx"  // removed by close()
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try makeCertificate(dir, "old", serial: "A1")
         try makeCertificate(dir, "new", serial: "B2")
