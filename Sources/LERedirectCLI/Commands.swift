@@ -71,6 +71,13 @@ struct BeginOptions: ParsableArguments {
         help: "On a host that publishes container ports (Docker) and filters by default (an input or forward chain with policy drop), accept that during the window steered connections to the port are decided by INPUT, not FORWARD/DOCKER-USER; begin refuses there without it.")
     var throughInput = false
 
+    @Option(
+        name: .customLong("address"),
+        help: ArgumentHelp(
+            "Take over port --port on this local address only (IPv4 or IPv6; repeatable). Connections to the host's other addresses reach the app directly, and a family no --address names is not taken over. Default: every local address.",
+            valueName: "address"))
+    var addresses: [String] = []
+
     @Flag(
         name: .customLong("until-parent-exits"),
         help: "End the session when the program that ran this one exits (the ACME client running the hook: the first ancestor past the hook script and any shells), so that a killed client does not leave the redirect up until the TTL.")
@@ -140,7 +147,8 @@ struct BeginOptions: ParsableArguments {
             }
             return TakeoverOptions(
                 port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external,
-                stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput)
+                stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput,
+                addresses: addresses)
         }
         var challenge = ChallengeSource.port(ChallengeSource.defaultPort)
         if let challengePort {
@@ -166,7 +174,8 @@ struct BeginOptions: ParsableArguments {
             unknownChallenges: unknown)
         return TakeoverOptions(
             port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .builtIn(proxy),
-            stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput)
+            stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput,
+                addresses: addresses)
     }
 
     /// --challenge-owner's users as uids: a name from the user database, or a number.
@@ -298,12 +307,17 @@ struct Detect: ParsableCommand {
     @Flag(name: .customLong("through-input"), help: "As begin's --through-input.")
     var throughInput = false
 
+    @Option(name: .customLong("address"), help: ArgumentHelp("As begin's --address (repeatable).", valueName: "address"))
+    var addresses: [String] = []
+
     func run() throws {
         guard let choice = BackendChoice(rawValue: backend) else {
             throw LERedirectError(.invalidArgument, "--backend '\(backend)' is not a backend: use auto, nftables or iptables-legacy")
         }
         let report = try Session.detect(
-            TakeoverOptions(port: port, proxyPort: proxyPort, backend: choice, proxy: .external, throughInput: throughInput))
+            TakeoverOptions(
+                port: port, proxyPort: proxyPort, backend: choice, proxy: .external, throughInput: throughInput,
+                addresses: addresses))
         print(json ? report.json.rendered(pretty: true) : report.text)
         if case .failure = report.plan { throw ExitCode(1) }
         if report.refusal != nil { throw ExitCode(1) }

@@ -14,6 +14,8 @@ package struct RedirectPlan: Hashable, Sendable {
     /// False when the steering is armed per challenge: the port set starts empty (nftables), or the
     /// steering rules are inserted only with the first token (x_tables).
     package let armed: Bool
+    /// The local addresses taken over (`--address`); empty: every local address.
+    package let addresses: [IPAddress]
     /// The system that holds the steering, and why.
     package let decision: BackendDecision
     /// Our owned table, when nftables holds the steering.
@@ -89,15 +91,20 @@ package struct RedirectPlan: Hashable, Sendable {
             // Whole seconds: the time match compares seconds, and stops matching after `until`.
             let until = expiresAt / 1000
             let tables = Set(snapshot.tables.map(\.ref))
+            // One rule per family, or with --address one per address, in its family's chain.
+            let targets = snapshot.families.sorted().flatMap { family in
+                options.addresses.isEmpty ? [(family, nil)] : options.addresses.filter { $0.family == family }.map { (family, $0) }
+            } as [(Family, IPAddress?)]
             legacy = LegacyPart(
-                steers: snapshot.families.sorted().map {
+                steers: targets.map {
                     PlannedRule(
-                        .iptablesLegacy, ChainRef($0, "mangle", "PREROUTING"),
-                        .expiringSteer(port: options.port, proxyPort: options.proxyPort, until: until))
+                        .iptablesLegacy, ChainRef($0.0, "mangle", "PREROUTING"),
+                        .expiringSteer(port: options.port, proxyPort: options.proxyPort, until: until, address: $0.1))
                 },
-                keepDestinations: snapshot.families.sorted().filter { tables.contains(TableRef($0, "nat")) }.map {
+                keepDestinations: targets.filter { tables.contains(TableRef($0.0, "nat")) }.map {
                     PlannedRule(
-                        .iptablesLegacy, ChainRef($0, "nat", "PREROUTING"), .expiringKeepDestination(port: options.port, until: until))
+                        .iptablesLegacy, ChainRef($0.0, "nat", "PREROUTING"),
+                        .expiringKeepDestination(port: options.port, until: until, address: $0.1))
                 })
         }
         var nft: NftablesPart?
@@ -106,7 +113,8 @@ package struct RedirectPlan: Hashable, Sendable {
         }
         return RedirectPlan(
             port: options.port, proxyPort: options.proxyPort, ttl: options.ttl, expiresAt: expiresAt,
-            armed: !options.proxy.armsPerChallenge, decision: decision, nftables: nft, iptablesLegacy: legacy)
+            armed: !options.proxy.armsPerChallenge, addresses: options.addresses, decision: decision, nftables: nft,
+            iptablesLegacy: legacy)
     }
 
     /// Why begin refuses this plan on this host, if it does: a host that publishes container ports
@@ -206,7 +214,19 @@ package struct RedirectPlan: Hashable, Sendable {
         return notes
     }
 
-    package var steeringRule: RuleSpec { .steer(set: Self.setName, proxyPort: proxyPort) }
+    /// The steering rules of the owned table: one, or with --address one per address.
+    package var steeringRules: [RuleSpec] {
+        addresses.isEmpty
+            ? [.steer(set: Self.setName, proxyPort: proxyPort)]
+            : addresses.map { .steer(set: Self.setName, proxyPort: proxyPort, address: $0) }
+    }
+
+    /// The identity bindings of the owned nat chain, in listing order: per family, or per address.
+    package var keepDestinationRules: [RuleSpec] {
+        addresses.isEmpty
+            ? [.keepDestination(set: Self.setName, family: .ip), .keepDestination(set: Self.setName, family: .ip6)]
+            : addresses.map { .keepDestination(set: Self.setName, family: $0.family, address: $0) }
+    }
 
     /// Every rule the session inserts into chains it does not own, in commit order: the journal's
     /// entries (x_tables only; on nftables everything is in the owned table).
@@ -250,15 +270,12 @@ package struct RedirectPlan: Hashable, Sendable {
             .addOwnedTable(TableRef.own),
             .addPortSet(table: TableRef.own, name: Self.setName, ports: armed ? [port] : [], timeout: ttl),
             .addBaseChain(Self.steeringChain, type: "filter", hook: .prerouting, priority: Self.steeringPriority),
-            .insertRule(Self.steeringChain, steeringRule),
         ]
+        // Each rule goes in at the head: the last first, so that they are listed in order.
+        changes += steeringRules.reversed().map { .insertRule(Self.steeringChain, $0) }
         if nft.keepsDestinations {
-            // Each rule goes in at the head: IPv6's first, so that IPv4's is listed first.
-            changes += [
-                .addBaseChain(Self.natChain, type: "nat", hook: .prerouting, priority: Self.natPriority),
-                .insertRule(Self.natChain, .keepDestination(set: Self.setName, family: .ip6)),
-                .insertRule(Self.natChain, .keepDestination(set: Self.setName, family: .ip)),
-            ]
+            changes.append(.addBaseChain(Self.natChain, type: "nat", hook: .prerouting, priority: Self.natPriority))
+            changes += keepDestinationRules.reversed().map { .insertRule(Self.natChain, $0) }
         }
         return Step(system: .nftables, table: nil, changes: changes, entries: [])
     }

@@ -149,39 +149,50 @@ package struct FirewallSnapshot: Hashable, Sendable {
 /// decide whether it is let in; and, on hosts with nat of their own, the identity binding that keeps
 /// the host's nat from taking steered SYNs away (both forms).
 package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
-    /// In our own nftables prerouting chain: the SYN of a new TCP connection to a local address,
-    /// not arriving on loopback, whose destination port is in `set`, goes to the listener on
-    /// `proxyPort` (`tproxy`).
-    case steer(set: String, proxyPort: UInt16)
+    /// In our own nftables prerouting chain: the SYN of a new TCP connection to a local address
+    /// (to `address` only, when given: `--address`), not arriving on loopback, whose destination
+    /// port is in `set`, goes to the listener on `proxyPort` (`tproxy`).
+    case steer(set: String, proxyPort: UInt16, address: IPAddress? = nil)
     /// In x_tables' mangle PREROUTING (which no process can own): the same for `port`, until
     /// `until` (Unix seconds, UTC), after which the kernel's time match stops matching, whether or
     /// not anyone is left to remove the rule.
-    case expiringSteer(port: UInt16, proxyPort: UInt16, until: Int64)
+    case expiringSteer(port: UInt16, proxyPort: UInt16, until: Int64, address: IPAddress? = nil)
     /// At the head of an x_tables nat PREROUTING, on the legacy path of a host with nat of its own:
     /// the SYNs the steering takes (until `until`) are accepted there, so that the host's DNAT
     /// rules after it (Docker's published ports) leave them alone (the kernel gives them a null
     /// binding). Nothing of the packet changes, and no filter decision is made.
-    case expiringKeepDestination(port: UInt16, until: Int64)
+    case expiringKeepDestination(port: UInt16, until: Int64, address: IPAddress? = nil)
     /// In our own nftables nat prerouting chain, on a host with nat of its own: the same SYNs (of
     /// `family`, ip or ip6) get an identity DNAT (to their own destination), so that the host's
     /// later nat chains skip them; nothing of the packet changes.
-    case keepDestination(set: String, family: Family)
+    case keepDestination(set: String, family: Family, address: IPAddress? = nil)
+
+    /// The destination address it is limited to, if any.
+    package var address: IPAddress? {
+        switch self {
+        case .steer(_, _, let a), .expiringSteer(_, _, _, let a), .expiringKeepDestination(_, _, let a), .keepDestination(_, _, let a): a
+        }
+    }
 
     package var description: String {
+        // As nft and iptables-save print a destination address.
+        let nftAddress = address.map { "\($0.family) daddr \($0) " } ?? ""
+        let xtAddress = address.map { "-d \($0)/\($0.family == .ip ? 32 : 128) " } ?? ""
         switch self {
-        case .expiringKeepDestination(let port, let until):
-            "! -i lo -p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
+        case .expiringKeepDestination(let port, let until, _):
+            return xtAddress + "! -i lo -p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
                 + "\(RFC3339.format(unixMilliseconds: until * 1000).dropLast()) -m comment --comment LE -j ACCEPT"
-        case .keepDestination(let set, let family):
-            "meta nfproto \(family == .ip6 ? "ipv6" : "ipv4") iifname != \"lo\" fib daddr type local tcp dport @\(set) "
+        case .keepDestination(let set, let family, _):
+            return (address == nil ? "meta nfproto \(family == .ip6 ? "ipv6" : "ipv4") " : "")
+                + "iifname != \"lo\" fib daddr type local \(nftAddress)tcp dport @\(set) "
                 + "tcp flags syn / fin,syn,rst,ack dnat \(family) to \(family) daddr comment \"LE\""
-        case .steer(let set, let proxyPort):
-            "iifname != \"lo\" fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack tproxy to :\(proxyPort) counter comment \"LE\""
-        case .expiringSteer(let port, let proxyPort, let until):
+        case .steer(let set, let proxyPort, _):
+            return "iifname != \"lo\" fib daddr type local \(nftAddress)tcp dport @\(set) tcp flags syn / fin,syn,rst,ack tproxy to :\(proxyPort) counter comment \"LE\""
+        case .expiringSteer(let port, let proxyPort, let until, let address):
             // --datestop as iptables-save prints it: UTC, without the "Z".
-            "! -i lo -p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
+            return xtAddress + "! -i lo -p tcp -m tcp --dport \(port) --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -m time --datestop "
                 + "\(RFC3339.format(unixMilliseconds: until * 1000).dropLast()) "
-                + "-m comment --comment LE -j TPROXY --on-port \(proxyPort) --on-ip 0.0.0.0 --tproxy-mark 0x0/0x0"
+                + "-m comment --comment LE -j TPROXY --on-port \(proxyPort) --on-ip \(address?.family == .ip6 ? "::" : "0.0.0.0") --tproxy-mark 0x0/0x0"
         }
     }
 

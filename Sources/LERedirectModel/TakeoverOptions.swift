@@ -52,12 +52,17 @@ public struct TakeoverOptions: Sendable, Hashable {
     /// accepts that during the window the steered connections to the port are decided by the
     /// host's INPUT chains, not its FORWARD chains (DOCKER-USER): without it, begin refuses there.
     public var throughInput: Bool
+    /// The local addresses whose port is taken over (IPv4 or IPv6, as text); empty means every
+    /// local address. Connections to the host's other addresses reach the app as outside a window,
+    /// and a family none of them belongs to is not steered at all.
+    public var addresses: [String]
 
     public init(
         port: Int = 80, proxyPort: Int = 12347, ttl: Duration = .seconds(15 * 60),
         backend: BackendChoice = .auto, proxy: ProxyMode, stateDirectory: String? = nil, listenerOwners: [UInt32] = [],
-        throughInput: Bool = false
+        throughInput: Bool = false, addresses: [String] = []
     ) {
+        self.addresses = addresses
         self.port = port
         self.proxyPort = proxyPort
         self.ttl = ttl
@@ -105,9 +110,21 @@ public struct TakeoverOptions: Sendable, Hashable {
                         + "give the port the ACME client's own server listens on (e.g. certbot --http-01-port 12348)")
             }
         }
+        var parsed: [IPAddress] = []
+        for text in addresses {
+            guard let address = IPAddress(text) else {
+                throw LERedirectError(
+                    .invalidArgument, "--address \(text) is not an IPv4 or IPv6 address (one address, without a prefix length or zone)")
+            }
+            if let reason = address.unusableReason {
+                throw LERedirectError(.invalidArgument, "--address \(text) is \(reason)")
+            }
+            parsed.append(address)
+        }
         return ValidatedOptions(
             port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy,
-            listenerOwners: Array(Set(listenerOwners.filter { $0 != 0 })).sorted(), throughInput: throughInput)
+            listenerOwners: Array(Set(listenerOwners.filter { $0 != 0 })).sorted(), throughInput: throughInput,
+            addresses: Array(Set(parsed)).sorted())
     }
 }
 
@@ -122,4 +139,9 @@ public struct ValidatedOptions: Sendable, Hashable {
     public let listenerOwners: [UInt32]
     /// See `TakeoverOptions.throughInput`.
     public let throughInput: Bool
+    /// See `TakeoverOptions.addresses`: sorted (IPv4 first), without repeats; empty means all.
+    package let addresses: [IPAddress]
+
+    /// The families steered: those of `addresses`, or both.
+    package var steeredFamilies: [Family] { addresses.isEmpty ? [.ip, .ip6] : Array(Set(addresses.map(\.family))).sorted() }
 }

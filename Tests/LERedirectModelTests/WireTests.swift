@@ -12,7 +12,7 @@ struct WireTests {
             drainTimeout: .zero)
         return try! TakeoverOptions(
             port: 80, proxyPort: 12347, ttl: .seconds(600), backend: .iptablesLegacy, proxy: .builtIn(proxy),
-            listenerOwners: [1000, 33], throughInput: true
+            listenerOwners: [1000, 33], throughInput: true, addresses: ["192.0.2.1", "2001:db8::1"]
         ).validated()
     }()
 

@@ -50,10 +50,10 @@ enum XtablesEntry {
         var matches: [UInt8] = []
         let target: [UInt8]
         switch spec {
-        case .expiringSteer(let port, let proxyPort, let until):
+        case .expiringSteer(let port, let proxyPort, let until, _):
             matches = steeredSYNMatches(port: port, until: until)
             target = tproxyTarget(port: proxyPort)
-        case .expiringKeepDestination(let port, let until):
+        case .expiringKeepDestination(let port, let until, _):
             matches = steeredSYNMatches(port: port, until: until)
             var verdict = Int32(-NF_ACCEPT - 1)  // a standard target's verdict: -(verdict) - 1
             target = object(forInsertion ? "ACCEPT" : "", revision: 0, withUnsafeBytes(of: &verdict) { Array($0) })
@@ -69,6 +69,10 @@ enum XtablesEntry {
             withUnsafeMutableBytes(of: &e.ipv6.iniface) { notLoopback($0) }
             withUnsafeMutableBytes(of: &e.ipv6.iniface_mask) { loopbackMask($0) }
             e.ipv6.invflags = UInt8(IP6T_INV_VIA_IN)
+            if let address = spec.address {  // `-d ADDRESS/128`
+                withUnsafeMutableBytes(of: &e.ipv6.dst) { $0.copyBytes(from: address.bytes) }
+                withUnsafeMutableBytes(of: &e.ipv6.dmsk) { $0.copyBytes(from: [UInt8](repeating: 0xFF, count: 16)) }
+            }
             entry = raw(&e)
         } else {
             var e = ipt_entry()
@@ -76,6 +80,10 @@ enum XtablesEntry {
             withUnsafeMutableBytes(of: &e.ip.iniface) { notLoopback($0) }
             withUnsafeMutableBytes(of: &e.ip.iniface_mask) { loopbackMask($0) }
             e.ip.invflags = UInt8(IPT_INV_VIA_IN)
+            if let address = spec.address {  // `-d ADDRESS/32`
+                withUnsafeMutableBytes(of: &e.ip.dst) { $0.copyBytes(from: address.bytes) }
+                withUnsafeMutableBytes(of: &e.ip.dmsk) { $0.copyBytes(from: [UInt8](repeating: 0xFF, count: 4)) }
+            }
             entry = raw(&e)
         }
         put(UInt16(l.header + matches.count), at: l.targetOffset, in: &entry)

@@ -92,19 +92,21 @@ enum NftObjects {
         nftnl_rule_set_str(rule, u16(NFTNL_RULE_CHAIN), chain.name)
         let r1 = u32(NFT_REG_1)
         switch spec {
-        case .steer(let set, let proxyPort):
-            matchSteeredSYN(rule, set: set, setID: setID)
+        case .steer(let set, let proxyPort, let address):
+            matchSteeredSYN(rule, set: set, setID: setID, address: address)
             add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
             add(rule, tproxy(portRegister: r1))
             // After tproxy: a SYN it found no transparent listener for stops the rule there, so
             // the counter counts exactly the connections handed to the proxy (end's drain waits
             // for that many).
             add(rule, nftnl_expr_alloc("counter")!)
-        case .keepDestination(let set, let family):
+        case .keepDestination(let set, let family, let address):
             let v6 = family == .ip6
-            add(rule, meta(u32(NFT_META_NFPROTO), into: r1))
-            add(rule, cmp(r1, .eq, [UInt8(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)]))
-            matchSteeredSYN(rule, set: set, setID: setID)
+            if address == nil {  // with one, its match checks the family
+                add(rule, meta(u32(NFT_META_NFPROTO), into: r1))
+                add(rule, cmp(r1, .eq, [UInt8(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)]))
+            }
+            matchSteeredSYN(rule, set: set, setID: setID, address: address)
             // The destination address, as the packet has it, becomes the binding's: an identity.
             add(rule, networkDestination(v6: v6, into: r1))
             add(rule, dnat(family: v6 ? u32(NFPROTO_IPV6) : u32(NFPROTO_IPV4), addressRegister: r1))
@@ -154,12 +156,21 @@ enum NftObjects {
     /// tcp flags syn / fin,syn,rst,ack`. Not from lo: the host's own connections (the proxy's to
     /// the app among them) are never steered. SYN only: connection openings; the rest of a steered
     /// connection finds its socket by the usual lookup.
-    private static func matchSteeredSYN(_ rule: OpaquePointer, set: String, setID: UInt32) {
+    /// With `address` (--address), also `ip daddr ADDRESS` / `ip6 daddr ADDRESS` after the fib
+    /// check, with the family check nft puts before it.
+    private static func matchSteeredSYN(_ rule: OpaquePointer, set: String, setID: UInt32, address: IPAddress?) {
         let r1 = u32(NFT_REG_1)
         add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
         add(rule, cmp(r1, .neq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
         add(rule, fibDestinationType(into: r1))
         add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
+        if let address {
+            let v6 = address.family == .ip6
+            add(rule, meta(u32(NFT_META_NFPROTO), into: r1))
+            add(rule, cmp(r1, .eq, [UInt8(v6 ? NFPROTO_IPV6 : NFPROTO_IPV4)]))
+            add(rule, networkDestination(v6: v6, into: r1))
+            add(rule, cmp(r1, .eq, address.bytes))
+        }
         add(rule, meta(u32(NFT_META_L4PROTO), into: r1))
         add(rule, cmp(r1, .eq, [ipprotoTCP]))
         add(rule, transportPort(destination: true, into: r1))

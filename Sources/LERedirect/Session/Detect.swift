@@ -6,6 +6,7 @@ extension Session {
     package static func detect(_ options: TakeoverOptions) throws(LERedirectError) -> DetectionReport {
         let valid = try options.validated()
         try requirePrivileges("detect")
+        try SessionEngine.checkAddresses(valid.addresses, local: ProcessFacts.localAddresses(), doing: "detect")
         let firewalls = try Firewalls.open("detect")
         defer { firewalls.close() }
         var unavailable = firewalls.unavailable

@@ -38,6 +38,8 @@ struct SessionEngine {
     private let noteBox = NoteBox()
     /// What the kernel offers for steering; tests replace it.
     var kernel: () -> KernelSupport = { ProcessFacts.kernelSupport(thorough: false) }
+    /// The addresses of this namespace's interfaces (nil: unreadable); tests replace it.
+    var localAddresses: () -> [IPAddress]? = { ProcessFacts.localAddresses() }
 
     final class NoteBox: @unchecked Sendable {
         var value: [String] = []
@@ -58,6 +60,7 @@ struct SessionEngine {
         _ options: ValidatedOptions, firewalls: Firewalls, holder: ProcessIdentity, namespace: NamespaceIdentity,
         now: Int64
     ) throws(LERedirectError) -> Journal {
+        try Self.checkAddresses(options.addresses, local: localAddresses(), doing: "begin")
         var unavailable = firewalls.unavailable
         var nftables = firewalls.nftables
         let nftablesSnapshot: FirewallSnapshot?
@@ -92,6 +95,23 @@ struct SessionEngine {
                 options, firewalls: firewalls, nftables: nftables, nftablesSnapshot: nftablesSnapshot,
                 legacySnapshot: legacySnapshot, legacyTables: legacySnapshot.tables.map(\.ref), unavailable: unavailable,
                 kernel: support, holder: holder, namespace: namespace, now: now)
+        }
+    }
+
+    /// Refuses `addresses` (--address) that are not on this namespace's interfaces: such an
+    /// address would take nothing over. `local` nil: the interfaces could not be read.
+    static func checkAddresses(_ addresses: [IPAddress], local: [IPAddress]?, doing: String) throws(LERedirectError) {
+        guard !addresses.isEmpty else { return }
+        guard let local else {
+            throw LERedirectError(
+                .failed, "\(doing) --address: the addresses of this host's interfaces could not be read (getifaddrs). Nothing was changed")
+        }
+        let missing = addresses.filter { !local.contains($0) }
+        if !missing.isEmpty {
+            throw LERedirectError(
+                .invalidArgument,
+                "--address \(missing.map(\.description).joined(separator: ", ")): not an address of this host's interfaces in "
+                    + "this network namespace (`ip address` lists them). Nothing was changed")
         }
     }
 
@@ -245,7 +265,8 @@ struct SessionEngine {
 
     /// Starts steering: the port goes into the set (nftables) until `remaining` passes, or the
     /// expiring rules go into x_tables (the identity ACCEPTs in nat, then TPROXY in mangle).
-    func arm(_ journal: Journal, firewalls: Firewalls, remaining: Duration) throws(LERedirectError) {
+    /// `addresses`: the session's --address list, which the journal's fingerprints were made with.
+    func arm(_ journal: Journal, firewalls: Firewalls, remaining: Duration, addresses: [IPAddress] = []) throws(LERedirectError) {
         switch journal.backend {
         case .nftables:
             do {
@@ -261,10 +282,18 @@ struct SessionEngine {
             // The identity bindings (nat) before the steering (mangle), as begin commits them.
             let entries = journal.rules.filter { $0.kind == .redirect }.sorted { ($0.chain.table.name == "nat" ? 0 : 1) < ($1.chain.table.name == "nat" ? 0 : 1) }
             for entry in entries {
-                let spec: RuleSpec =
+                let family = entry.chain.table.family
+                // The rule begin planned for this entry: the one (per address) with its fingerprint.
+                let candidates: [RuleSpec] = (addresses.isEmpty ? [nil] : addresses.filter { $0.family == family } as [IPAddress?]).map {
                     entry.chain.table.name == "nat"
-                    ? .expiringKeepDestination(port: journal.port, until: until)
-                    : .expiringSteer(port: journal.port, proxyPort: journal.proxyPort, until: until)
+                        ? .expiringKeepDestination(port: journal.port, until: until, address: $0)
+                        : .expiringSteer(port: journal.port, proxyPort: journal.proxyPort, until: until, address: $0)
+                }
+                guard let spec = candidates.first(where: { firewall.fingerprint(of: $0, family: family) == entry.fingerprint })
+                else {
+                    throw LERedirectError(
+                        .failed, "arming the steering: the journal's rule for \(entry.chain) is none of this session's rules")
+                }
                 try firewall.exclusively { () throws(LERedirectError) in
                     let present = try map { () throws(FirewallError) in try firewall.rules(in: entry.chain) }
                         .filter { $0.fingerprint == entry.fingerprint }.count

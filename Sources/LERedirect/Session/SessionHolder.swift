@@ -37,6 +37,8 @@ final class SessionHolder: @unchecked Sendable {
     /// How many challenge tokens the proxy holds (it holds them; this is its last answer).
     private var tokenCount = 0
     private let armsPerChallenge: Bool
+    /// --address: what the journal's x_tables rules were made for (arming rebuilds them).
+    private let addresses: [IPAddress]
     /// Begun by the certbot auth hook: the cleanup hook ends it when the last token goes.
     let endsWithLastToken: Bool
     private var drainTimeout: Duration?
@@ -52,13 +54,14 @@ final class SessionHolder: @unchecked Sendable {
     private init(
         state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewalls: Firewalls,
         listener: Int32, wake: Int32, stopSignals: Int32?, followed: Followed?, monotonicDeadline: Int64,
-        proxy: ProxyProcess?, externalProxyOwners: ListenerOwners?, armsPerChallenge: Bool, endsWithLastToken: Bool
+        proxy: ProxyProcess?, externalProxyOwners: ListenerOwners?, armsPerChallenge: Bool, addresses: [IPAddress] = [], endsWithLastToken: Bool
     ) {
         self.followed = followed
         self.externalProxyOwners = externalProxyOwners
         self.endsWithLastToken = endsWithLastToken
         self.proxy = proxy
         self.armsPerChallenge = armsPerChallenge
+        self.addresses = addresses
         self.armed = Mutex(!armsPerChallenge)
         self.state = state
         self.logger = logger
@@ -131,7 +134,7 @@ final class SessionHolder: @unchecked Sendable {
                 wake: wake, stopSignals: stopSignals, followed: followed,
                 monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
                 proxy: proxy, externalProxyOwners: proxy == nil ? ListenerOwners(options.listenerOwners) : nil,
-                armsPerChallenge: options.proxy.armsPerChallenge,
+                armsPerChallenge: options.proxy.armsPerChallenge, addresses: options.addresses,
                 endsWithLastToken: endsWithLastToken)
             holder.thread = startThread { holder.run() }
             return holder
@@ -457,7 +460,7 @@ final class SessionHolder: @unchecked Sendable {
             if armsPerChallenge && !armed {
                 let remaining = max(1000, journal.expiresAt - unixMilliseconds())
                 do throws(LERedirectError) {
-                    try engine.arm(journal, firewalls: firewalls, remaining: .milliseconds(remaining))
+                    try engine.arm(journal, firewalls: firewalls, remaining: .milliseconds(remaining), addresses: addresses)
                 } catch {
                     if let left = try? proxy.remove(token) { tokenCount = left }
                     throw LERedirectError(error.kind, "challenge add: \(error.message)", errno: error.errno)

@@ -96,6 +96,35 @@ enum ProcessFacts {
         return parts.count == 2 ? (parts[0], parts[1]) : nil
     }()
 
+    /// The addresses of this network namespace's interfaces (getifaddrs), or nil when they cannot
+    /// be read. IPv6 link-local addresses are listed without their zone.
+    static func localAddresses() -> [IPAddress]? {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0 else { return nil }
+        defer { freeifaddrs(list) }
+        var found: [IPAddress] = []
+        var next = list
+        while let entry = next {
+            defer { next = entry.pointee.ifa_next }
+            guard let sa = entry.pointee.ifa_addr else { continue }
+            switch Int32(sa.pointee.sa_family) {
+            case AF_INET:
+                let bytes = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
+                    withUnsafeBytes(of: sin.pointee.sin_addr) { Array($0) }
+                }
+                if let a = IPAddress(family: .ip, bytes: bytes) { found.append(a) }
+            case AF_INET6:
+                let bytes = sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin in
+                    withUnsafeBytes(of: sin.pointee.sin6_addr) { Array($0) }
+                }
+                if let a = IPAddress(family: .ip6, bytes: bytes) { found.append(a) }
+            default:
+                continue
+            }
+        }
+        return found
+    }
+
     /// Whether the kernel can steer connections: nf_tables' tproxy expression and x_tables' TPROXY
     /// target. With `thorough` (detect): each loaded, built in (modules.builtin), loadable
     /// (modules.dep lists it), or its code present in /proc/kallsyms; unknown (nil) where nothing

@@ -423,6 +423,7 @@ extension Message {
         }
         w.array(o.listenerOwners) { $0.u32($1) }
         w.bool(o.throughInput)
+        w.array(o.addresses) { $0.string($1.description) }
     }
 
     /// Options are validated once, by `begin`; what arrives here is checked only for what would
@@ -447,9 +448,10 @@ extension Message {
         }
         let owners = try r.array("listener owners") { (r: inout WireReader) throws(WireError) in try r.u32("uid") }
         let throughInput = try r.bool("through input")
+        let addresses = try r.array("addresses") { (r: inout WireReader) throws(WireError) in try r.string("address") }
         let options = TakeoverOptions(
             port: Int(port), proxyPort: Int(proxyPort), ttl: ttl, backend: backend, proxy: proxy,
-            listenerOwners: owners, throughInput: throughInput)
+            listenerOwners: owners, throughInput: throughInput, addresses: addresses)
         do { return try options.validated() } catch { throw WireError("options: \(error.message)") }
     }
 

@@ -3,7 +3,7 @@
 /// `WireWriter` and read back by `WireReader`, which refuses anything malformed (a short field, a
 /// count or length past what is left, invalid UTF-8, an unknown tag, bytes left over).
 public enum WireFormat {
-    public static let version: UInt8 = 2
+    public static let version: UInt8 = 3
     /// The largest payload either side sends or accepts (a status with its notes is a few KiB).
     public static let maxPayload = 256 * 1024
     /// Strings and arrays inside a payload are bounded too, so that a hostile length never makes
