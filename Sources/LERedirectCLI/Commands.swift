@@ -79,6 +79,11 @@ struct BeginOptions: ParsableArguments {
     var addresses: [String] = []
 
     @Flag(
+        name: .customLong("include-local"),
+        help: "Also steer this host's own new connections to the port (every user's but the proxy's), for ACME clients that fetch their challenge over HTTP before asking the CA (acme-tiny, acmetool). nftables only.")
+    var includeLocal = false
+
+    @Flag(
         name: .customLong("until-parent-exits"),
         help: "End the session when the program that ran this one exits (the ACME client running the hook: the first ancestor past the hook script and any shells), so that a killed client does not leave the redirect up until the TTL.")
     var untilParentExits = false
@@ -148,7 +153,7 @@ struct BeginOptions: ParsableArguments {
             return TakeoverOptions(
                 port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .external,
                 stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput,
-                addresses: addresses)
+                addresses: addresses, includeLocal: includeLocal)
         }
         var challenge = ChallengeSource.port(ChallengeSource.defaultPort)
         if let challengePort {
@@ -175,7 +180,7 @@ struct BeginOptions: ParsableArguments {
         return TakeoverOptions(
             port: port, proxyPort: proxyPort, ttl: ttl, backend: backend, proxy: .builtIn(proxy),
             stateDirectory: state.stateDirectory, listenerOwners: try listenerOwners(), throughInput: throughInput,
-                addresses: addresses)
+                addresses: addresses, includeLocal: includeLocal)
     }
 
     /// --challenge-owner's users as uids: a name from the user database, or a number.

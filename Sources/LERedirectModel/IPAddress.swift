@@ -98,6 +98,7 @@ package struct IPAddress: Hashable, Sendable, Comparable, CustomStringConvertibl
             if bytes == [0, 0, 0, 0] { return "the unspecified address" }
             if bytes[0] == 127 { return "a loopback address (the host's own connections are never steered)" }
             if bytes[0] >= 224 { return "not a unicast address" }
+            if bytes[0] == 169 && bytes[1] == 254 { return "a link-local address (no ACME server reaches it)" }
         } else {
             if bytes.allSatisfy({ $0 == 0 }) { return "the unspecified address" }
             if bytes == [UInt8](repeating: 0, count: 15) + [1] {
@@ -107,6 +108,10 @@ package struct IPAddress: Hashable, Sendable, Comparable, CustomStringConvertibl
             if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
                 return "an IPv4-mapped address: give the IPv4 address itself"
             }
+            if bytes[0..<12].allSatisfy({ $0 == 0 }) {
+                return "an IPv4-compatible address (deprecated, RFC 4291): give the IPv4 address itself"
+            }
+            if bytes[0] == 0xFE && bytes[1] & 0xC0 == 0x80 { return "a link-local address (no ACME server reaches it)" }
         }
         return nil
     }

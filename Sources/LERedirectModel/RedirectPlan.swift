@@ -16,6 +16,9 @@ package struct RedirectPlan: Hashable, Sendable {
     package let armed: Bool
     /// The local addresses taken over (`--address`); empty: every local address.
     package let addresses: [IPAddress]
+    /// With --include-local: the user whose connections are never steered (the built-in proxy's);
+    /// nil: the host's own connections are never steered.
+    package let localExemptUID: UInt32?
     /// The system that holds the steering, and why.
     package let decision: BackendDecision
     /// Our owned table, when nftables holds the steering.
@@ -68,6 +71,14 @@ package struct RedirectPlan: Hashable, Sendable {
     /// mangle (-150), where transparent proxying is done: after conntrack (-200) and the host's raw
     /// chains, before its nat (dstnat = -100) and filter chains, which all still see the packet.
     package static let steeringPriority: Int32 = -150
+    /// --include-local: where the host's own SYNs get their mark, on output at filter + 10: after
+    /// the host's output nat (a connection DNATed away from this host is not marked) and filter
+    /// (a connection it drops never leaves).
+    package static let localChain = ChainRef(TableRef.own, "output")
+    package static let localPriority: Int32 = 10
+    /// The packet-mark bit that carries "steer this local SYN" from output to prerouting, where it
+    /// is cleared again. Only on those SYNs, and only between the two chains.
+    package static let localMark: UInt32 = 0x4000_0000
 
     /// The nftables-only plan (hosts and tests that have no x_tables).
     package static func make(_ options: ValidatedOptions, from snapshot: FirewallSnapshot, now: Int64 = 0)
@@ -78,19 +89,43 @@ package struct RedirectPlan: Hashable, Sendable {
 
     /// `legacyTables`: the x_tables tables that exist, when x_tables itself was not read (begin on
     /// the nftables path reads only its table names); taken from `iptablesLegacy` otherwise.
+    /// `proxyUID`: the built-in proxy's user, which --include-local needs.
     package static func make(
         _ options: ValidatedOptions, nftables: FirewallSnapshot?, iptablesLegacy: FirewallSnapshot?,
         legacyTables: [TableRef]? = nil, unavailable: [FirewallSystem: String] = [:], kernel: KernelSupport = KernelSupport(),
-        now: Int64
+        proxyUID: UInt32? = nil, now: Int64
     ) throws(LERedirectError) -> RedirectPlan {
         let decision = try BackendDecision.make(
             options.backend, nftables: nftables, iptablesLegacy: iptablesLegacy, unavailable: unavailable, kernel: kernel)
+        var localExemptUID: UInt32?
+        if options.includeLocal {
+            guard decision.redirect == .nftables else {
+                throw LERedirectError(
+                    .unsupported,
+                    "--include-local: the host's own connections can be steered only from nftables (owned tables, Linux 5.12 "
+                        + "or newer), and here the steering would be in iptables-legacy. Nothing was changed")
+            }
+            guard let proxyUID, proxyUID != 0 else {
+                throw LERedirectError(.failed, "--include-local: the built-in proxy's user is not known. Nothing was changed")
+            }
+            localExemptUID = proxyUID
+        }
         let expiresAt = now + options.ttl.milliseconds
         var legacy: LegacyPart?
         if decision.redirect == .iptablesLegacy, let snapshot = iptablesLegacy {
             // Whole seconds: the time match compares seconds, and stops matching after `until`.
             let until = expiresAt / 1000
             let tables = Set(snapshot.tables.map(\.ref))
+            // An address whose family x_tables does not hold here (ip6_tables not loaded) would get
+            // no rule, and begin would succeed taking nothing over for it.
+            let absent = options.addresses.filter { !snapshot.families.contains($0.family) }
+            if !absent.isEmpty {
+                throw LERedirectError(
+                    .unsupported,
+                    "--address \(absent.map(\.description).joined(separator: ", ")): iptables-legacy has no "
+                        + "\(absent[0].family == .ip ? "IPv4" : "IPv6") tables in this network namespace, so nothing would steer it. "
+                        + "Nothing was changed")
+            }
             // One rule per family, or with --address one per address, in its family's chain.
             let targets = snapshot.families.sorted().flatMap { family in
                 options.addresses.isEmpty ? [(family, nil)] : options.addresses.filter { $0.family == family }.map { (family, $0) }
@@ -113,8 +148,8 @@ package struct RedirectPlan: Hashable, Sendable {
         }
         return RedirectPlan(
             port: options.port, proxyPort: options.proxyPort, ttl: options.ttl, expiresAt: expiresAt,
-            armed: !options.proxy.armsPerChallenge, addresses: options.addresses, decision: decision, nftables: nft,
-            iptablesLegacy: legacy)
+            armed: !options.proxy.armsPerChallenge, addresses: options.addresses, localExemptUID: localExemptUID,
+            decision: decision, nftables: nft, iptablesLegacy: legacy)
     }
 
     /// Why begin refuses this plan on this host, if it does: a host that publishes container ports
@@ -221,6 +256,17 @@ package struct RedirectPlan: Hashable, Sendable {
             : addresses.map { .steer(set: Self.setName, proxyPort: proxyPort, address: $0) }
     }
 
+    /// --include-local's rules: the output chain's marks, and the prerouting chain's steering of
+    /// the marked SYNs (after the outside ones), one each, or one per address.
+    package var localRules: (mark: [RuleSpec], steer: [RuleSpec]) {
+        guard let uid = localExemptUID else { return ([], []) }
+        let targets: [IPAddress?] = addresses.isEmpty ? [nil] : addresses
+        return (
+            targets.map { .markLocal(set: Self.setName, exemptUID: uid, mark: Self.localMark, address: $0) },
+            targets.map { .steerLocal(set: Self.setName, proxyPort: proxyPort, mark: Self.localMark, address: $0) }
+        )
+    }
+
     /// The identity bindings of the owned nat chain, in listing order: per family, or per address.
     package var keepDestinationRules: [RuleSpec] {
         addresses.isEmpty
@@ -272,7 +318,12 @@ package struct RedirectPlan: Hashable, Sendable {
             .addBaseChain(Self.steeringChain, type: "filter", hook: .prerouting, priority: Self.steeringPriority),
         ]
         // Each rule goes in at the head: the last first, so that they are listed in order.
-        changes += steeringRules.reversed().map { .insertRule(Self.steeringChain, $0) }
+        let local = localRules
+        changes += (steeringRules + local.steer).reversed().map { .insertRule(Self.steeringChain, $0) }
+        if !local.mark.isEmpty {
+            changes.append(.addBaseChain(Self.localChain, type: "filter", hook: .output, priority: Self.localPriority))
+            changes += local.mark.reversed().map { .insertRule(Self.localChain, $0) }
+        }
         if nft.keepsDestinations {
             changes.append(.addBaseChain(Self.natChain, type: "nat", hook: .prerouting, priority: Self.natPriority))
             changes += keepDestinationRules.reversed().map { .insertRule(Self.natChain, $0) }

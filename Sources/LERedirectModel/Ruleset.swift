@@ -166,11 +166,22 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
     /// `family`, ip or ip6) get an identity DNAT (to their own destination), so that the host's
     /// later nat chains skip them; nothing of the packet changes.
     case keepDestination(set: String, family: Family, address: IPAddress? = nil)
+    /// In our own nftables output chain (--include-local), after the host's output nat and filter:
+    /// the SYN of a new TCP connection of this host's own to a local address (`address` only, when
+    /// given) on a port in `set`, from a socket of any user but `exemptUID` (the built-in proxy's,
+    /// whose connections to the app must reach the app), gets bit `mark` of its packet mark, by
+    /// which the steering knows it when it comes back in on lo.
+    case markLocal(set: String, exemptUID: UInt32, mark: UInt32, address: IPAddress? = nil)
+    /// In our prerouting chain: such a SYN, in on lo with the bit set, has the bit cleared again
+    /// (the host's input chains see the mark it had) and goes to the listener on `proxyPort`.
+    case steerLocal(set: String, proxyPort: UInt16, mark: UInt32, address: IPAddress? = nil)
 
     /// The destination address it is limited to, if any.
     package var address: IPAddress? {
         switch self {
-        case .steer(_, _, let a), .expiringSteer(_, _, _, let a), .expiringKeepDestination(_, _, let a), .keepDestination(_, _, let a): a
+        case .steer(_, _, let a), .expiringSteer(_, _, _, let a), .expiringKeepDestination(_, _, let a), .keepDestination(_, _, let a),
+            .markLocal(_, _, _, let a), .steerLocal(_, _, _, let a):
+            a
         }
     }
 
@@ -186,6 +197,12 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
             return (address == nil ? "meta nfproto \(family == .ip6 ? "ipv6" : "ipv4") " : "")
                 + "iifname != \"lo\" fib daddr type local \(nftAddress)tcp dport @\(set) "
                 + "tcp flags syn / fin,syn,rst,ack dnat \(family) to \(family) daddr comment \"LE\""
+        case .markLocal(let set, let uid, let mark, _):
+            return "meta skuid != \(uid) fib daddr type local \(nftAddress)tcp dport @\(set) tcp flags syn / fin,syn,rst,ack "
+                + "meta mark set meta mark | \(Self.hex(mark)) comment \"LE\""
+        case .steerLocal(let set, let proxyPort, let mark, _):
+            return "iifname \"lo\" meta mark & \(Self.hex(mark)) == \(Self.hex(mark)) fib daddr type local \(nftAddress)tcp dport @\(set) "
+                + "tcp flags syn / fin,syn,rst,ack meta mark set meta mark & \(Self.hex(~mark)) tproxy to :\(proxyPort) counter comment \"LE\""
         case .steer(let set, let proxyPort, _):
             return "iifname != \"lo\" fib daddr type local \(nftAddress)tcp dport @\(set) tcp flags syn / fin,syn,rst,ack tproxy to :\(proxyPort) counter comment \"LE\""
         case .expiringSteer(let port, let proxyPort, let until, let address):
@@ -195,6 +212,9 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
                 + "-m comment --comment LE -j TPROXY --on-port \(proxyPort) --on-ip \(address?.family == .ip6 ? "::" : "0.0.0.0") --tproxy-mark 0x0/0x0"
         }
     }
+
+    /// A mark as nft prints it.
+    static func hex(_ value: UInt32) -> String { "0x" + Hex.format(value, width: 8) }
 
     /// What the journal records it as.
     package var kind: RuleKind { .redirect }

@@ -43,6 +43,10 @@ public struct SessionStatus: Sendable, Hashable {
     public var counters: [(String, UInt64)]
     /// Anything the operator should know: a stale session, an unreadable journal.
     public var note: String?
+    /// The local addresses taken over (--address); empty: every one. Nil when not asked.
+    public var addresses: [String]?
+    /// Whether the host's own connections are steered too (--include-local).
+    public var includeLocal: Bool?
 
     public init(state: State, note: String? = nil) {
         self.state = state
@@ -74,6 +78,8 @@ public struct SessionStatus: Sendable, Hashable {
             ("proxyPhase", opt(proxyPhase) { .string($0.description) }),
             ("proxyPid", opt(proxyPid) { .int(Int64($0)) }),
             ("clientPid", opt(clientPid) { .int(Int64($0)) }),
+            ("addresses", opt(addresses) { .array($0.map { .string($0) }) }),
+            ("includeLocal", opt(includeLocal) { .bool($0) }),
             ("counters", .object(counters.map { ($0.0, .int(Int64(clamping: $0.1))) })),
             ("note", opt(note) { .string($0) }),
         ])

@@ -56,13 +56,18 @@ public struct TakeoverOptions: Sendable, Hashable {
     /// local address. Connections to the host's other addresses reach the app as outside a window,
     /// and a family none of them belongs to is not steered at all.
     public var addresses: [String]
+    /// Also steer the host's own new connections to the port (those of every user but the built-in
+    /// proxy's), for ACME clients that fetch their challenge over HTTP before asking the CA
+    /// (acme-tiny, acmetool). nftables only; needs the built-in proxy.
+    public var includeLocal: Bool
 
     public init(
         port: Int = 80, proxyPort: Int = 12347, ttl: Duration = .seconds(15 * 60),
         backend: BackendChoice = .auto, proxy: ProxyMode, stateDirectory: String? = nil, listenerOwners: [UInt32] = [],
-        throughInput: Bool = false, addresses: [String] = []
+        throughInput: Bool = false, addresses: [String] = [], includeLocal: Bool = false
     ) {
         self.addresses = addresses
+        self.includeLocal = includeLocal
         self.port = port
         self.proxyPort = proxyPort
         self.ttl = ttl
@@ -110,6 +115,12 @@ public struct TakeoverOptions: Sendable, Hashable {
                         + "give the port the ACME client's own server listens on (e.g. certbot --http-01-port 12348)")
             }
         }
+        if includeLocal, case .external = self.proxy {
+            throw LERedirectError(
+                .invalidArgument,
+                "--include-local needs the built-in proxy: the proxy's own connections to the app must not be steered back "
+                    + "to it, and le-redirect can tell apart only those of its own proxy (by its user)")
+        }
         var parsed: [IPAddress] = []
         for text in addresses {
             guard let address = IPAddress(text) else {
@@ -124,7 +135,7 @@ public struct TakeoverOptions: Sendable, Hashable {
         return ValidatedOptions(
             port: redirected, proxyPort: proxy, ttl: ttl, backend: backend, proxy: self.proxy,
             listenerOwners: Array(Set(listenerOwners.filter { $0 != 0 })).sorted(), throughInput: throughInput,
-            addresses: Array(Set(parsed)).sorted())
+            addresses: Array(Set(parsed)).sorted(), includeLocal: includeLocal)
     }
 }
 
@@ -141,6 +152,8 @@ public struct ValidatedOptions: Sendable, Hashable {
     public let throughInput: Bool
     /// See `TakeoverOptions.addresses`: sorted (IPv4 first), without repeats; empty means all.
     package let addresses: [IPAddress]
+    /// See `TakeoverOptions.includeLocal`.
+    public let includeLocal: Bool
 
     /// The families steered: those of `addresses`, or both.
     package var steeredFamilies: [Family] { addresses.isEmpty ? [.ip, .ip6] : Array(Set(addresses.map(\.family))).sorted() }

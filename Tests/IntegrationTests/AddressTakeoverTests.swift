@@ -29,6 +29,15 @@ struct AddressTakeoverTests {
             ["begin", "--in-memory", "--unknown-challenges", "404", "--address", Self.named4, "--address", Self.named6] + host.begin)
         #expect(begin.status == 0, "\(begin)")
         #expect(try net.status()["backend"] as? String == host.backend)
+        #expect(try net.status()["addresses"] as? [String] == [Self.named4, Self.named6])
+        // Armed, disarmed and armed again: the legacy path rebuilds each rule from the journal.
+        for _ in 0..<2 {
+            let add = try net.leRedirect("challenge", "add", "tok", "tok.thumbprint")
+            #expect(add.status == 0, "\(add)")
+            #expect(try net.httpClient("get", Self.named4, "/.well-known/acme-challenge/tok") == "200 tok.thumbprint")
+            #expect(try net.leRedirect("challenge", "remove", "tok").status == 0)
+            #expect(try net.httpClient("get", Self.named4, "/.well-known/acme-challenge/tok") == "200 app challenge tok")
+        }
         let add = try net.leRedirect("challenge", "add", "tok", "tok.thumbprint")
         #expect(add.status == 0, "\(add)")
         for address in all {
@@ -74,5 +83,75 @@ struct AddressTakeoverTests {
         #expect(missing.stderr.contains("--address 10.99.0.9: not an address of this host's interfaces"), "\(missing)")
         #expect(try net.ruleset() == before)
         #expect(try net.status()["active"] as? Bool == false)
+    }
+
+    /// --include-local: the host's own new connections to the port (any user's, to any local
+    /// address, loopback included) reach the proxy too, as an ACME client checking its own
+    /// challenge needs; the proxy's own connections to the app still reach the app (nothing loops),
+    /// the mark is cleared before the host's input chains, and end gives the ruleset back.
+    @Test func includeLocalSteersTheHostsOwnConnectionsButNotTheProxys() throws {
+        let net = try TestNetwork(.nftablesPolicyDrop)
+        defer { net.close() }
+        // A host rule that would drop anything still carrying le-redirect's mark bit on input: the
+        // bit must be gone by then.
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("le-redirect-markcheck-\(UUID().uuidString).nft")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try """
+            table inet markcheck {
+                chain input {
+                    type filter hook input priority filter - 1; policy accept;
+                    meta mark & 0x40000000 == 0x40000000 counter drop
+                }
+            }
+            """.write(to: file, atomically: true, encoding: .utf8)
+        let markCheck = try net.exec(net.host, ["nft", "-f", file.path])
+        #expect(markCheck.status == 0, "\(markCheck)")
+        try net.startApp()
+        let before = try net.ruleset()
+        let challenge = "/.well-known/acme-challenge/tok"
+        // As a user of the host's who is neither root nor the proxy's.
+        let unprivileged = ["setpriv", "--reuid", "12345", "--regid", "12345", "--clear-groups", "--inh-caps=-all"]
+        func local(_ address: String, _ path: String, as user: [String] = []) throws -> String {
+            let output = try net.exec(net.host, user + ["/usr/bin/python3", Paths.client, "get", address, path], timeout: 30)
+            return output.status == 0 ? (output.stdout.split(separator: "\n").last.map(String.init) ?? "") : "failed: \(output)"
+        }
+        // Without it, the host's own connections are never steered (invariant 4).
+        #expect(try net.leRedirect("begin", "--in-memory", "--unknown-challenges", "404").status == 0)
+        #expect(try net.leRedirect("challenge", "add", "tok", "tok.thumbprint").status == 0)
+        #expect(try local(TestNetwork.hostAddress4, challenge) == "200 app challenge tok")
+        #expect(try net.httpClient("get", TestNetwork.hostAddress4, challenge) == "200 tok.thumbprint")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+
+        let begin = try net.leRedirect("begin", "--in-memory", "--unknown-challenges", "404", "--include-local")
+        #expect(begin.status == 0, "\(begin)")
+        #expect(try net.status()["includeLocal"] as? Bool == true)
+        #expect(try net.status()["addresses"] as? [String] == [])
+        #expect(try local(TestNetwork.hostAddress4, challenge) == "200 app challenge tok")  // not armed yet
+        #expect(try net.leRedirect("challenge", "add", "tok", "tok.thumbprint").status == 0)
+        for address in [TestNetwork.hostAddress4, TestNetwork.hostAddress6, "127.0.0.1", "::1"] {
+            #expect(try local(address, challenge) == "200 tok.thumbprint", "\(address)")
+            #expect(try local(address, challenge, as: unprivileged) == "200 tok.thumbprint", "\(address)")
+            // Anything else is relayed to the app, by the proxy, whose own connection is not steered.
+            #expect(try local(address, "/").hasPrefix("200 app "), "\(address)")
+        }
+        #expect(try net.httpClient("get", TestNetwork.hostAddress6, challenge) == "200 tok.thumbprint")
+        let listed = try net.nftRuleset()
+        #expect(listed.contains(#"chain output {"#), "\(listed)")
+        #expect(listed.contains(#"type filter hook output priority filter + 10; policy accept;"#), "\(listed)")
+        #expect(listed.contains(#"fib daddr type local tcp dport @ports tcp flags syn / fin,syn,rst,ack meta mark set meta mark | 0x40000000 comment "LE""#), "\(listed)")
+        #expect(listed.contains(#"iifname "lo" meta mark & 0x40000000 == 0x40000000 fib daddr type local tcp dport @ports tcp flags syn / fin,syn,rst,ack meta mark set meta mark & 0xbfffffff tproxy to :12347 counter comment "LE""#), "\(listed)")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+        #expect(try local(TestNetwork.hostAddress4, challenge) == "200 app challenge tok")
+
+        // The legacy path cannot: refused, nothing changed.
+        let legacy = try TestNetwork(.legacyDropForcedLegacy)
+        defer { legacy.close() }
+        let legacyBefore = try legacy.ruleset()
+        let refused = try legacy.leRedirect(["begin", "--in-memory", "--include-local"] + Host.legacyDropForcedLegacy.begin)
+        #expect(refused.status == 1, "\(refused)")
+        #expect(refused.stderr.contains("--include-local: the host's own connections can be steered only from nftables"), "\(refused)")
+        #expect(try legacy.ruleset() == legacyBefore)
     }
 }

@@ -25,6 +25,7 @@ struct CommandLineErrorTests {
         Case(arguments: ["--external-proxy", "--address", "10.99.0.0/24"], status: 2, message: "is not an IPv4 or IPv6 address"),
         Case(arguments: ["--external-proxy", "--address", "127.0.0.1"], status: 2, message: "is a loopback address"),
         Case(arguments: ["--external-proxy", "--address", "::ffff:10.99.0.1"], status: 2, message: "IPv4-mapped"),
+        Case(arguments: ["--external-proxy", "--include-local"], status: 2, message: "--include-local needs the built-in proxy"),
         // The host has no x_tables nat table, and begin never makes one (it could not be deleted).
         Case(arguments: ["--external-proxy", "--backend", "iptables-legacy"], status: 1, message: "has no mangle table"),
         Case(arguments: ["--webroot", "/srv/acme", "--in-memory"], status: 2, message: "exclude each other"),

@@ -6,7 +6,7 @@ import Testing
 struct AddressTests {
     @Test(arguments: [
         ("192.0.2.1", "192.0.2.1"), ("10.0.0.255", "10.0.0.255"), ("2001:db8::1", "2001:db8::1"),
-        ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"), ("fd99::", "fd99::"), ("::ffff:0:1", "::ffff:0:1"),
+        ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"), ("fd99::", "fd99::"), ("::ffff:0:1:1", "::ffff:0:1:1"),
         ("2001:db8:0:1:0:0:0:1", "2001:db8:0:1::1"), ("2001:0:0:1:0:0:1:1", "2001::1:0:0:1:1"),
         ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2:3:4:5:6"), ("2001:db8:0:2:3:4:5:6", "2001:db8:0:2:3:4:5:6"),
         ("64:ff9b::192.0.2.1", "64:ff9b::c000:201"), ("fe80::1", "fe80::1"),
@@ -28,7 +28,8 @@ struct AddressTests {
 
     @Test(arguments: [
         ("0.0.0.0", "unspecified"), ("127.0.0.1", "loopback"), ("224.0.0.1", "unicast"), ("::", "unspecified"),
-        ("::1", "loopback"), ("ff02::1", "unicast"), ("::ffff:192.0.2.1", "IPv4-mapped"),
+        ("::1", "loopback"), ("ff02::1", "unicast"), ("::ffff:192.0.2.1", "IPv4-mapped"), ("::10.99.0.3", "IPv4-compatible"),
+        ("169.254.1.1", "link-local"), ("fe80::1", "link-local"), ("febf::1", "link-local"),
     ])
     func refusesAddressesNoClientFromOutsideReaches(_ text: String, _ reason: String) {
         #expect(throws: LERedirectError.self) {
@@ -75,6 +76,30 @@ struct AddressTests {
         let only4 = try TakeoverOptions(proxy: .external, addresses: ["10.99.0.3"]).validated()
         let plan4 = try RedirectPlan.make(only4, from: FakeKernel().connect().snapshot())
         #expect(plan4.steeringRules == [.steer(set: "ports", proxyPort: 12347, address: v4)])
+    }
+
+    /// x_tables: an address of a family x_tables does not hold here (no ip6_tables) is refused,
+    /// not quietly left unsteered; a mixed list gets each address in its own family's chains.
+    @Test func xtablesRefusesAnAddressOfAFamilyItDoesNotHold() throws {
+        let nft = FirewallSnapshot(generation: 1, tables: [], chains: [], ownedTables: false)
+        func legacy(_ families: Set<Family>) -> FirewallSnapshot {
+            let refs = families.sorted().map { TableRef($0, "mangle") }
+            return FirewallSnapshot(
+                generation: 0, tables: refs.map { HostTable($0) },
+                chains: refs.map { HostChain(ChainRef($0, "PREROUTING"), hook: .prerouting, rules: 0) }, families: families,
+                ownedTables: false)
+        }
+        let mixed = try TakeoverOptions(proxy: .external, addresses: ["fd99::1", "10.99.0.3"]).validated()
+        do {
+            _ = try RedirectPlan.make(mixed, nftables: nft, iptablesLegacy: legacy([.ip]), now: 0)
+            Issue.record("an IPv6 address was accepted without ip6_tables")
+        } catch {
+            #expect(error.message.contains("--address fd99::1: iptables-legacy has no IPv6 tables"))
+        }
+        let plan = try RedirectPlan.make(mixed, nftables: nft, iptablesLegacy: legacy([.ip, .ip6]), now: 0)
+        #expect(plan.iptablesLegacy!.steers.map { "\($0.chain.table.family) \($0.spec.address!)" } == ["ip 10.99.0.3", "ip6 fd99::1"])
+        #expect(plan.iptablesLegacy!.steers[1].spec.description.hasPrefix("-d fd99::1/128 ! -i lo "))
+        #expect(plan.iptablesLegacy!.steers[1].spec.description.contains("--on-ip :: "))
     }
 
     /// x_tables: a rule per address in its own family's chain (`-d ADDRESS/32` or `/128`).

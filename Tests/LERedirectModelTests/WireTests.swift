@@ -12,7 +12,7 @@ struct WireTests {
             drainTimeout: .zero)
         return try! TakeoverOptions(
             port: 80, proxyPort: 12347, ttl: .seconds(600), backend: .iptablesLegacy, proxy: .builtIn(proxy),
-            listenerOwners: [1000, 33], throughInput: true, addresses: ["192.0.2.1", "2001:db8::1"]
+            listenerOwners: [1000, 33], throughInput: true, addresses: ["192.0.2.1", "2001:db8::1"], includeLocal: true
         ).validated()
     }()
 
@@ -42,7 +42,7 @@ struct WireTests {
         ("end-default", .endRequest(drainTimeout: nil)),
         ("challenge-add", .challengeAdd(token: "tok_1-A", keyAuthorization: "tok_1-A.thumb")),
         ("challenge-remove", .challengeRemove(token: "tok_1-A")),
-        ("holder-status", .holderStatus(HolderStatus(pid: 10, clientPid: 11, redirectedPackets: 99, armed: true, notes: ["n"], challengeSource: "webroot /x", tokens: 2, proxyPid: 12, proxy: status))),
+        ("holder-status", .holderStatus(HolderStatus(pid: 10, clientPid: 11, redirectedPackets: 99, armed: true, notes: ["n"], challengeSource: "webroot /x", tokens: 2, proxyPid: 12, proxy: status, addresses: ["192.0.2.1"], includeLocal: true))),
         ("holder-status-external", .holderStatus(HolderStatus(pid: 10, armed: false))),
         ("ended", .ended(warnings: ["the host had removed a rule"])),
         ("challenge-reply", .challengeReply(tokens: 0, armed: false, endsWithLastToken: true)),

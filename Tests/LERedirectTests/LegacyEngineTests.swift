@@ -236,6 +236,62 @@ struct LegacyEngineTests {
         #expect(legacy.listing() == before)
     }
 
+    /// --address on the legacy path, armed per challenge: each journalled rule is rebuilt with its
+    /// own address (two in one chain, one of the other family), and nothing else goes in.
+    @Test func anArmedSteeringKeepsItsAddresses() throws {
+        let legacy = Self.legacyHost(), nft = FakeKernel()
+        let before = legacy.listing()
+        var (engine, _) = try engine()
+        let named = ["10.99.0.3", "10.99.0.4", "fd99::1"]
+        engine.localAddresses = { (named + ["10.99.0.1"]).compactMap(IPAddress.init) }
+        let memory = try TakeoverOptions(
+            ttl: .seconds(600), backend: .iptablesLegacy, proxy: .builtIn(ProxyOptions(challenge: .memory)), addresses: named
+        ).validated()
+        let firewalls = Firewalls([nft.connect(), legacy.connect()])
+        let journal = try engine.install(memory, firewalls: firewalls, holder: me, namespace: namespace, now: 0)
+        #expect(journal.rules.filter { $0.chain.table.name == "mangle" }.count == 3)
+        #expect(legacy.listing() == before)
+        try engine.arm(journal, firewalls: firewalls, remaining: .seconds(60), addresses: memory.addresses)
+        let listing = legacy.listing()
+        for address in ["-d 10.99.0.3/32 ", "-d 10.99.0.4/32 ", "-d fd99::1/128 "] {
+            #expect(listing.components(separatedBy: address).count - 1 == 2, "\(address) in \(listing)")  // TPROXY and nat ACCEPT
+        }
+        #expect(listing.components(separatedBy: "TPROXY --on-port 12347").count - 1 == 3)
+        try engine.arm(journal, firewalls: firewalls, remaining: .seconds(60), addresses: memory.addresses)  // armed already
+        #expect(legacy.listing() == listing)
+        try engine.disarm(journal, firewalls: firewalls)
+        #expect(legacy.listing() == before)
+        // Arming with addresses the journal's rules were not made for is refused, not guessed.
+        #expect(throws: LERedirectError.self) {
+            try engine.arm(journal, firewalls: firewalls, remaining: .seconds(60), addresses: [IPAddress("10.99.0.9")!])
+        }
+        #expect(legacy.listing() == before)
+        _ = try engine.uninstall(journal, firewalls: firewalls)
+        #expect(legacy.listing() == before)
+    }
+
+    /// begin refuses an address the host's interfaces do not have, or cannot be checked.
+    @Test func anAddressNotOnTheHostIsRefusedBeforeAnythingChanges() throws {
+        let legacy = Self.legacyHost(), nft = FakeKernel()
+        let before = legacy.listing()
+        var (engine, state) = try engine()
+        let options = try TakeoverOptions(ttl: .seconds(600), backend: .iptablesLegacy, proxy: .external, addresses: ["10.99.0.3"])
+            .validated()
+        let firewalls = Firewalls([nft.connect(), legacy.connect()])
+        for (local, kind) in [([IPAddress("10.99.0.1")!], LERedirectError.Kind.invalidArgument), (nil, .failed)] {
+            engine.localAddresses = { local }
+            do {
+                _ = try engine.install(options, firewalls: firewalls, holder: me, namespace: namespace, now: 0)
+                Issue.record("begin took over an address the host does not have")
+            } catch {
+                #expect(error.kind == kind)
+                #expect(error.message.contains("Nothing was changed"))
+            }
+            #expect(legacy.listing() == before)
+            #expect(try state.readJournal() == nil)
+        }
+    }
+
     /// A dead session of a version that rewrote connections left accepts in filter INPUT and
     /// redirects in nat PREROUTING, journalled with their counts: recover takes out exactly those.
     @Test func anOlderVersionsDeadLegacySessionIsRecovered() throws {

@@ -25,7 +25,7 @@ apt_install() {
 BUILD_PACKAGES=(pkg-config libnftnl-dev libmnl-dev libiptc-dev libseccomp-dev)
 TEST_PACKAGES=(nftables iptables conntrack iproute2 python3 util-linux procps nginx-light wrk haproxy)
 # The testbed's and the renewal suite's: the CA, the ACME clients, and what the testbed runs.
-RENEWAL_PACKAGES=(pebble certbot lego dehydrated uacme acme-tiny openssl curl)
+RENEWAL_PACKAGES=(pebble certbot lego dehydrated uacme acme-tiny acmetool openssl curl)
 
 # find_swift: puts a Swift 6.3 toolchain on PATH (Swift is not a Debian package: install it from
 # swift.org into /opt/swift, or put its usr/bin on PATH).

@@ -8,6 +8,7 @@ load, le-redirect rules left, and whether the ruleset came back byte for byte (c
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -117,10 +118,22 @@ def uacme(bed, workdir):
     return argv, f"{workdir}/conf/{testbed.DOMAIN}/cert.pem"
 
 
+def resolving_domain_here(bed, workdir, argv, setup=""):
+    """`argv` with DOMAIN resolving to the web host on the web host itself (for a client's own check
+    of its challenge): a hosts file bind-mounted over /etc/hosts in a mount namespace of its own,
+    after the shell commands `setup` (run in that namespace too)."""
+    hosts = f"{workdir}/hosts"
+    with open(hosts, "w") as f:
+        f.write(f"127.0.0.1 localhost\n::1 localhost\n{testbed.WEB4} {testbed.DOMAIN}\n{testbed.WEB6} {testbed.DOMAIN}\n")
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            setup + 'mount --bind "$0" /etc/hosts && exec "$@"', hosts] + argv
+
+
 def acme_tiny(bed, workdir):
-    """acme-tiny has no hooks: `le-redirect run --webroot DIR -- acme-tiny --acme-dir DIR`. Its own
-    check fetches the challenge from this host, which le-redirect does not steer (the host's own
-    connections reach the app): --disable-check."""
+    """acme-tiny has no hooks: `le-redirect run --webroot DIR --include-local -- acme-tiny --acme-dir
+    DIR`. Before asking the CA, acme-tiny fetches each challenge from http://DOMAIN/ itself, from this
+    host: --include-local steers the host's own connections too, so that check reaches the proxy
+    (without it, the app answers and acme-tiny gives up)."""
     challenges = f"{workdir}/challenges"
     os.makedirs(challenges, exist_ok=True)
     os.chmod(challenges, 0o755)
@@ -140,9 +153,36 @@ def acme_tiny(bed, workdir):
                     "-out", f"{workdir}/domain.csr"], check=True, capture_output=True)
     cert = f"{workdir}/cert.pem"
     argv = ["sh", "-c", 'rm -f "$0" && "$@" > "$0.new" && mv "$0.new" "$0"', cert,
-            "le-redirect", "run", "--webroot", challenges, "--", "acme-tiny", "--account-key", f"{workdir}/account.key",
-            "--csr", f"{workdir}/domain.csr", "--acme-dir", challenges, "--directory-url", testbed.DIRECTORY, "--disable-check"]
-    return argv, cert
+            "le-redirect", "run", "--webroot", challenges, "--include-local", "--", "acme-tiny", "--account-key",
+            f"{workdir}/account.key", "--csr", f"{workdir}/domain.csr", "--acme-dir", challenges,
+            "--directory-url", testbed.DIRECTORY]
+    return resolving_domain_here(bed, workdir, argv), cert
+
+
+def acmetool(bed, workdir):
+    """acmetool through its hooks directory (scripts/hooks/acmetool-hook.sh as hooks/le-redirect):
+    challenge-http-start begins an --in-memory session with --include-local, as acmetool fetches
+    each challenge from http://DOMAIN/ itself before asking the CA (its self-test, which fails
+    without it). acmetool also drops each challenge into /var/run/acme/acme-challenge, whatever it
+    is told: a tmpfs there, in the mount namespace acmetool runs in, keeps it off the machine."""
+    state, hooks = f"{workdir}/state", f"{workdir}/hooks"
+    os.makedirs(f"{state}/conf", exist_ok=True)
+    os.makedirs(hooks, exist_ok=True)
+    os.chmod(hooks, 0o755)  # acmetool runs no hook from a world-writable directory
+    if not os.path.lexists(f"{hooks}/le-redirect"):
+        os.symlink(f"{HOOKS}/acmetool-hook.sh", f"{hooks}/le-redirect")
+    with open(f"{state}/conf/target", "w") as f:
+        f.write(f"request:\n  provider: {testbed.DIRECTORY}\n  key:\n    type: ecdsa\n")
+    with open(f"{state}/conf/responses", "w") as f:
+        f.write('"acme-enter-email": "admin@web.test"\n"acme-agreement:data:text/plain,Do%20what%20thou%20wilt": true\n')
+    # A certificate from an earlier run would satisfy the target: only the account stays.
+    for d in ("certs", "keys", "live", "desired"):
+        shutil.rmtree(f"{state}/{d}", ignore_errors=True)
+    argv = ["acmetool", "--batch", "--state", state, "--hooks", hooks, "want", testbed.DOMAIN]
+    made = not os.path.exists("/run/acme")
+    acmetool.cleanup = (lambda: os.rmdir("/run/acme")) if made else None
+    setup = "mkdir -p /run/acme && mount -t tmpfs -o mode=0755,size=1m tmpfs /run/acme && "
+    return resolving_domain_here(bed, workdir, argv, setup=setup), f"{state}/live/{testbed.DOMAIN}/cert"
 
 
 def certbot_source_approach(bed, workdir):
@@ -162,6 +202,7 @@ CLIENTS = {
     "dehydrated": dehydrated,
     "uacme": uacme,
     "acme-tiny": acme_tiny,
+    "acmetool": acmetool,
 }
 
 
@@ -212,7 +253,15 @@ def renew(bed, name, client=None, load=True, expect_success=True, extra_env=None
     if wrk:
         time.sleep(1)  # the load is steady before the renewal starts
     started = time.monotonic()
-    done = bed.web_exec(argv, timeout=300, **(extra_env or {}))
+    try:
+        done = bed.web_exec(argv, timeout=300, **(extra_env or {}))
+    finally:
+        cleanup = getattr(client, "cleanup", None)
+        if cleanup:
+            try:
+                cleanup()
+            except OSError:
+                pass
     wall = time.monotonic() - started
     if wrk:
         time.sleep(1)

@@ -110,6 +110,28 @@ enum NftObjects {
             // The destination address, as the packet has it, becomes the binding's: an identity.
             add(rule, networkDestination(v6: v6, into: r1))
             add(rule, dnat(family: v6 ? u32(NFPROTO_IPV6) : u32(NFPROTO_IPV4), addressRegister: r1))
+        case .markLocal(let set, let uid, let mark, let address):
+            add(rule, meta(u32(NFT_META_SKUID), into: r1))
+            add(rule, cmp(r1, .neq, bytes(uid)))
+            matchSYN(rule, set: set, setID: setID, address: address)
+            // meta mark set meta mark | MARK: (mark & ~MARK) ^ MARK, as nft encodes it.
+            add(rule, meta(u32(NFT_META_MARK), into: r1))
+            add(rule, bitwise(r1, mask: bytes(~mark), xor: bytes(mark)))
+            add(rule, setMeta(u32(NFT_META_MARK), from: r1))
+        case .steerLocal(let set, let proxyPort, let mark, let address):
+            add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
+            add(rule, cmp(r1, .eq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
+            add(rule, meta(u32(NFT_META_MARK), into: r1))
+            add(rule, bitwise(r1, mask: bytes(mark), xor: bytes(UInt32(0))))
+            add(rule, cmp(r1, .eq, bytes(mark)))
+            matchSYN(rule, set: set, setID: setID, address: address)
+            // The bit goes before the packet reaches any chain of the host's input.
+            add(rule, meta(u32(NFT_META_MARK), into: r1))
+            add(rule, bitwise(r1, mask: bytes(~mark), xor: bytes(UInt32(0))))
+            add(rule, setMeta(u32(NFT_META_MARK), from: r1))
+            add(rule, immediate(r1, bytes(proxyPort.bigEndian)))
+            add(rule, tproxy(portRegister: r1))
+            add(rule, nftnl_expr_alloc("counter")!)
         case .expiringSteer, .expiringKeepDestination:
             preconditionFailure("x_tables' rules have no nftables form")
         }
@@ -162,6 +184,12 @@ enum NftObjects {
         let r1 = u32(NFT_REG_1)
         add(rule, meta(u32(NFT_META_IIFNAME), into: r1))
         add(rule, cmp(r1, .neq, Array("lo".utf8) + [UInt8](repeating: 0, count: 14)))
+        matchSYN(rule, set: set, setID: setID, address: address)
+    }
+
+    /// `fib daddr type local [ip daddr ADDRESS] tcp dport @SET tcp flags syn / fin,syn,rst,ack`.
+    private static func matchSYN(_ rule: OpaquePointer, set: String, setID: UInt32, address: IPAddress?) {
+        let r1 = u32(NFT_REG_1)
         add(rule, fibDestinationType(into: r1))
         add(rule, cmp(r1, .eq, bytes(u32(RTN_LOCAL))))
         if let address {
@@ -198,6 +226,13 @@ enum NftObjects {
         let e = nftnl_expr_alloc("meta")!
         nftnl_expr_set_u32(e, u16(NFTNL_EXPR_META_KEY), key)
         nftnl_expr_set_u32(e, u16(NFTNL_EXPR_META_DREG), reg)
+        return e
+    }
+
+    private static func setMeta(_ key: UInt32, from reg: UInt32) -> OpaquePointer {
+        let e = nftnl_expr_alloc("meta")!
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_META_KEY), key)
+        nftnl_expr_set_u32(e, u16(NFTNL_EXPR_META_SREG), reg)
         return e
     }
 

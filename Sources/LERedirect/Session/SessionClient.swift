@@ -150,6 +150,8 @@ extension Session {
             status.challengeSource = reply.challengeSource
             status.clientPid = reply.clientPid
             status.proxyPid = reply.proxyPid
+            status.addresses = reply.addresses
+            status.includeLocal = reply.includeLocal
             if !reply.notes.isEmpty { status.note = reply.notes.joined(separator: "; ") }
             if let tokens = reply.tokens { status.counters.append(("tokens", UInt64(tokens))) }
             if let proxy = reply.proxy {

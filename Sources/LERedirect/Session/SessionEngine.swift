@@ -56,9 +56,10 @@ struct SessionEngine {
     /// failure nothing is left behind: what the kernel took is removed again before this throws.
     /// x_tables is read only when it is to hold the steering (reading it costs time in proportion
     /// to the host's rules, and nothing else of begin needs it).
+    /// `proxyUID`: the built-in proxy's user (--include-local leaves its connections alone).
     func install(
         _ options: ValidatedOptions, firewalls: Firewalls, holder: ProcessIdentity, namespace: NamespaceIdentity,
-        now: Int64
+        proxyUID: UInt32? = nil, now: Int64
     ) throws(LERedirectError) -> Journal {
         try Self.checkAddresses(options.addresses, local: localAddresses(), doing: "begin")
         var unavailable = firewalls.unavailable
@@ -85,7 +86,7 @@ struct SessionEngine {
             return try installLocked(
                 options, firewalls: firewalls, nftables: nftables, nftablesSnapshot: nftablesSnapshot, legacySnapshot: nil,
                 legacyTables: legacyTables, unavailable: unavailable, kernel: support, holder: holder, namespace: namespace,
-                now: now)
+                proxyUID: proxyUID, now: now)
         }
         // Under the xtables lock throughout: x_tables is read once, and what the plan was made
         // from still holds at each of its commits.
@@ -94,7 +95,7 @@ struct SessionEngine {
             return try installLocked(
                 options, firewalls: firewalls, nftables: nftables, nftablesSnapshot: nftablesSnapshot,
                 legacySnapshot: legacySnapshot, legacyTables: legacySnapshot.tables.map(\.ref), unavailable: unavailable,
-                kernel: support, holder: holder, namespace: namespace, now: now)
+                kernel: support, holder: holder, namespace: namespace, proxyUID: proxyUID, now: now)
         }
     }
 
@@ -118,11 +119,11 @@ struct SessionEngine {
     private func installLocked(
         _ options: ValidatedOptions, firewalls: Firewalls, nftables: (any Firewall)?, nftablesSnapshot: FirewallSnapshot?,
         legacySnapshot: FirewallSnapshot?, legacyTables: [TableRef], unavailable: [FirewallSystem: String],
-        kernel: KernelSupport, holder: ProcessIdentity, namespace: NamespaceIdentity, now: Int64
+        kernel: KernelSupport, holder: ProcessIdentity, namespace: NamespaceIdentity, proxyUID: UInt32?, now: Int64
     ) throws(LERedirectError) -> Journal {
         var plan = try RedirectPlan.make(
             options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot, legacyTables: legacyTables,
-            unavailable: unavailable, kernel: kernel, now: now)
+            unavailable: unavailable, kernel: kernel, proxyUID: proxyUID, now: now)
         if let refusal = plan.refusal(options, nftables: nftablesSnapshot, iptablesLegacy: legacySnapshot) { throw refusal }
         notes = plan.notes(
             containerChains: RedirectPlan.containerNAT(nftablesSnapshot),

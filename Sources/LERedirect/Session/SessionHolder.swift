@@ -39,6 +39,8 @@ final class SessionHolder: @unchecked Sendable {
     private let armsPerChallenge: Bool
     /// --address: what the journal's x_tables rules were made for (arming rebuilds them).
     private let addresses: [IPAddress]
+    /// --include-local, for status.
+    private let includeLocal: Bool
     /// Begun by the certbot auth hook: the cleanup hook ends it when the last token goes.
     let endsWithLastToken: Bool
     private var drainTimeout: Duration?
@@ -54,7 +56,8 @@ final class SessionHolder: @unchecked Sendable {
     private init(
         state: StateDirectory, logger: Logger, journal: Journal, engine: SessionEngine, firewalls: Firewalls,
         listener: Int32, wake: Int32, stopSignals: Int32?, followed: Followed?, monotonicDeadline: Int64,
-        proxy: ProxyProcess?, externalProxyOwners: ListenerOwners?, armsPerChallenge: Bool, addresses: [IPAddress] = [], endsWithLastToken: Bool
+        proxy: ProxyProcess?, externalProxyOwners: ListenerOwners?, armsPerChallenge: Bool, addresses: [IPAddress] = [], includeLocal: Bool = false,
+        endsWithLastToken: Bool
     ) {
         self.followed = followed
         self.externalProxyOwners = externalProxyOwners
@@ -62,6 +65,7 @@ final class SessionHolder: @unchecked Sendable {
         self.proxy = proxy
         self.armsPerChallenge = armsPerChallenge
         self.addresses = addresses
+        self.includeLocal = includeLocal
         self.armed = Mutex(!armsPerChallenge)
         self.state = state
         self.logger = logger
@@ -128,13 +132,14 @@ final class SessionHolder: @unchecked Sendable {
             let startedMonotonic = monotonicMilliseconds()
             journal = try engine.install(
                 options, firewalls: firewalls, holder: ProcessFacts.identity(kind: kind), namespace: namespace,
-                now: unixMilliseconds())
+                proxyUID: proxy?.user.uid, now: unixMilliseconds())
             let holder = SessionHolder(
                 state: state, logger: logger, journal: journal, engine: engine, firewalls: firewalls, listener: listener,
                 wake: wake, stopSignals: stopSignals, followed: followed,
                 monotonicDeadline: startedMonotonic + options.ttl.milliseconds,
                 proxy: proxy, externalProxyOwners: proxy == nil ? ListenerOwners(options.listenerOwners) : nil,
                 armsPerChallenge: options.proxy.armsPerChallenge, addresses: options.addresses,
+                includeLocal: options.includeLocal,
                 endsWithLastToken: endsWithLastToken)
             holder.thread = startThread { holder.run() }
             return holder
@@ -172,7 +177,9 @@ final class SessionHolder: @unchecked Sendable {
         // incoming interface's first address): without one, steered SYNs would go on to the app
         // (nftables) or be dropped (x_tables' TPROXY), and every challenge fail with nothing to say why.
         guard !listeners.isEmpty else { return }
-        for (family, name, any) in [(UInt8(AF_INET), "IPv4", "0.0.0.0"), (UInt8(AF_INET6), "IPv6", "[::]")] {
+        let steered = options.steeredFamilies  // --address may leave a family alone
+        for (family, name, any) in [(UInt8(AF_INET), "IPv4", "0.0.0.0"), (UInt8(AF_INET6), "IPv6", "[::]")]
+        where steered.contains(family == UInt8(AF_INET) ? .ip : .ip6) {
             let covering = listeners.filter {
                 $0.wildcard && ($0.family == family || (family == UInt8(AF_INET) && $0.family == UInt8(AF_INET6) && $0.v6only == false))
             }
@@ -418,7 +425,7 @@ final class SessionHolder: @unchecked Sendable {
             pid: getpid(), clientPid: followed?.pid,
             redirectedPackets: (try? firewalls[journal.backend]?.redirectedPackets()) ?? nil, armed: isArmed,
             notes: engine.notes, challengeSource: proxy?.options.challenge.description, tokens: proxy.map { _ in tokenCount },
-            proxyPid: proxy?.pid, proxy: proxy?.status())
+            proxyPid: proxy?.pid, proxy: proxy?.status(), addresses: addresses.map(\.description), includeLocal: includeLocal)
     }
 
     // MARK: Challenges held in memory

@@ -179,11 +179,17 @@ package struct HolderStatus: Sendable, Hashable {
     package var tokens: Int?
     package var proxyPid: Int32?
     package var proxy: ProxyStatus?
+    /// --address (empty: every local address) and --include-local.
+    package var addresses: [String]
+    package var includeLocal: Bool
 
     package init(
         pid: Int32, clientPid: Int32? = nil, redirectedPackets: UInt64? = nil, armed: Bool, notes: [String] = [],
-        challengeSource: String? = nil, tokens: Int? = nil, proxyPid: Int32? = nil, proxy: ProxyStatus? = nil
+        challengeSource: String? = nil, tokens: Int? = nil, proxyPid: Int32? = nil, proxy: ProxyStatus? = nil,
+        addresses: [String] = [], includeLocal: Bool = false
     ) {
+        self.addresses = addresses
+        self.includeLocal = includeLocal
         self.pid = pid
         self.clientPid = clientPid
         self.redirectedPackets = redirectedPackets
@@ -246,6 +252,8 @@ extension Message {
             w.optional(s.tokens) { $0.u32(UInt32(clamping: $1)) }
             w.optional(s.proxyPid) { $0.i32($1) }
             w.optional(s.proxy) { Self.write(&$0, $1) }
+            w.array(s.addresses) { $0.string($1) }
+            w.bool(s.includeLocal)
         case .ended(let warnings):
             w.u8(Tag.ended.rawValue)
             w.array(warnings) { $0.string($1) }
@@ -329,10 +337,13 @@ extension Message {
             let tokens = try r.optional("tokens") { (r: inout WireReader) throws(WireError) in Int(try r.u32("tokens")) }
             let proxyPid = try r.optional("proxy pid") { (r: inout WireReader) throws(WireError) in try r.i32("proxy pid") }
             let proxy = try r.optional("proxy") { (r: inout WireReader) throws(WireError) in try Self.readStatus(&r) }
+            let addresses = try r.array("addresses") { (r: inout WireReader) throws(WireError) in try r.string("address") }
+            let includeLocal = try r.bool("include local")
             self = .holderStatus(
                 HolderStatus(
                     pid: pid, clientPid: client, redirectedPackets: packets, armed: armed, notes: notes,
-                    challengeSource: source, tokens: tokens, proxyPid: proxyPid, proxy: proxy))
+                    challengeSource: source, tokens: tokens, proxyPid: proxyPid, proxy: proxy, addresses: addresses,
+                    includeLocal: includeLocal))
         case .ended:
             self = .ended(warnings: try r.array("warnings") { (r: inout WireReader) throws(WireError) in try r.string("warning") })
         case .challengeReply:
@@ -424,6 +435,7 @@ extension Message {
         w.array(o.listenerOwners) { $0.u32($1) }
         w.bool(o.throughInput)
         w.array(o.addresses) { $0.string($1.description) }
+        w.bool(o.includeLocal)
     }
 
     /// Options are validated once, by `begin`; what arrives here is checked only for what would
@@ -449,9 +461,10 @@ extension Message {
         let owners = try r.array("listener owners") { (r: inout WireReader) throws(WireError) in try r.u32("uid") }
         let throughInput = try r.bool("through input")
         let addresses = try r.array("addresses") { (r: inout WireReader) throws(WireError) in try r.string("address") }
+        let includeLocal = try r.bool("include local")
         let options = TakeoverOptions(
             port: Int(port), proxyPort: Int(proxyPort), ttl: ttl, backend: backend, proxy: proxy,
-            listenerOwners: owners, throughInput: throughInput, addresses: addresses)
+            listenerOwners: owners, throughInput: throughInput, addresses: addresses, includeLocal: includeLocal)
         do { return try options.validated() } catch { throw WireError("options: \(error.message)") }
     }
 
