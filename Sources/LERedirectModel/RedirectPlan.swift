@@ -36,6 +36,9 @@ package struct RedirectPlan: Hashable, Sendable {
         /// an identity binding from a nat chain of ours that runs first, so that the host's nat
         /// leaves them alone (a SYN DNAT'ed away after tproxy gave it a socket would be dropped).
         package let hostNAT: [String]
+        /// The host's nat on output (nat-type output chains, x_tables nat tables): with
+        /// --include-local, a connection of the host's own that it sends elsewhere is not steered.
+        package var hostOutputNAT: [String] = []
 
         package var keepsDestinations: Bool { !hostNAT.isEmpty }
     }
@@ -71,13 +74,17 @@ package struct RedirectPlan: Hashable, Sendable {
     /// mangle (-150), where transparent proxying is done: after conntrack (-200) and the host's raw
     /// chains, before its nat (dstnat = -100) and filter chains, which all still see the packet.
     package static let steeringPriority: Int32 = -150
-    /// --include-local: where the host's own SYNs get their mark, on output at filter + 10: after
-    /// the host's output nat (a connection DNATed away from this host is not marked) and filter
-    /// (a connection it drops never leaves).
-    package static let localChain = ChainRef(TableRef.own, "output")
-    package static let localPriority: Int32 = 10
-    /// The packet-mark bit that carries "steer this local SYN" from output to prerouting, where it
-    /// is cleared again. Only on those SYNs, and only between the two chains.
+    /// --include-local: where the host's own SYNs get their mark, on postrouting at 1000: after
+    /// the host's output nat (a connection DNATed away from this host is not marked), its output
+    /// filter (a connection it drops never gets here) and its postrouting chains.
+    package static let localChain = ChainRef(TableRef.own, "local-out")
+    package static let localPriority: Int32 = 1000
+    /// Where they are steered when they come back in on lo: prerouting at raw - 1, before any
+    /// chain of the host's sees the bit.
+    package static let localSteeringChain = ChainRef(TableRef.own, "local-in")
+    package static let localSteeringPriority: Int32 = -301
+    /// The packet-mark bit that carries "steer this local SYN" from postrouting to prerouting,
+    /// where it is cleared again. Only on those SYNs, and only between the two chains.
     package static let localMark: UInt32 = 0x4000_0000
 
     /// The nftables-only plan (hosts and tests that have no x_tables).
@@ -193,9 +200,14 @@ package struct RedirectPlan: Hashable, Sendable {
             }
             leftover = true
         }
-        return NftablesPart(
+        var part = NftablesPart(
             generation: snapshot.generation, replacesLeftoverTable: leftover,
             hostNAT: hostNAT(nftables: snapshot, legacyTables: legacyTables))
+        part.hostOutputNAT = snapshot.chains.filter {
+            $0.hook == .output && $0.type == "nat" && $0.ref.table != TableRef.own
+        }.map { "nftables \($0.ref)" }.sorted()
+            + legacyTables.filter { $0.name == "nat" }.sorted().map { "iptables-legacy \($0) OUTPUT" }
+        return part
     }
 
     /// The host's own nat on prerouting: nat-type prerouting base chains of nftables (iptables-nft's
@@ -236,8 +248,14 @@ package struct RedirectPlan: Hashable, Sendable {
                 "the host has x_tables nat tables (\(legacy.keepDestinations.map { "\($0.chain)" }.joined(separator: ", "))): the "
                     + "steered SYNs are accepted at their head first, " + how)
         }
+        if localExemptUID != nil, let nft = nftables, !nft.hostOutputNAT.isEmpty {
+            notes.append(
+                "--include-local: the host translates destinations on output (\(nft.hostOutputNAT.joined(separator: ", "))): "
+                    + "a connection of the host's own to port \(port) that its nat sends elsewhere (a published container "
+                    + "port) is not steered, and reaches where the nat sends it")
+        }
         guard !notes.isEmpty else { return [] }
-        if !containerChains.isEmpty {
+        if !containerChains.isEmpty && keepsDestinations {
             notes.append(
                 "this host publishes container ports (\(containerChains.joined(separator: ", "))): during the window the "
                     + "steered connections to port \(port) pass its INPUT chains, not FORWARD, so rules in DOCKER-USER or "
@@ -256,14 +274,17 @@ package struct RedirectPlan: Hashable, Sendable {
             : addresses.map { .steer(set: Self.setName, proxyPort: proxyPort, address: $0) }
     }
 
-    /// --include-local's rules: the output chain's marks, and the prerouting chain's steering of
-    /// the marked SYNs (after the outside ones), one each, or one per address.
+    /// --include-local's rules, in listing order: the postrouting chain's marks (one, or one per
+    /// address) and the proxy's unmarking; the lo chain's steering of marked SYNs and the clearing
+    /// of what is left.
     package var localRules: (mark: [RuleSpec], steer: [RuleSpec]) {
         guard let uid = localExemptUID else { return ([], []) }
         let targets: [IPAddress?] = addresses.isEmpty ? [nil] : addresses
         return (
-            targets.map { .markLocal(set: Self.setName, exemptUID: uid, mark: Self.localMark, address: $0) },
+            targets.map { .markLocal(set: Self.setName, exemptUID: uid, mark: Self.localMark, address: $0) }
+                + [.unmarkProxy(set: Self.setName, uid: uid, mark: Self.localMark)],
             targets.map { .steerLocal(set: Self.setName, proxyPort: proxyPort, mark: Self.localMark, address: $0) }
+                + [.clearLocal(mark: Self.localMark)]
         )
     }
 
@@ -318,10 +339,12 @@ package struct RedirectPlan: Hashable, Sendable {
             .addBaseChain(Self.steeringChain, type: "filter", hook: .prerouting, priority: Self.steeringPriority),
         ]
         // Each rule goes in at the head: the last first, so that they are listed in order.
+        changes += steeringRules.reversed().map { .insertRule(Self.steeringChain, $0) }
         let local = localRules
-        changes += (steeringRules + local.steer).reversed().map { .insertRule(Self.steeringChain, $0) }
         if !local.mark.isEmpty {
-            changes.append(.addBaseChain(Self.localChain, type: "filter", hook: .output, priority: Self.localPriority))
+            changes.append(.addBaseChain(Self.localSteeringChain, type: "filter", hook: .prerouting, priority: Self.localSteeringPriority))
+            changes += local.steer.reversed().map { .insertRule(Self.localSteeringChain, $0) }
+            changes.append(.addBaseChain(Self.localChain, type: "filter", hook: .postrouting, priority: Self.localPriority))
             changes += local.mark.reversed().map { .insertRule(Self.localChain, $0) }
         }
         if nft.keepsDestinations {

@@ -166,15 +166,22 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
     /// `family`, ip or ip6) get an identity DNAT (to their own destination), so that the host's
     /// later nat chains skip them; nothing of the packet changes.
     case keepDestination(set: String, family: Family, address: IPAddress? = nil)
-    /// In our own nftables output chain (--include-local), after the host's output nat and filter:
-    /// the SYN of a new TCP connection of this host's own to a local address (`address` only, when
-    /// given) on a port in `set`, from a socket of any user but `exemptUID` (the built-in proxy's,
-    /// whose connections to the app must reach the app), gets bit `mark` of its packet mark, by
-    /// which the steering knows it when it comes back in on lo.
+    /// In our own nftables postrouting chain (--include-local), after the host's output and
+    /// postrouting chains: the SYN of a new TCP connection of this host's own to a local address
+    /// (`address` only, when given) on a port in `set`, from a socket of any user but `exemptUID`
+    /// (the built-in proxy's, whose connections to the app must reach the app), gets bit `mark` of
+    /// its packet mark, by which the steering knows it when it comes back in on lo.
     case markLocal(set: String, exemptUID: UInt32, mark: UInt32, address: IPAddress? = nil)
-    /// In our prerouting chain: such a SYN, in on lo with the bit set, has the bit cleared again
-    /// (the host's input chains see the mark it had) and goes to the listener on `proxyPort`.
+    /// After it: the proxy's own SYNs to the port never carry the bit, whatever a rule of the
+    /// host's set (it would steer the proxy's connection to the app back to the proxy).
+    case unmarkProxy(set: String, uid: UInt32, mark: UInt32)
+    /// In our prerouting chain for lo, before the host's raw chains: such a SYN, in on lo with the
+    /// bit set, has the bit cleared again (every chain of the host's sees the mark it had) and goes
+    /// to the listener on `proxyPort`.
     case steerLocal(set: String, proxyPort: UInt16, mark: UInt32, address: IPAddress? = nil)
+    /// After it: a SYN in on lo that still carries the bit (its port left the set meanwhile, or it
+    /// is not to a named address) has it cleared.
+    case clearLocal(mark: UInt32)
 
     /// The destination address it is limited to, if any.
     package var address: IPAddress? {
@@ -182,6 +189,7 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
         case .steer(_, _, let a), .expiringSteer(_, _, _, let a), .expiringKeepDestination(_, _, let a), .keepDestination(_, _, let a),
             .markLocal(_, _, _, let a), .steerLocal(_, _, _, let a):
             a
+        case .unmarkProxy, .clearLocal: nil
         }
     }
 
@@ -200,6 +208,12 @@ package enum RuleSpec: Hashable, Sendable, CustomStringConvertible {
         case .markLocal(let set, let uid, let mark, _):
             return "meta skuid != \(uid) fib daddr type local \(nftAddress)tcp dport @\(set) tcp flags syn / fin,syn,rst,ack "
                 + "meta mark set meta mark | \(Self.hex(mark)) comment \"LE\""
+        case .unmarkProxy(let set, let uid, let mark):
+            return "meta skuid \(uid) fib daddr type local tcp dport @\(set) tcp flags syn / fin,syn,rst,ack "
+                + "meta mark set meta mark & \(Self.hex(~mark)) comment \"LE\""
+        case .clearLocal(let mark):
+            return "iifname \"lo\" meta mark & \(Self.hex(mark)) == \(Self.hex(mark)) tcp flags syn / fin,syn,rst,ack "
+                + "meta mark set meta mark & \(Self.hex(~mark)) comment \"LE\""
         case .steerLocal(let set, let proxyPort, let mark, _):
             return "iifname \"lo\" meta mark & \(Self.hex(mark)) == \(Self.hex(mark)) fib daddr type local \(nftAddress)tcp dport @\(set) "
                 + "tcp flags syn / fin,syn,rst,ack meta mark set meta mark & \(Self.hex(~mark)) tproxy to :\(proxyPort) counter comment \"LE\""

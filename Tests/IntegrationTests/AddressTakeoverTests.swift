@@ -123,27 +123,73 @@ struct AddressTakeoverTests {
         #expect(try net.leRedirect("end").status == 0)
         #expect(try net.ruleset() == before)
 
+        // A host rule that sets le-redirect's bit on every SYN to port 80 the host sends, the
+        // proxy's own among them: the proxy's connection to the app must still not be steered back
+        // to the proxy, and no SYN may reach input with the bit.
+        let hostile = FileManager.default.temporaryDirectory.appendingPathComponent("le-redirect-hostmark-\(UUID().uuidString).nft")
+        defer { try? FileManager.default.removeItem(at: hostile) }
+        try """
+            table inet hostmark {
+                chain output {
+                    type route hook output priority mangle; policy accept;
+                    tcp dport 80 tcp flags syn / fin,syn,rst,ack meta mark set meta mark | 0x40000000
+                }
+            }
+            """.write(to: hostile, atomically: true, encoding: .utf8)
+        #expect(try net.exec(net.host, ["nft", "-f", hostile.path]).status == 0)
+        let withHostMark = try net.ruleset()
+
         let begin = try net.leRedirect("begin", "--in-memory", "--unknown-challenges", "404", "--include-local")
         #expect(begin.status == 0, "\(begin)")
         #expect(try net.status()["includeLocal"] as? Bool == true)
         #expect(try net.status()["addresses"] as? [String] == [])
         #expect(try local(TestNetwork.hostAddress4, challenge) == "200 app challenge tok")  // not armed yet
-        #expect(try net.leRedirect("challenge", "add", "tok", "tok.thumbprint").status == 0)
-        for address in [TestNetwork.hostAddress4, TestNetwork.hostAddress6, "127.0.0.1", "::1"] {
-            #expect(try local(address, challenge) == "200 tok.thumbprint", "\(address)")
-            #expect(try local(address, challenge, as: unprivileged) == "200 tok.thumbprint", "\(address)")
-            // Anything else is relayed to the app, by the proxy, whose own connection is not steered.
-            #expect(try local(address, "/").hasPrefix("200 app "), "\(address)")
+        for round in 0..<2 {  // armed, disarmed with the session going on, armed again
+            #expect(try net.leRedirect("challenge", "add", "tok", "tok.thumbprint").status == 0)
+            for address in [TestNetwork.hostAddress4, TestNetwork.hostAddress6, "127.0.0.1", "127.0.1.1", "::1"] {
+                #expect(try local(address, challenge) == "200 tok.thumbprint", "\(address)")
+                #expect(try local(address, challenge, as: unprivileged) == "200 tok.thumbprint", "\(address)")
+                // Anything else is relayed to the app, by the proxy, whose own connection is not steered.
+                #expect(try local(address, "/").hasPrefix("200 app "), "\(address)")
+            }
+            #expect(try net.httpClient("get", TestNetwork.hostAddress6, challenge) == "200 tok.thumbprint")
+            if round == 0 {
+                // The rules as rules/nftables.nft prints them, the proxy's user exempt.
+                let uid = (getpwnam("le-redirect") ?? getpwnam("nobody")).map { $0.pointee.pw_uid } ?? 65534
+                let listed = try net.nftRuleset()
+                let expected = """
+                    \tchain local-in {
+                    \t\ttype filter hook prerouting priority raw - 1; policy accept;
+                    \t\tiifname "lo" meta mark & 0x40000000 == 0x40000000 fib daddr type local tcp dport @ports tcp flags syn / fin,syn,rst,ack meta mark set meta mark & 0xbfffffff tproxy to :12347 counter comment "LE"
+                    \t\tiifname "lo" meta mark & 0x40000000 == 0x40000000 tcp flags syn / fin,syn,rst,ack meta mark set meta mark & 0xbfffffff comment "LE"
+                    \t}
+
+                    \tchain local-out {
+                    \t\ttype filter hook postrouting priority 1000; policy accept;
+                    \t\tmeta skuid != \(uid) fib daddr type local tcp dport @ports tcp flags syn / fin,syn,rst,ack meta mark set meta mark | 0x40000000 comment "LE"
+                    \t\tmeta skuid \(uid) fib daddr type local tcp dport @ports tcp flags syn / fin,syn,rst,ack meta mark set meta mark & 0xbfffffff comment "LE"
+                    \t}
+                    """
+                #expect(listed.contains(expected), "\(listed)")
+            }
+            #expect(try net.leRedirect("challenge", "remove", "tok").status == 0)
+            #expect(try local(TestNetwork.hostAddress4, challenge) == "200 app challenge tok")
         }
-        #expect(try net.httpClient("get", TestNetwork.hostAddress6, challenge) == "200 tok.thumbprint")
-        let listed = try net.nftRuleset()
-        #expect(listed.contains(#"chain output {"#), "\(listed)")
-        #expect(listed.contains(#"type filter hook output priority filter + 10; policy accept;"#), "\(listed)")
-        #expect(listed.contains(#"fib daddr type local tcp dport @ports tcp flags syn / fin,syn,rst,ack meta mark set meta mark | 0x40000000 comment "LE""#), "\(listed)")
-        #expect(listed.contains(#"iifname "lo" meta mark & 0x40000000 == 0x40000000 fib daddr type local tcp dport @ports tcp flags syn / fin,syn,rst,ack meta mark set meta mark & 0xbfffffff tproxy to :12347 counter comment "LE""#), "\(listed)")
         #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == withHostMark)
+        #expect(try net.exec(net.host, ["nft", "delete", "table", "inet", "hostmark"]).status == 0)
         #expect(try net.ruleset() == before)
         #expect(try local(TestNetwork.hostAddress4, challenge) == "200 app challenge tok")
+
+        // With --address, only connections to those addresses (loopback is not one of them).
+        #expect(try net.leRedirect("begin", "--stateless", String(repeating: "T", count: 43), "--include-local",
+                                   "--address", TestNetwork.hostAddress4).status == 0)
+        let token = String(repeating: "a", count: 22)
+        #expect(try local(TestNetwork.hostAddress4, "/.well-known/acme-challenge/\(token)") == "200 \(token).\(String(repeating: "T", count: 43))")
+        #expect(try local("127.0.0.1", "/.well-known/acme-challenge/\(token)") == "200 app challenge \(token)")
+        #expect(try local(TestNetwork.hostAddress6, "/.well-known/acme-challenge/\(token)") == "200 app challenge \(token)")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
 
         // The legacy path cannot: refused, nothing changed.
         let legacy = try TestNetwork(.legacyDropForcedLegacy)

@@ -123,4 +123,57 @@ struct AddressTests {
         #expect(steers[0].spec.description.hasPrefix("-d 10.99.0.3/32 ! -i lo -p tcp -m tcp --dport 80 "))
         #expect(plan.installSteps.map(\.description) == ["iptables-legacy ip nat", "iptables-legacy ip mangle"])
     }
+
+    /// --include-local: a postrouting chain marks the host's own SYNs (every user's but the
+    /// proxy's, whose SYNs are unmarked whatever set the bit) and a lo chain before raw steers and
+    /// clears them; refused without the proxy's user, with an external proxy and on the legacy path.
+    @Test func includeLocalPlansTwoChainsOnNftablesOnly() throws {
+        let options = try TakeoverOptions(
+            ttl: .seconds(600), proxy: .builtIn(ProxyOptions(challenge: .memory)), addresses: ["10.99.0.3"], includeLocal: true
+        ).validated()
+        let snapshot = try FakeKernel().connect().snapshot()
+        let plan = try RedirectPlan.make(options, nftables: snapshot, iptablesLegacy: nil, proxyUID: 999, now: 0)
+        let changes = plan.nftablesStep!.changes
+        #expect(changes.contains(.addBaseChain(RedirectPlan.localSteeringChain, type: "filter", hook: .prerouting, priority: -301)))
+        #expect(changes.contains(.addBaseChain(RedirectPlan.localChain, type: "filter", hook: .postrouting, priority: 1000)))
+        let address = IPAddress("10.99.0.3")!
+        func inserted(_ chain: ChainRef) -> [RuleSpec] {
+            changes.compactMap { if case .insertRule(chain, let spec) = $0 { spec } else { nil } }.reversed()
+        }
+        #expect(inserted(RedirectPlan.localChain) == [
+            .markLocal(set: "ports", exemptUID: 999, mark: 0x4000_0000, address: address),
+            .unmarkProxy(set: "ports", uid: 999, mark: 0x4000_0000),
+        ])
+        #expect(inserted(RedirectPlan.localSteeringChain) == [
+            .steerLocal(set: "ports", proxyPort: 12347, mark: 0x4000_0000, address: address), .clearLocal(mark: 0x4000_0000),
+        ])
+        #expect(inserted(RedirectPlan.localChain)[0].description.hasPrefix(
+            "meta skuid != 999 fib daddr type local ip daddr 10.99.0.3 tcp dport @ports "))
+        // Without it, neither chain.
+        let plain = try RedirectPlan.make(
+            try TakeoverOptions(proxy: .builtIn(ProxyOptions(challenge: .memory))).validated(), nftables: snapshot,
+            iptablesLegacy: nil, proxyUID: 999, now: 0)
+        #expect(!plain.nftablesStep!.changes.contains { $0.description.contains("local-") })
+
+        #expect(throws: LERedirectError.self) {
+            try RedirectPlan.make(options, nftables: snapshot, iptablesLegacy: nil, proxyUID: nil, now: 0)
+        }
+        #expect(throws: LERedirectError.self) {
+            try RedirectPlan.make(options, nftables: snapshot, iptablesLegacy: nil, proxyUID: 0, now: 0)
+        }
+        #expect(throws: LERedirectError.self) { try TakeoverOptions(proxy: .external, includeLocal: true).validated() }
+        let legacyOnly = try TakeoverOptions(
+            backend: .iptablesLegacy, proxy: .builtIn(ProxyOptions(challenge: .memory)), includeLocal: true
+        ).validated()
+        let mangle = FirewallSnapshot(
+            generation: 0, tables: [HostTable(TableRef(.ip, "mangle"))],
+            chains: [HostChain(ChainRef(.ip, "mangle", "PREROUTING"), hook: .prerouting, rules: 0)], families: [.ip], ownedTables: false)
+        do {
+            _ = try RedirectPlan.make(legacyOnly, nftables: snapshot, iptablesLegacy: mangle, proxyUID: 999, now: 0)
+            Issue.record("--include-local was planned on the legacy path")
+        } catch {
+            #expect(error.kind == .unsupported)
+            #expect(error.message.contains("Nothing was changed"))
+        }
+    }
 }

@@ -106,6 +106,9 @@ struct RelayTests {
         #expect(SourceAddress(endpoint("2001:db8:1:2::1")) == SourceAddress(endpoint("2001:db8:1:2:ffff::9")))
         #expect(SourceAddress(endpoint("2001:db8:1:2::1")) != SourceAddress(endpoint("2001:db8:1:3::1")))
         #expect(SourceAddress(endpoint("192.0.2.1")) != SourceAddress(endpoint("192.0.2.2")))
+        // Loopback is one source, however many of 127/8's addresses a local user binds.
+        #expect(SourceAddress(endpoint("127.0.0.1")) == SourceAddress(endpoint("127.3.2.1")))
+        #expect(SourceAddress(endpoint("127.0.0.1")) != SourceAddress(endpoint("128.0.0.1")))
     }
 
     @Test func loopbackAndUnspecifiedAddresses() {

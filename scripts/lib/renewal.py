@@ -51,6 +51,25 @@ def certbot_renew(bed, workdir):
             f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem")
 
 
+def certbot_renew_mixed(bed, workdir):
+    """`certbot renew` of two certificates in one run, le-redirect's hooks installed in renewal-hooks/:
+    one obtained with --standalone (through le-redirect), one with --webroot (the app, nginx, serves
+    its webroot; obtained without le-redirect, as `certonly` runs no renewal-hooks). The hooks take
+    over port 80 for the whole run, so the webroot certificate's challenge reaches the proxy with a
+    token le-redirect does not hold, and nothing listens on 12348 at that moment: with
+    --unknown-challenges app (which the installed hooks pass) it is relayed to nginx and validates.
+    The webroot certificate is the one checked (certbot renew exits 1 if either fails)."""
+    argv, _ = certbot_renew(bed, workdir)
+    name = f"{testbed.DOMAIN}-webroot"
+    cert = f"{workdir}/config/live/{name}/cert.pem"
+    if not os.path.exists(cert):
+        first = bed.web_exec(certbot_args(bed, workdir) + ["certonly", "--webroot", "-w", bed.path("nginx", "webroot"),
+                                                            "--cert-name", name])
+        if first.returncode != 0:
+            raise RuntimeError(f"certbot certonly --webroot before renew failed: {first.stdout[-2000:]}")
+    return argv, cert
+
+
 def certbot_manual(bed, workdir):
     """certbot --manual: tokens from memory, the redirect armed only for the challenge."""
     argv = certbot_args(bed, workdir) + ["certonly", "--manual", "--preferred-challenges", "http",

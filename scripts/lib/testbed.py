@@ -166,13 +166,16 @@ class Testbed:
     def _start_nginx(self):
         d = self.path("nginx")
         # The page is in the configuration: nginx's workers cannot read the root-only state directory.
+        # A webroot for certificates renewed with certbot --webroot: served by the master's user.
+        os.makedirs(f"{d}/webroot/.well-known/acme-challenge", exist_ok=True)
         with open(f"{d}/nginx.conf", "w") as f:
-            f.write(f"""worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;
+            f.write(f"""user root; worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;
 events {{ worker_connections 4096; }}
 http {{
   access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
   server {{ listen 80 reuseport; listen [::]:80 reuseport; keepalive_requests 1000000;
     location / {{ default_type text/html; return 200 '{PAGE}'; }}
+    location ^~ /.well-known/acme-challenge/ {{ root {d}/webroot; default_type text/plain; }}
   }}
 }}
 """)

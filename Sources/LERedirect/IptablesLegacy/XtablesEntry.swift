@@ -57,7 +57,7 @@ enum XtablesEntry {
             matches = steeredSYNMatches(port: port, until: until)
             var verdict = Int32(-NF_ACCEPT - 1)  // a standard target's verdict: -(verdict) - 1
             target = object(forInsertion ? "ACCEPT" : "", revision: 0, withUnsafeBytes(of: &verdict) { Array($0) })
-        case .steer, .keepDestination, .markLocal, .steerLocal:
+        case .steer, .keepDestination, .markLocal, .steerLocal, .unmarkProxy, .clearLocal:
             preconditionFailure("the nftables rules have no x_tables form")
         }
         let l = layout(family)

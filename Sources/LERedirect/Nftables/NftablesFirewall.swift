@@ -193,20 +193,23 @@ final class NftablesFirewall: Firewall, @unchecked Sendable {
         return found
     }
 
+    /// The steering chain's counters, and --include-local's lo chain's where it exists.
     func redirectedPackets() throws(FirewallError) -> UInt64? {
         var packets: UInt64?
-        do {
-            try eachRule(in: RedirectPlan.steeringChain, doing: "reading the steering counter") { rule, observed in
-                guard observed.comment == ruleTag, let iterator = nftnl_expr_iter_create(rule) else { return }
-                defer { nftnl_expr_iter_destroy(iterator) }
-                while let expr = nftnl_expr_iter_next(iterator) {
-                    if cString(nftnl_expr_get_str(expr, u16(NFTNL_EXPR_NAME))) == "counter" {
-                        packets = (packets ?? 0) + nftnl_expr_get_u64(expr, u16(NFTNL_EXPR_CTR_PACKETS))
+        for chain in [RedirectPlan.steeringChain, RedirectPlan.localSteeringChain] {
+            do {
+                try eachRule(in: chain, doing: "reading the steering counter") { rule, observed in
+                    guard observed.comment == ruleTag, let iterator = nftnl_expr_iter_create(rule) else { return }
+                    defer { nftnl_expr_iter_destroy(iterator) }
+                    while let expr = nftnl_expr_iter_next(iterator) {
+                        if cString(nftnl_expr_get_str(expr, u16(NFTNL_EXPR_NAME))) == "counter" {
+                            packets = (packets ?? 0) + nftnl_expr_get_u64(expr, u16(NFTNL_EXPR_CTR_PACKETS))
+                        }
                     }
                 }
+            } catch where error.reason == .notFound {
+                if chain == RedirectPlan.steeringChain { return nil }
             }
-        } catch where error.reason == .notFound {
-            return nil
         }
         return packets
     }

@@ -199,7 +199,8 @@ final class Relay {
 }
 
 /// A client's address as the per-source connection count knows it: an IPv4 address, or an IPv6
-/// /64 (one subscriber's prefix: otherwise a client could take a new address per connection).
+/// /64 (one subscriber's prefix: otherwise a client could take a new address per connection). All
+/// of 127.0.0.0/8 is one source: with --include-local, a local user can bind any of its addresses.
 struct SourceAddress: Hashable {
     var family: Int32
     var high: UInt64, low: UInt64
@@ -208,6 +209,7 @@ struct SourceAddress: Hashable {
         family = e.family
         (high, low) = withUnsafeBytes(of: e.addr) { ($0.loadUnaligned(as: UInt64.self), $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
         if family == AF_INET6 { low = 0 }
+        if family == AF_INET, withUnsafeBytes(of: e.addr, { $0[0] }) == 127 { (high, low) = (127, 0) }
     }
 }
 

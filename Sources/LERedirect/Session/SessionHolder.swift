@@ -133,6 +133,13 @@ final class SessionHolder: @unchecked Sendable {
             journal = try engine.install(
                 options, firewalls: firewalls, holder: ProcessFacts.identity(kind: kind), namespace: namespace,
                 proxyUID: proxy?.user.uid, now: unixMilliseconds())
+            if options.includeLocal, let proxy, proxy.user.name != "le-redirect" {
+                let note =
+                    "--include-local: the proxy runs as \(proxy.user.name) (uid \(proxy.user.uid)), as there is no user le-redirect "
+                    + "(scripts/install makes it): connections of every process of that user are not steered either"
+                engine.notes.append(note)
+                logger.notice("\(note)")
+            }
             let holder = SessionHolder(
                 state: state, logger: logger, journal: journal, engine: engine, firewalls: firewalls, listener: listener,
                 wake: wake, stopSignals: stopSignals, followed: followed,
