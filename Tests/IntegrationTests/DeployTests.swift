@@ -26,6 +26,44 @@ struct DeployTests {
         return out.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
+    /// The load: HTTPS keep-alive and close on IPv4 and IPv6, HTTP on :80, 6 s each from the client
+    /// namespace, for the whole window and the deploy.
+    func startLoads(_ net: TestNetwork, _ dir: String) throws -> [(String, pid_t, String)] {
+        let loads: [(String, [String])] = [
+            ("https-keepalive", ["https://\(Self.v4)/"]), ("https-close", ["-H", "Connection: close", "https://[\(Self.v6)]/"]),
+            ("http", ["http://\(Self.v4)/"]),
+        ]
+        var running: [(String, pid_t, String)] = []
+        for (name, arguments) in loads {
+            let log = "\(dir)/wrk-\(name).log"
+            let fd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            defer { Glibc.close(fd) }
+            let pid = try spawn(["ip", "netns", "exec", net.client, "wrk", "-t1", "-c8", "-d6s"] + arguments, stdout: fd, stderr: fd)
+            running.append((name, pid, log))
+        }
+        return running
+    }
+
+    /// Waits for the loads: each made requests, with no socket error and no non-2xx answer.
+    /// `closedKeepAlive`: read errors a keep-alive load may see, one per connection at most (a
+    /// server closing its idle keep-alive connections as a request is sent on them).
+    func checkLoads(_ running: [(String, pid_t, String)], _ label: String, closedKeepAlive: Int = 0) throws {
+        for (name, pid, log) in running {
+            var code: Int32 = 0
+            waitpid(pid, &code, 0)
+            let output = try String(contentsOfFile: log, encoding: .utf8)
+            #expect(code == 0 && output.contains("requests in"), "\(name): \(output)")
+            if closedKeepAlive > 0, !name.hasSuffix("close"), let m = output.firstMatch(of: #/Socket errors: connect 0, read (\d+), write 0, timeout 0/#) {
+                #expect(Int(m.output.1)! <= closedKeepAlive, "\(name): \(output)")
+            } else {
+                #expect(!output.contains("Socket errors"), "\(name): \(output)")
+            }
+            #expect(!output.contains("Non-2xx"), "\(name): \(output)")
+            let lines = output.split(separator: "\n").filter { $0.contains("requests in") || $0.contains("errors") || $0.contains("Non-2xx") }
+            print("\(label), \(name): " + lines.map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: "; "))
+        }
+    }
+
     @Test func aRenewedCertificateIsSwappedIntoHAProxyUnderLoad() throws {
         // A host firewall that drops by default what is not 22, 80 or 443.
         let net = try TestNetwork(ruleset: "policy-accept")
@@ -66,19 +104,7 @@ struct DeployTests {
         try net.waitForListener(net.host, 443)
         #expect(try servedSerial(net, Self.v4) == "serial=A1")
 
-        // The load: HTTPS keep-alive and close on IPv4 and IPv6, HTTP on :80, for the whole window.
-        let loads: [(String, [String])] = [
-            ("https-keepalive", ["https://\(Self.v4)/"]), ("https-close", ["-H", "Connection: close", "https://[\(Self.v6)]/"]),
-            ("http", ["http://\(Self.v4)/"]),
-        ]
-        var running: [(String, pid_t, String)] = []
-        for (name, arguments) in loads {
-            let log = "\(dir)/wrk-\(name).log"
-            let fd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            defer { Glibc.close(fd) }
-            let pid = try spawn(["ip", "netns", "exec", net.client, "wrk", "-t1", "-c8", "-d6s"] + arguments, stdout: fd, stderr: fd)
-            running.append((name, pid, log))
-        }
+        let running = try startLoads(net, dir)
         usleep(1_000_000)
         let before = try net.ruleset()
         #expect(try net.leRedirect("begin", "--ttl", "2m").status == 0)
@@ -101,16 +127,7 @@ struct DeployTests {
         #expect((attributes[.posixPermissions] as? Int).map { $0 & 0o007 } == 0, "\(attributes)")
         #expect(try String(contentsOfFile: site, encoding: .utf8).contains(String(contentsOfFile: "\(dir)/new.crt", encoding: .utf8).split(separator: "\n")[1]))
 
-        for (name, pid, log) in running {
-            var code: Int32 = 0
-            waitpid(pid, &code, 0)
-            let output = try String(contentsOfFile: log, encoding: .utf8)
-            #expect(code == 0 && output.contains("requests in"), "\(name): \(output)")
-            #expect(!output.contains("Socket errors"), "\(name): \(output)")
-            #expect(!output.contains("Non-2xx"), "\(name): \(output)")
-            let lines = output.split(separator: "\n").filter { $0.contains("requests in") || $0.contains("errors") || $0.contains("Non-2xx") }
-            print("deploy haproxy, \(name): " + lines.map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: "; "))
-        }
+        try checkLoads(running, "deploy haproxy")
         // The same HAProxy all along.
         #expect(kill(haproxy, 0) == 0)
         #expect(try net.exec(net.host, ["ss", "-Hltnp", "sport = :443"]).stdout.contains("pid=\(haproxy)"))
@@ -129,5 +146,72 @@ struct DeployTests {
         let nothing = try net.leRedirect(["deploy", "haproxy", "--socket", socket, "--certificate", site])
         #expect(nothing.status == 2 && nothing.stderr.contains("RENEWED_LINEAGE"), "\(nothing)")
         #expect(try servedSerial(net, Self.v4) == "serial=B2")
+    }
+
+    /// nginx terminating TLS on :443 and serving the site on :80: the renewal window through
+    /// le-redirect, then the deploy step the README gives for nginx, the renewed files in place and
+    /// a graceful reload (`nginx -s reload`), under the same loads: no socket error, the same master
+    /// process, the new certificate served afterwards.
+    @Test func aGracefulNginxReloadServesTheRenewedCertificateUnderLoad() throws {
+        let net = try TestNetwork(ruleset: "policy-accept")
+        defer { net.close() }
+        let dir = net.stateDirectory + "-nginx"  // removed by close()
+        try FileManager.default.createDirectory(atPath: "\(dir)/live", withIntermediateDirectories: true)
+        try makeCertificate(dir, "old", serial: "A1")
+        try makeCertificate(dir, "new", serial: "B2")
+        try FileManager.default.copyItem(atPath: "\(dir)/old.crt", toPath: "\(dir)/live/fullchain.pem")
+        try FileManager.default.copyItem(atPath: "\(dir)/old.key", toPath: "\(dir)/live/privkey.pem")
+        let config = """
+            worker_processes 2; daemon off; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
+            events { worker_connections 4096; }
+            http {
+              access_log off; client_body_temp_path \(dir)/body; proxy_temp_path \(dir)/proxy;
+              server { listen 443 ssl; listen [::]:443 ssl; keepalive_requests 1000000;
+                ssl_certificate \(dir)/live/fullchain.pem; ssl_certificate_key \(dir)/live/privkey.pem;
+                location / { return 200 "site\\n"; } }
+              server { listen 80; listen [::]:80; keepalive_requests 1000000; location / { return 200 "site\\n"; } }
+            }
+            """
+        try config.write(toFile: "\(dir)/nginx.conf", atomically: true, encoding: .utf8)
+        try net.startApp(port: 12348, tag: "acme-client", address: "127.0.0.1")
+        let nginx = try net.start(net.host, ["nginx", "-c", "\(dir)/nginx.conf", "-e", "\(dir)/error.log"])
+        try net.waitForListener(net.host, 443)
+        #expect(try servedSerial(net, Self.v4) == "serial=A1")
+
+        // The window, under load: not one error.
+        let window = try startLoads(net, dir)
+        usleep(1_000_000)
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--ttl", "2m").status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok") == "200 acme-client challenge tok")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+        try checkLoads(window, "nginx, the renewal window")
+
+        // The deploy, under load: nginx's graceful reload closes the old workers' idle keep-alive
+        // connections, and a request sent on one at that moment fails (wrk counts a read error;
+        // a browser sends it again): at most one per keep-alive connection (8), none otherwise.
+        let running = try startLoads(net, dir)
+        usleep(1_000_000)
+        // certbot's deploy hook for nginx: the lineage's files are renewed in place, then
+        // `nginx -s reload` (new workers with the new certificate; the old ones finish what they
+        // serve).
+        for (from, to) in [("new.crt", "fullchain.pem"), ("new.key", "privkey.pem")] {
+            try FileManager.default.removeItem(atPath: "\(dir)/live/\(to)")
+            try FileManager.default.copyItem(atPath: "\(dir)/\(from)", toPath: "\(dir)/live/\(to)")
+        }
+        let reload = try net.exec(net.host, ["nginx", "-c", "\(dir)/nginx.conf", "-e", "\(dir)/error.log", "-s", "reload"])
+        #expect(reload.status == 0, "\(reload)")
+        var served = ""
+        for _ in 0..<50 {  // the new workers take a moment to come up
+            served = try servedSerial(net, Self.v4)
+            if served == "serial=B2" { break }
+            usleep(100_000)
+        }
+        #expect(served == "serial=B2")
+        #expect(try servedSerial(net, Self.v6) == "serial=B2")
+        try checkLoads(running, "nginx reload", closedKeepAlive: 8)
+        #expect(kill(nginx, 0) == 0)
+        #expect(try String(contentsOfFile: "\(dir)/nginx.pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) == "\(nginx)")
     }
 }
