@@ -34,6 +34,87 @@ def certbot(bed, workdir):
     return argv, f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"
 
 
+def certbot_deploy_haproxy(bed, workdir):
+    """certbot --standalone through le-redirect's hooks, with `--deploy-hook "le-redirect deploy
+    haproxy ..."`: HAProxy, terminating TLS on :443 of the web host in front of the app, gets the
+    certificate certbot has just issued over its Runtime API, never restarted. HTTPS load (keep-alive
+    and close, IPv4 and IPv6) runs on :443 across the renewal and the deploy; `verify` then checks
+    it, the serial HAProxy serves and its pid."""
+    hp = f"{workdir}/haproxy"
+    os.makedirs(hp, exist_ok=True)
+    site, socket = f"{hp}/site.pem", f"{hp}/admin.sock"
+    if not os.path.exists(site):  # a placeholder until the first deploy
+        testbed.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+                     "-subj", f"/CN={testbed.DOMAIN}", "-keyout", f"{hp}/placeholder.key", "-out", f"{hp}/placeholder.crt"])
+        with open(site, "w") as f:
+            f.write(open(f"{hp}/placeholder.crt").read() + open(f"{hp}/placeholder.key").read())
+        os.chmod(site, 0o600)
+    with open(f"{hp}/haproxy.cfg", "w") as f:
+        f.write(f"""global
+  stats socket {socket} mode 600 level admin
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend https
+  bind :443 ssl crt {site}
+  bind :::443 v6only ssl crt {site}
+  default_backend app
+backend app
+  server app 127.0.0.1:80
+""")
+    if getattr(certbot_deploy_haproxy, "haproxy", None) is None or certbot_deploy_haproxy.haproxy.poll() is not None:
+        certbot_deploy_haproxy.haproxy = bed.start(bed.web, ["haproxy", "-db", "-f", f"{hp}/haproxy.cfg"], "haproxy")
+        deadline = time.monotonic() + 10
+        while "LISTEN" not in testbed.run(["ip", "netns", "exec", bed.web, "ss", "-Hltn", "sport = :443"]).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError("HAProxy did not listen on :443")
+            time.sleep(0.05)
+    argv, cert = certbot(bed, workdir)
+    argv += ["--deploy-hook", f"le-redirect deploy haproxy --socket {socket} --certificate {site}"]
+    certbot_deploy_haproxy.load = testbed.Load(bed, seconds=120, scheme="https")
+    return argv, cert
+
+
+def served_serial(bed, address):
+    out = subprocess.run(["ip", "netns", "exec", bed.acme, "sh", "-c",
+                          f"openssl s_client -connect {address}:443 -servername {testbed.DOMAIN} </dev/null 2>/dev/null "
+                          "| openssl x509 -noout -serial"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    return out
+
+
+def _verify_deploy_haproxy(bed, workdir, result):
+    problems = []
+    fn = certbot_deploy_haproxy
+    time.sleep(1)
+    fn.load.stop()
+    loads = fn.load.results()
+    result["loads"] = result.get("loads", []) + loads
+    for l in loads:
+        if l["requests"] == 0:
+            problems.append(f"the {l['load']} load made no request")
+        if l["errors"]:
+            problems.append(f"the {l['load']} load saw {l['errors']} socket errors")
+        if l["non2xx"]:
+            problems.append(f"the {l['load']} load saw {l['non2xx']} non-2xx answers")
+    issued = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"],
+                            stdout=subprocess.PIPE, text=True).stdout.strip()
+    for address in (testbed.WEB4, f"[{testbed.WEB6}]"):
+        served = served_serial(bed, address)
+        if not issued or served != issued:
+            problems.append(f"HAProxy serves {served or 'nothing'} on {address}:443, not the issued certificate's {issued}")
+    if fn.haproxy.poll() is not None:
+        problems.append("HAProxy exited")
+    elif f"pid={fn.haproxy.pid}," not in testbed.run(["ip", "netns", "exec", bed.web, "ss", "-Hltnp", "sport = :443"]).stdout:
+        problems.append("another process than the HAProxy started before listens on :443")
+    return problems
+
+
+certbot_deploy_haproxy.verify = _verify_deploy_haproxy
+
+
 def certbot_renew(bed, workdir):
     """`certbot renew` with le-redirect's hooks installed in renewal-hooks/ (as scripts/install
     does): the certificate is first obtained without load, the renewal is what is measured."""
@@ -316,6 +397,9 @@ def renew(bed, name, client=None, load=True, expect_success=True, extra_env=None
             problems.append(f"the {l['load']} load saw {l['errors']} socket errors")
         if l["non2xx"]:
             problems.append(f"the {l['load']} load saw {l['non2xx']} non-2xx answers")
+    verify = getattr(client, "verify", None)
+    if verify:
+        problems += verify(bed, workdir, result) if expect_success else []
     marker = getattr(client, "hook_marker", None)
     if expect_success and marker and not os.path.exists(os.path.join(workdir, marker)):
         problems.append(f"{name}'s own hook did not run")

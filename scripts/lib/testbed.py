@@ -253,16 +253,18 @@ http {{
 
 class Load:
     """wrk from the acme host against the app, for `seconds` at most: keep-alive and
-    connection-close, IPv4 and IPv6, at once. `results()` waits and parses."""
+    connection-close, IPv4 and IPv6, at once (or with `scheme` https, on :443). `results()` waits
+    and parses."""
 
-    def __init__(self, bed, seconds, connections=4, nice=0):
+    def __init__(self, bed, seconds, connections=4, nice=0, scheme="http"):
         self.runs = []
         for family, host in (("IPv4", WEB4), ("IPv6", f"[{WEB6}]")):
             for mode, headers in (("keep-alive", []), ("close", ["-H", "Connection: close"])):
                 argv = ["ip", "netns", "exec", bed.acme] + (["nice", "-n", str(nice)] if nice else [])
                 argv += ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s"]
-                argv += headers + [f"http://{host}/"]
-                self.runs.append((f"{family} {mode}", subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+                argv += headers + [f"{scheme}://{host}/"]
+                label = f"{family} {mode}" + (f" {scheme}" if scheme != "http" else "")
+                self.runs.append((label, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
 
     def stop(self):
         for _, p in self.runs:
