@@ -597,9 +597,11 @@ final class ValidationProxy {
             if settlePreamble(r, bytes) { return }
             r.preambleHeld.append(contentsOf: bytes)
         } else {
+            // Taken out while they are framed (nothing is held then), put back if more are needed.
             r.preambleHeld.append(contentsOf: bytes)
             let held = r.preambleHeld
-            if held.withUnsafeBytes({ settlePreamble(r, $0) }) { r.preambleHeld = [] }
+            r.preambleHeld = []
+            if !held.withUnsafeBytes({ settlePreamble(r, $0) }) { r.preambleHeld = held }
         }
     }
 
