@@ -64,6 +64,16 @@ struct DeployTests {
         }
     }
 
+    /// A renewal's window: begin, a challenge answered by the ACME client's stand-in on 12348,
+    /// end, and the ruleset as before.
+    func renewalWindow(_ net: TestNetwork) throws {
+        let before = try net.ruleset()
+        #expect(try net.leRedirect("begin", "--ttl", "2m").status == 0)
+        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok") == "200 acme-client challenge tok")
+        #expect(try net.leRedirect("end").status == 0)
+        #expect(try net.ruleset() == before)
+    }
+
     @Test func aRenewedCertificateIsSwappedIntoHAProxyUnderLoad() throws {
         // A host firewall that drops by default what is not 22, 80 or 443.
         let net = try TestNetwork(ruleset: "policy-accept")
@@ -106,11 +116,7 @@ struct DeployTests {
 
         let running = try startLoads(net, dir)
         usleep(1_000_000)
-        let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--ttl", "2m").status == 0)
-        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok") == "200 acme-client challenge tok")
-        #expect(try net.leRedirect("end").status == 0)
-        #expect(try net.ruleset() == before)
+        try renewalWindow(net)
 
         // certbot's deploy hook: RENEWED_LINEAGE names the live directory.
         let lineage = "\(dir)/live"
@@ -181,11 +187,7 @@ struct DeployTests {
         // The window, under load: not one error.
         let window = try startLoads(net, dir)
         usleep(1_000_000)
-        let before = try net.ruleset()
-        #expect(try net.leRedirect("begin", "--ttl", "2m").status == 0)
-        #expect(try net.httpClient("get", Self.v4, "/.well-known/acme-challenge/tok") == "200 acme-client challenge tok")
-        #expect(try net.leRedirect("end").status == 0)
-        #expect(try net.ruleset() == before)
+        try renewalWindow(net)
         try checkLoads(window, "nginx, the renewal window")
 
         // The deploy, under load: nginx's graceful reload closes the old workers' idle keep-alive

@@ -78,6 +78,19 @@ backend app
     return argv, cert
 
 
+def load_problems(loads):
+    """What a load's results say went wrong: no request made, socket errors, non-2xx answers."""
+    problems = []
+    for l in loads:
+        if l["requests"] == 0:
+            problems.append(f"the {l['load']} load made no request")
+        if l["errors"]:
+            problems.append(f"the {l['load']} load saw {l['errors']} socket errors")
+        if l["non2xx"]:
+            problems.append(f"the {l['load']} load saw {l['non2xx']} non-2xx answers")
+    return problems
+
+
 def served_serial(bed, address):
     out = subprocess.run(["ip", "netns", "exec", bed.acme, "sh", "-c",
                           f"openssl s_client -connect {address}:443 -servername {testbed.DOMAIN} </dev/null 2>/dev/null "
@@ -92,13 +105,7 @@ def _verify_deploy_haproxy(bed, workdir, result):
     fn.load.stop()
     loads = fn.load.results()
     result["loads"] = result.get("loads", []) + loads
-    for l in loads:
-        if l["requests"] == 0:
-            problems.append(f"the {l['load']} load made no request")
-        if l["errors"]:
-            problems.append(f"the {l['load']} load saw {l['errors']} socket errors")
-        if l["non2xx"]:
-            problems.append(f"the {l['load']} load saw {l['non2xx']} non-2xx answers")
+    problems += load_problems(loads)
     issued = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", f"{workdir}/config/live/{testbed.DOMAIN}/cert.pem"],
                             stdout=subprocess.PIPE, text=True).stdout.strip()
     for address in (testbed.WEB4, f"[{testbed.WEB6}]"):
@@ -390,13 +397,7 @@ def renew(bed, name, client=None, load=True, expect_success=True, extra_env=None
             problems.append(f"{name} succeeded where it should have failed")
         if issued:
             problems.append("a certificate was issued where validation should have failed")
-    for l in loads:
-        if l["requests"] == 0:
-            problems.append(f"the {l['load']} load made no request")
-        if l["errors"]:
-            problems.append(f"the {l['load']} load saw {l['errors']} socket errors")
-        if l["non2xx"]:
-            problems.append(f"the {l['load']} load saw {l['non2xx']} non-2xx answers")
+    problems += load_problems(loads)
     verify = getattr(client, "verify", None)
     if verify:
         problems += verify(bed, workdir, result) if expect_success else []
